@@ -1,0 +1,119 @@
+"""The Huey application every daemon and producer shares.
+
+Users' task modules do `from daemon.app import huey` and decorate with
+`@huey.task()`.  The instance exists at import time so tasks can register;
+its queue, serializer and Redis connection come from the configuration on
+first use (the daemons configure it explicitly after parsing their command
+line; a producer such as a web app gets the file and environment settings).
+"""
+import importlib
+import logging
+import os
+import sys
+import threading
+
+from huey import Huey
+from huey.serializer import Serializer, SignedSerializer
+from huey.storage import MemoryStorage
+
+from . import config as config_module
+from . import redisconn
+from .config import ConfigError
+from .storage import SuiteStorage
+
+log = logging.getLogger('huey_worker.app')
+
+# Filled as built-in task modules are added to the package.
+BUILTIN_TASK_MODULES = ()
+
+
+class SuiteHuey(Huey):
+    storage_class = SuiteStorage
+
+    def __init__(self):
+        self._storage = None
+        self._configure_lock = threading.RLock()
+        self.config = None
+        super().__init__(name='huey', results=True, utc=True)
+
+    @property
+    def storage(self):
+        if self._storage is None:
+            with self._configure_lock:
+                if self._storage is None:
+                    self.configure(config_module.load())
+        return self._storage
+
+    @storage.setter
+    def storage(self, value):
+        self._storage = value
+
+    def create_storage(self):
+        if self.config is None:
+            return None
+        if self._immediate:
+            return MemoryStorage(self.name)
+        return SuiteStorage(self.name,
+                            expire_time=self.config.huey.result_timeout,
+                            connection_pool=redisconn.connection_pool(
+                                self.config))
+
+    def configure(self, cfg):
+        """Apply a loaded Config: queue, serializer, results, Redis."""
+        with self._configure_lock:
+            self.config = cfg
+            self.name = cfg.huey.queue
+            self.store_none = cfg.huey.store_none
+            if cfg.huey.secret_key:
+                self.serializer = SignedSerializer(
+                    cfg.huey.secret_key, salt='huey-worker',
+                    compression=cfg.huey.compression, use_zlib=True)
+            else:
+                self.serializer = Serializer(compression=cfg.huey.compression,
+                                             use_zlib=True)
+            self._immediate = cfg.huey.immediate
+            if self._storage is not None and hasattr(self._storage, 'pool'):
+                self._storage.pool.disconnect()
+            self._storage = self.create_storage()
+        return self
+
+    @property
+    def keys(self):
+        return self.storage.keys
+
+    def task_names(self):
+        return sorted(self._registry._registry)
+
+
+huey = SuiteHuey()
+
+
+def load_task_modules(cfg, app=huey):
+    """Import the built-in and configured task modules; a module that fails
+    to import is a configuration error naming it."""
+    for directory in cfg.tasks.python_path:
+        if directory not in sys.path:
+            sys.path.insert(0, directory)
+    names = list(BUILTIN_TASK_MODULES) if cfg.tasks.builtin else []
+    names += [m for m in cfg.tasks.modules if m not in names]
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except Exception as exc:
+            raise ConfigError(
+                'cannot import task module %r: %s: %s' % (
+                    name, type(exc).__name__, exc),
+                'tasks', 'modules', ', '.join(cfg.tasks.modules),
+                origin=str(cfg.source('tasks.modules')))
+    return app.task_names()
+
+
+def configure(cfg, app=huey):
+    """Configure the shared app and import its task modules."""
+    app.configure(cfg)
+    load_task_modules(cfg, app)
+    return app
+
+
+def hostname():
+    return os.uname().nodename

@@ -1,0 +1,79 @@
+"""What every subcommand shares: the --config/--set options, the flags the
+registry defines, and turning a ConfigError into exit code 78."""
+import functools
+import sys
+
+import click
+
+from .. import config as config_module
+from .. import settings as registry
+from ..config import ConfigError
+from ..exitcodes import EX_CONFIG
+
+MULTIPLE = {'tasks.modules'}
+
+
+def _param(setting):
+    return 'opt_%s_%s' % (setting.section, setting.key)
+
+
+def config_options(*sections):
+    """Add --config, --set and the registry's flags for `sections`."""
+    def decorate(fn):
+        wanted = [s for s in registry.SETTINGS
+                  if s.cli and (not sections or s.section in sections)]
+        for setting in reversed(wanted):
+            fn = click.option(
+                setting.cli, _param(setting), default=None,
+                multiple=setting.name in MULTIPLE, metavar='VALUE',
+                help='%s [%s] %s' % (setting.help, setting.section,
+                                     setting.key))(fn)
+        fn = click.option(
+            '--set', 'opt_set', multiple=True, metavar='SECTION.KEY=VALUE',
+            help='Override any setting, e.g. --set consumer.max_tasks=100.')(fn)
+        fn = click.option(
+            '-c', '--config', 'opt_config', default=None, metavar='PATH',
+            help='Config file (default: $HUEY_WORKER_CONFIG or %s).'
+                 % config_module.DEFAULT_PATH)(fn)
+        return fn
+    return decorate
+
+
+def overrides_from(params):
+    """(name, raw, flag) triples from the parsed flags, in command-line
+    order of precedence (specific flags, then --set)."""
+    out = []
+    for setting in registry.SETTINGS:
+        raw = params.get(_param(setting))
+        if raw is None or raw == ():
+            continue
+        if isinstance(raw, tuple):
+            raw = ', '.join(raw)
+        out.append((setting.name, str(raw), setting.cli))
+    for item in params.get('opt_set') or ():
+        name, sep, raw = item.partition('=')
+        if not sep:
+            raise ConfigError('expected SECTION.KEY=VALUE, got %r' % item,
+                              origin='command line --set')
+        out.append((name.strip(), raw, '--set %s' % item))
+    return out
+
+
+def load_from(params):
+    return config_module.load(params.get('opt_config'),
+                              overrides=overrides_from(params))
+
+
+def fail_config(exc):
+    click.echo('huey-worker: config error: %s' % exc, err=True)
+    sys.exit(EX_CONFIG)
+
+
+def exits_78_on_config_error(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except ConfigError as exc:
+            fail_config(exc)
+    return wrapper

@@ -1,0 +1,365 @@
+"""Loading the configuration from its sources.
+
+Precedence, lowest first: built-in default < main file < drop-ins in
+conf.d/*.ini (name order) < environment < command line.  Every value keeps
+the source it came from, so `huey-worker config` can say where it was set.
+"""
+import configparser
+import difflib
+import glob
+import os
+import re
+import stat
+from dataclasses import dataclass, field
+
+from . import settings as registry
+from .settings import InvalidValue
+
+DEFAULT_PATH = '/etc/huey-worker/huey-worker.ini'
+CONFIG_ENV = 'HUEY_WORKER_CONFIG'
+REDACTED = '********'
+
+
+class ConfigError(Exception):
+    """A configuration problem; str() names what is wrong and where."""
+
+    def __init__(self, problem, section=None, key=None, value=None,
+                 path=None, line=None, origin=None):
+        self.problem, self.section, self.key, self.value = \
+            problem, section, key, value
+        self.path, self.line, self.origin = path, line, origin
+        super().__init__(self.describe())
+
+    def describe(self):
+        where = []
+        if self.section is not None:
+            where.append('[%s]' % self.section)
+        if self.key is not None:
+            where.append(self.key)
+        text = ' '.join(where)
+        if self.value is not None and self.key is not None:
+            text += ' = %r' % self.value
+        place = []
+        if self.path:
+            place.append('file: %s' % self.path)
+            if self.line:
+                place.append('line %d' % self.line)
+        if self.origin:
+            place.append(self.origin)
+        if place:
+            text += ' (%s)' % ', '.join(place)
+        return '%s: %s' % (text, self.problem) if text else self.problem
+
+
+@dataclass
+class Source:
+    kind: str            # default, file, env, cli
+    detail: str = ''     # path:line, variable name or flag
+
+    def __str__(self):
+        if self.kind in ('default', 'cli') and not self.detail:
+            return self.kind
+        if self.kind == 'env':
+            return 'env %s' % self.detail
+        if self.kind == 'cli':
+            return 'cli %s' % self.detail
+        return self.detail
+
+
+@dataclass
+class Config:
+    values: dict = field(default_factory=dict)
+    sources: dict = field(default_factory=dict)
+    periodic: dict = field(default_factory=dict)   # name -> {key: value}
+    periodic_sources: dict = field(default_factory=dict)
+    files: list = field(default_factory=list)
+    warnings: list = field(default_factory=list)
+    path: str = DEFAULT_PATH
+
+    def get(self, name):
+        return self.values[name]
+
+    def __getattr__(self, section):
+        if section in registry.SECTIONS:
+            return _SectionView(self, section)
+        raise AttributeError(section)
+
+    def source(self, name):
+        return self.sources[name]
+
+    def display_value(self, name):
+        setting = registry.BY_NAME[name]
+        value = self.values[name]
+        if setting.secret and value:
+            return REDACTED
+        return setting.type.format(value)
+
+    def as_dict(self, redact=True):
+        out = {}
+        for s in registry.SETTINGS:
+            value = self.values[s.name]
+            if redact and s.secret and value:
+                value = REDACTED
+            out.setdefault(s.section, {})[s.key] = {
+                'value': list(value) if isinstance(value, tuple) else value,
+                'source': str(self.sources[s.name])}
+        for name, keys in self.periodic.items():
+            out['periodic:%s' % name] = {
+                key: {'value': value,
+                      'source': str(self.periodic_sources[name][key])}
+                for key, value in keys.items()}
+        return out
+
+
+class _SectionView:
+    def __init__(self, config, section):
+        self._config, self._section = config, section
+
+    def __getattr__(self, key):
+        try:
+            return self._config.values['%s.%s' % (self._section, key)]
+        except KeyError:
+            raise AttributeError('%s.%s' % (self._section, key))
+
+
+def resolve_path(cli_path=None, environ=None):
+    """The main file and whether it was named explicitly."""
+    environ = os.environ if environ is None else environ
+    if cli_path:
+        return cli_path, True
+    if environ.get(CONFIG_ENV):
+        return environ[CONFIG_ENV], True
+    return DEFAULT_PATH, False
+
+
+def load(cli_path=None, environ=None, overrides=None):
+    """Read every source and return a validated Config.
+
+    `overrides` maps setting names ('consumer.workers') to raw text from the
+    command line, or (name, flag) pairs in a list for better error messages.
+    Raises ConfigError on the first problem found.
+    """
+    environ = os.environ if environ is None else environ
+    path, explicit = resolve_path(cli_path, environ)
+    config = Config(path=path)
+    for s in registry.SETTINGS:
+        config.values[s.name] = s.default
+        config.sources[s.name] = Source('default')
+
+    files = []
+    if os.path.exists(path) or explicit:
+        files.append(path)
+    files.extend(sorted(glob.glob(os.path.join(
+        os.path.dirname(os.path.abspath(path)), 'conf.d', '*.ini'))))
+    for file_path in files:
+        _read_file(config, file_path)
+
+    _apply_environment(config, environ)
+    for name, raw, flag in _normalize_overrides(overrides):
+        setting = registry.BY_NAME.get(name)
+        if setting is None:
+            raise ConfigError('unknown setting %r%s' % (name, _did_you_mean(
+                name, list(registry.BY_NAME))), origin='command line')
+        config.values[name] = _parse(setting, raw, origin='command line %s'
+                                     % flag)
+        config.sources[name] = Source('cli', flag)
+
+    _check_consistency(config)
+    return config
+
+
+def _normalize_overrides(overrides):
+    if not overrides:
+        return []
+    items = overrides.items() if isinstance(overrides, dict) else overrides
+    out = []
+    for item in items:
+        if len(item) == 2:
+            name, raw = item
+            flag = '--set %s=%s' % (name, raw)
+        else:
+            name, raw, flag = item
+        out.append((name, raw, flag))
+    return out
+
+
+def _parse(setting, raw, path=None, line=None, origin=None):
+    try:
+        return setting.type.parse(raw)
+    except InvalidValue as exc:
+        shown = REDACTED if setting.secret else raw
+        raise ConfigError(str(exc), setting.section, setting.key, shown,
+                          path=path, line=line, origin=origin)
+
+
+_SECTION_RE = re.compile(r'^\s*\[([^\]]*)\]')
+_KEY_RE = re.compile(r'^([^\s=:#;\[][^=:]*?)\s*[=:]')
+
+
+def _line_numbers(text):
+    """(section, key) -> line number, and section -> line number."""
+    keys, sections, section = {}, {}, None
+    for number, line in enumerate(text.splitlines(), 1):
+        m = _SECTION_RE.match(line)
+        if m:
+            section = m.group(1).strip()
+            sections.setdefault(section, number)
+            continue
+        m = _KEY_RE.match(line)
+        if m and section is not None:
+            keys.setdefault((section, m.group(1).strip().lower()), number)
+    return keys, sections
+
+
+def _read_file(config, path):
+    try:
+        with open(path, encoding='utf-8') as fh:
+            text = fh.read()
+            mode = os.fstat(fh.fileno()).st_mode
+    except FileNotFoundError:
+        raise ConfigError('file not found', path=path)
+    except IsADirectoryError:
+        raise ConfigError('is a directory, expected an INI file', path=path)
+    except PermissionError:
+        raise ConfigError('permission denied reading the file', path=path)
+    except UnicodeDecodeError as exc:
+        raise ConfigError('not UTF-8 text (%s)' % exc.reason, path=path)
+    except OSError as exc:
+        raise ConfigError('cannot read the file (%s)' % exc.strerror,
+                          path=path)
+
+    parser = configparser.ConfigParser(interpolation=None, strict=True,
+                                       empty_lines_in_values=False,
+                                       default_section='\x00none')
+    try:
+        parser.read_string(text, source=path)
+    except configparser.DuplicateSectionError as exc:
+        raise ConfigError('section appears twice', exc.section, path=path,
+                          line=exc.lineno)
+    except configparser.DuplicateOptionError as exc:
+        raise ConfigError('key appears twice in this section', exc.section,
+                          exc.option, path=path, line=exc.lineno)
+    except configparser.MissingSectionHeaderError as exc:
+        raise ConfigError('a key before any [section] header', path=path,
+                          line=exc.lineno)
+    except configparser.ParsingError as exc:
+        lineno = exc.errors[0][0] if exc.errors else None
+        raise ConfigError('not INI syntax (expected [section] or key = '
+                          'value)', path=path, line=lineno)
+
+    lines, section_lines = _line_numbers(text)
+    config.files.append(path)
+    holds_secret = False
+    for section in parser.sections():
+        family = registry.family_of(section)
+        if family is not None:
+            _read_family_section(config, parser, section, family, path, lines,
+                                 section_lines)
+            continue
+        if section not in registry.SECTIONS:
+            choices = list(registry.SECTIONS) + [
+                '%s:NAME' % f.prefix for f in registry.SECTION_FAMILIES]
+            raise ConfigError('unknown section%s' % _did_you_mean(
+                section, choices, brackets=True), section, path=path,
+                line=section_lines.get(section))
+        for key, raw in parser.items(section):
+            line = lines.get((section, key))
+            setting = registry.lookup(section, key)
+            if setting is None:
+                known = [s.key for s in registry.SETTINGS
+                         if s.section == section]
+                raise ConfigError('unknown key%s' % _did_you_mean(key, known),
+                                  section, key, path=path, line=line)
+            value = _parse(setting, raw, path=path, line=line)
+            config.values[setting.name] = value
+            config.sources[setting.name] = Source(
+                'file', '%s:%d' % (path, line) if line else path)
+            if setting.secret and value:
+                holds_secret = True
+    if holds_secret and mode & stat.S_IROTH:
+        config.warnings.append(
+            '%s holds a password or secret and is readable by all users; '
+            'run: chmod o-r %s' % (path, path))
+
+
+def _read_family_section(config, parser, section, family, path, lines,
+                         section_lines):
+    name = section.partition(':')[2].strip()
+    values, sources = {}, {}
+    for key, raw in parser.items(section):
+        line = lines.get((section, key))
+        setting = family.setting(key)
+        if setting is None:
+            raise ConfigError('unknown key%s' % _did_you_mean(
+                key, [s.key for s in family.settings]), section, key,
+                path=path, line=line)
+        try:
+            values[key] = setting.type.parse(raw)
+        except InvalidValue as exc:
+            raise ConfigError(str(exc), section, key, raw, path=path,
+                              line=line)
+        sources[key] = Source('file', '%s:%d' % (path, line))
+    for setting in family.settings:
+        if setting.key not in values:
+            if setting.required:
+                raise ConfigError('missing required key %r' % setting.key,
+                                  section, path=path,
+                                  line=section_lines.get(section))
+            values[setting.key] = setting.default
+            sources[setting.key] = Source('default')
+    config.periodic[name] = values
+    config.periodic_sources[name] = sources
+
+
+def _apply_environment(config, environ):
+    known = {CONFIG_ENV}
+    for s in registry.SETTINGS:
+        known.update(s.env_names)
+        for env_name in s.env_names:
+            raw = environ.get(env_name)
+            # An empty variable (REDIS_PASSWORD= in a .env file) means unset.
+            if raw is None or raw.strip() == '':
+                continue
+            config.values[s.name] = _parse(
+                s, raw, origin='environment %s' % env_name)
+            config.sources[s.name] = Source('env', env_name)
+            break
+    for env_name in environ:
+        if env_name.startswith('HUEY_WORKER_') and env_name not in known:
+            config.warnings.append(
+                'environment variable %s is not a setting, ignored%s' % (
+                    env_name, _did_you_mean(env_name, sorted(known))))
+
+
+def _check_consistency(config):
+    v = config.values
+    if v['redis.socket_timeout'] <= v['consumer.read_timeout'] + 1:
+        raise ConfigError(
+            'must exceed [consumer] read_timeout (%g) by more than 1 second, '
+            'or a quiet queue would look like a dead connection'
+            % v['consumer.read_timeout'], 'redis', 'socket_timeout',
+            registry.BY_NAME['redis.socket_timeout'].type.format(
+                v['redis.socket_timeout']),
+            origin=str(config.sources['redis.socket_timeout']))
+    if v['redis.url'] and v['redis.sentinels']:
+        raise ConfigError('set either url or sentinels, not both', 'redis',
+                          'sentinels', ', '.join(v['redis.sentinels']),
+                          origin=str(config.sources['redis.sentinels']))
+    if v['delivery.recovery_timeout'] <= 2 * v['delivery.heartbeat_interval']:
+        raise ConfigError(
+            'must be more than twice [delivery] heartbeat_interval (%g)'
+            % v['delivery.heartbeat_interval'], 'delivery',
+            'recovery_timeout', '%g' % v['delivery.recovery_timeout'],
+            origin=str(config.sources['delivery.recovery_timeout']))
+    for name, keys in config.periodic.items():
+        if not keys.get('task'):
+            raise ConfigError("missing required key 'task'", 'periodic:%s'
+                              % name)
+
+
+def _did_you_mean(word, choices, brackets=False):
+    close = difflib.get_close_matches(word.lower(), choices, n=1, cutoff=0.6)
+    if not close:
+        return ''
+    return '; did you mean %s?' % (('[%s]' % close[0]) if brackets
+                                   else repr(close[0]))

@@ -1,0 +1,33 @@
+"""Extension points the delivery path calls, so the journal, metrics and
+other observers plug in without the worker knowing about them.
+
+Each list holds callables; a failing callable is logged and skipped, never
+allowed to break delivery.  Callables that write to Redis should `stage()`
+their commands on the storage so they ride the worker's next round trip.
+"""
+import logging
+
+log = logging.getLogger('huey_worker.hooks')
+
+# (storage, task, worker_info) -- a worker took `task` and is about to run
+# it.  worker_info: dict(host, pid, consumer, worker).
+on_dequeued = []
+# (storage, task, state, duration) -- a worker is about to ack `task`;
+# state is the final word of this delivery: complete, failed, retrying,
+# revoked, expired, interrupted, canceled.
+on_outcome = []
+# (storage, messages, reason) -- raw messages put back in the queue because
+# the worker or consumer that held them died or stopped (reason: 'lost',
+# 'interrupted').
+on_requeued = []
+# (storage, record) -- a message set aside in the dead-letter list.
+on_dead_letter = []
+
+
+def call(hooks, *args):
+    for hook in list(hooks):
+        try:
+            hook(*args)
+        except Exception:
+            log.exception('hook %s failed', getattr(hook, '__qualname__',
+                                                    hook))

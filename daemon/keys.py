@@ -1,0 +1,29 @@
+"""Redis key names of the suite.  Everything lives under `hw:<queue>:`,
+apart from Huey's own keys (queue, schedule, results), so `redis-cli --scan
+--pattern 'hw:*'` shows exactly what the suite added."""
+
+
+class Keys:
+    def __init__(self, queue):
+        self.queue = queue
+        self.prefix = 'hw:%s:' % queue
+        p = self.prefix
+        self.consumers = p + 'consumers'        # zset: identity -> last beat
+        self.deliveries = p + 'deliveries'      # hash: task id -> deliveries
+        self.dead = p + 'dead'                  # list of dead-letter records
+        self.stats = p + 'stats'                # hash of cumulative counters
+
+    def consumer(self, identity):
+        """Hash describing one live consumer; expires without heartbeats."""
+        return '%sconsumer:%s' % (self.prefix, identity)
+
+    def consumer_lists(self, identity):
+        """Set of the in-flight list keys one consumer has used."""
+        return '%sinflight-lists:%s' % (self.prefix, identity)
+
+    def inflight(self, identity, worker):
+        """The list holding the message one worker is running."""
+        return '%sinflight:%s:%s' % (self.prefix, identity, worker)
+
+    def task(self, task_id):
+        return '%stask:%s' % (self.prefix, task_id)

@@ -1,0 +1,43 @@
+"""sd_notify for the daemons (the sdnotify package).  Outside systemd
+(no NOTIFY_SOCKET) every call does nothing."""
+import os
+import time
+
+import sdnotify
+
+
+class Notifier:
+    def __init__(self, environ=None):
+        environ = os.environ if environ is None else environ
+        self.enabled = bool(environ.get('NOTIFY_SOCKET'))
+        self._notifier = sdnotify.SystemdNotifier() if self.enabled else None
+        usec = environ.get('WATCHDOG_USEC')
+        pid = environ.get('WATCHDOG_PID')
+        self.watchdog_interval = None
+        if usec and usec.isdigit() and (not pid or pid == str(os.getpid())):
+            # Feed at half the interval, as sd_watchdog_enabled(3) advises.
+            self.watchdog_interval = int(usec) / 1e6 / 2
+        self._last_status = None
+
+    def send(self, *lines):
+        if self._notifier is not None:
+            self._notifier.notify('\n'.join(lines))
+
+    def ready(self, status=None):
+        self.send('READY=1', *(['STATUS=' + status] if status else []))
+        self._last_status = status
+
+    def status(self, text):
+        if text != self._last_status:
+            self.send('STATUS=' + text)
+            self._last_status = text
+
+    def watchdog(self):
+        self.send('WATCHDOG=1')
+
+    def stopping(self):
+        self.send('STOPPING=1')
+
+    def reloading(self):
+        usec = int(time.clock_gettime(time.CLOCK_MONOTONIC) * 1e6)
+        self.send('RELOADING=1', 'MONOTONIC_USEC=%d' % usec)

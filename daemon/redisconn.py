@@ -1,0 +1,87 @@
+"""Redis connections built from [redis] settings: plain, TLS, unix socket or
+through Sentinel."""
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+from redis.sentinel import Sentinel
+
+from .config import ConfigError
+
+
+def _common_kwargs(cfg):
+    r = cfg.redis
+    kwargs = {
+        'socket_connect_timeout': r.connect_timeout,
+        'socket_timeout': r.socket_timeout,
+        'socket_keepalive': True,
+        # Ping a connection that sat idle before reusing it, so a Redis
+        # restart is noticed on a cheap command, not a lost blocking read.
+        'health_check_interval': 15,
+        # No silent retries inside redis-py: a retried BRPOPLPUSH whose first
+        # reply was lost would take a second message.  The daemons retry
+        # whole operations themselves, with backoff and a log line.
+        'retry': Retry(NoBackoff(), 0),
+    }
+    if r.username:
+        kwargs['username'] = r.username
+    if r.password:
+        kwargs['password'] = r.password
+    return kwargs
+
+
+def _tls_kwargs(cfg):
+    r = cfg.redis
+    kwargs = {'ssl_cert_reqs': 'required' if r.tls_verify else 'none',
+              'ssl_check_hostname': bool(r.tls_verify)}
+    if r.tls_ca_file:
+        kwargs['ssl_ca_certs'] = r.tls_ca_file
+    if r.tls_cert_file:
+        kwargs['ssl_certfile'] = r.tls_cert_file
+    if r.tls_key_file:
+        kwargs['ssl_keyfile'] = r.tls_key_file
+    return kwargs
+
+
+def connection_pool(cfg):
+    """A connection pool for the configured Redis (or Sentinel master)."""
+    r = cfg.redis
+    kwargs = _common_kwargs(cfg)
+    if r.sentinels:
+        sentinel_kwargs = {'socket_connect_timeout': r.connect_timeout,
+                           'socket_timeout': r.connect_timeout}
+        if r.sentinel_password:
+            sentinel_kwargs['password'] = r.sentinel_password
+        hosts = [(w.rpartition(':')[0], int(w.rpartition(':')[2]))
+                 for w in r.sentinels]
+        sentinel = Sentinel(hosts, sentinel_kwargs=sentinel_kwargs,
+                            db=r.db, **kwargs)
+        return sentinel.master_for(r.sentinel_master).connection_pool
+    if r.url:
+        if r.url.startswith('rediss://'):
+            kwargs.update(_tls_kwargs(cfg))
+        try:
+            return redis.ConnectionPool.from_url(r.url, **kwargs)
+        except ValueError as exc:
+            raise ConfigError(str(exc), 'redis', 'url', _redact_url(r.url),
+                              origin=str(cfg.source('redis.url')))
+    return redis.ConnectionPool(host=r.host, port=r.port, db=r.db, **kwargs)
+
+
+def describe(cfg):
+    """Where Redis is, for log lines: never with the password."""
+    r = cfg.redis
+    if r.sentinels:
+        return 'sentinel master %s via %s' % (r.sentinel_master,
+                                              ', '.join(r.sentinels))
+    if r.url:
+        return _redact_url(r.url)
+    return 'redis://%s:%d/%d' % (r.host, r.port, r.db)
+
+
+def _redact_url(url):
+    scheme, sep, rest = url.partition('://')
+    creds, at, host = rest.rpartition('@')
+    if not at:
+        return url
+    user = creds.partition(':')[0]
+    return '%s%s%s:***@%s' % (scheme, sep, user, host)

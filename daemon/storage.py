@@ -1,0 +1,162 @@
+"""Huey's Redis storage, extended for crash-safe delivery and piggybacking.
+
+Two additions to RedisExpireStorage:
+
+* `dequeue_into(inflight_key)`: the message moves atomically from the queue
+  into the worker's in-flight list (BRPOPLPUSH, Redis 5 compatible), so a
+  worker that dies leaves it where it can be found.
+* Piggybacked writes: a caller may `stage()` commands (journal updates, the
+  ack) to ride on the thread's next round trip, and while `deferring` is on
+  every write Huey makes after a task body (result, retry, on_complete) is
+  held back and sent with the ack in one MULTI/EXEC.  A read sends what is
+  held back first, so Huey never reads stale data.
+"""
+import threading
+
+from huey.storage import RedisExpireStorage
+
+from .keys import Keys
+
+
+class SuiteStorage(RedisExpireStorage):
+    def __init__(self, name='huey', expire_time=604800, **kwargs):
+        super().__init__(name, expire_time=expire_time, **kwargs)
+        self.keys = Keys(self.name)
+        self._local = threading.local()
+
+    # -- piggybacking -------------------------------------------------------
+
+    def _pending(self):
+        pending = getattr(self._local, 'pending', None)
+        if pending is None:
+            pending = self._local.pending = []
+        return pending
+
+    def stage(self, command):
+        """Queue `command(pipe)` to be sent with this thread's next round trip."""
+        self._pending().append(command)
+
+    @property
+    def deferring(self):
+        return getattr(self._local, 'deferring', False)
+
+    @deferring.setter
+    def deferring(self, value):
+        self._local.deferring = value
+
+    def has_pending(self):
+        return bool(getattr(self._local, 'pending', None))
+
+    def flush(self, last=None):
+        """Send staged commands (and `last`) in one MULTI/EXEC round trip.
+
+        Returns the reply of `last`.  On a Redis error the staged commands
+        are kept, so the caller may retry the whole flush after reconnecting.
+        """
+        pending = self._pending()
+        if not pending:
+            return last(self.conn) if last is not None else None
+        return self.flush_all(last)[-1]
+
+    def flush_all(self, *extra):
+        """Like flush, but returns the replies of every command sent."""
+        pending = self._pending()
+        pipe = self.conn.pipeline(transaction=True)
+        for command in pending + [c for c in extra if c is not None]:
+            command(pipe)
+        results = pipe.execute()
+        pending.clear()
+        return results
+
+    def prime(self, values):
+        """Remember replies already fetched (revocation keys read with the
+        worker's delivery round trip) so Huey's next read of them is free."""
+        self._local.primed = values
+
+    def discard_pending(self):
+        self._pending().clear()
+
+    def _write(self, command):
+        if self.deferring:
+            self._pending().append(command)
+            return None
+        return self.flush(command)
+
+    _read = flush
+
+    # -- crash-safe dequeue -------------------------------------------------
+
+    def dequeue_into(self, inflight_key, timeout):
+        """Block up to `timeout` seconds for a message; it lands in
+        `inflight_key` as well as being returned."""
+        return self.conn.brpoplpush(self.queue_key, inflight_key,
+                                    timeout=max(1, int(round(timeout))))
+
+    # -- Huey's storage API, routed through the piggyback ------------------
+
+    def enqueue(self, data, priority=None):
+        if priority:
+            raise NotImplementedError('task priorities are not supported by '
+                                      'huey-worker (one FIFO queue per name)')
+        self._write(lambda c: c.lpush(self.queue_key, data))
+
+    def add_to_schedule(self, data, ts):
+        score = self.convert_ts(ts)
+        self._write(lambda c: c.zadd(self.schedule_key, {data: score}))
+
+    def put_data(self, key, value, is_result=False):
+        rkey = self.result_key(key)
+        if is_result:
+            self._write(lambda c: c.set(rkey, value, ex=self._expire_time))
+            if self.notify_result:
+                nkey = self.notify_prefix + (key.decode('utf8') if isinstance(
+                    key, bytes) else key)
+                self._write(lambda c: c.lpush(nkey, b'1'))
+                self._write(lambda c: c.expire(nkey, self.notify_result_ttl))
+        else:
+            self._write(lambda c: c.set(rkey, value))
+
+    def delete_data(self, key):
+        rkey = self.result_key(key)
+        return self._write(lambda c: c.delete(rkey))
+
+    def delete_counter(self, key):
+        ckey = self.counter_key(key)
+        self._write(lambda c: c.delete(ckey))
+
+    def peek_data(self, key):
+        from huey.constants import EmptyData
+        rkey = self.result_key(key)
+        value = self._read(lambda c: c.get(rkey))
+        return EmptyData if value is None else value
+
+    pop_data = peek_data
+
+    def peek_many(self, keys):
+        primed = getattr(self._local, 'primed', None)
+        if primed is not None:
+            self._local.primed = None
+            if all(k in primed for k in keys):
+                return {k: primed[k] for k in keys if primed[k] is not None}
+        rkeys = [self.result_key(k) for k in keys]
+        values = self._read(lambda c: c.mget(rkeys))
+        return {k: v for k, v in zip(keys, values) if v is not None}
+
+    def has_data_for_key(self, key):
+        rkey = self.result_key(key)
+        return self._read(lambda c: c.exists(rkey)) != 0
+
+    def put_if_empty(self, key, value, ttl=None):
+        rkey = self.result_key(key)
+        return bool(self._read(lambda c: c.set(rkey, value, nx=True, ex=ttl)))
+
+    def incr(self, key, amount=1):
+        # Needs its own reply mid-pipeline; send what is held back first.
+        if self.has_pending():
+            self.flush()
+        return super().incr(key, amount)
+
+    def read_schedule(self, ts):
+        if self.has_pending():
+            self.flush()
+        return super().read_schedule(ts)

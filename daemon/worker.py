@@ -1,0 +1,398 @@
+"""One worker: takes a message, runs it with Huey, acknowledges it.
+
+The round trips of one task:
+ 1. BRPOPLPUSH: the message moves into this worker's in-flight list.
+ 2. One MULTI/EXEC: hooks' staged writes (journal: running), the delivery
+    count, and Huey's revocation keys read ahead of Huey asking for them.
+ 3. One MULTI/EXEC after the task: the outcome Huey writes (result, retry,
+    on_complete), hooks' writes (journal: final state) and the ack (the
+    message leaves the in-flight list).  The ack never goes before the
+    outcome; if Redis is down the worker keeps retrying, and if it dies
+    first the message is still in flight and runs again.
+"""
+import ctypes
+import logging
+import os
+import select
+import signal
+import threading
+import time
+from contextlib import contextmanager
+
+import redis
+from huey import signals as S
+from huey.exceptions import HueyException, TaskTimeout
+
+from . import delivery, hooks, logs
+from .app import hostname
+
+log = logging.getLogger('huey_worker.worker')
+task_log = logging.getLogger('huey_worker.task')
+
+REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+
+# The last Huey signal seen in this thread names a delivery's outcome.
+_SIGNAL_STATE = {
+    S.SIGNAL_COMPLETE: 'complete', S.SIGNAL_ERROR: 'failed',
+    S.SIGNAL_RETRYING: 'retrying', S.SIGNAL_REVOKED: 'revoked',
+    S.SIGNAL_EXPIRED: 'expired', S.SIGNAL_CANCELED: 'canceled',
+    S.SIGNAL_INTERRUPTED: 'interrupted', S.SIGNAL_LOCKED: 'failed',
+    S.SIGNAL_SCHEDULED: 'scheduled',
+}
+_outcome = threading.local()
+_receivers_installed = set()
+
+
+def _remember_signal(signal_name, task, *args, **kwargs):
+    state = _SIGNAL_STATE.get(signal_name)
+    if state is not None:
+        _outcome.state = state
+
+
+def install_outcome_receiver(app):
+    if id(app) not in _receivers_installed:
+        app._signal.connect(_remember_signal)
+        _receivers_installed.add(id(app))
+
+
+class Slot(ctypes.Structure):
+    """What the consumer and the status endpoint see of one worker; shared
+    memory, so it works for process workers too."""
+    _fields_ = [('pid', ctypes.c_int), ('busy', ctypes.c_int),
+                ('tick', ctypes.c_double), ('task_started', ctypes.c_double),
+                ('task_timeout', ctypes.c_double),
+                ('done', ctypes.c_ulonglong), ('failed', ctypes.c_ulonglong),
+                ('task_id', ctypes.c_char * 40),
+                ('task_name', ctypes.c_char * 160)]
+
+
+class StopFlag:
+    """A flag that works across threads and forked processes alike (a pipe:
+    a dead process cannot leave it locked)."""
+
+    def __init__(self):
+        self._r, self._w = os.pipe()
+
+    def set(self):
+        if not self.is_set():
+            os.write(self._w, b'x')
+
+    def is_set(self):
+        return self.wait(0)
+
+    def wait(self, timeout):
+        try:
+            ready, _, _ = select.select([self._r], [], [], max(0, timeout))
+        except InterruptedError:
+            return self.is_set()
+        return bool(ready)
+
+    def close(self):
+        for fd in (self._r, self._w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+class WorkerRecycle(Exception):
+    pass
+
+
+@contextmanager
+def alarm_timeout(seconds):
+    """A hard time limit for process workers (SIGALRM in the worker)."""
+    def expire(signum, frame):
+        raise TaskTimeout('timed out after %ss' % seconds)
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+class Worker:
+    def __init__(self, app, cfg, index, slot, stop_flag, identity,
+                 in_process):
+        self.app, self.cfg, self.index = app, cfg, index
+        self.slot, self.stop_flag, self.identity = slot, stop_flag, identity
+        self.in_process = in_process
+        self.name = 'Worker-%d' % index
+        self.task_count = 0
+        self._redis_down_since = None
+        self._delay = 0.1
+        self._in_body = False
+        self._interrupted = False
+        self._reopen_logs = False
+        self.recycled = False
+
+    # -- lifecycle (initialize / loop / shutdown, as in Huey) --------------
+
+    def run(self):
+        if self.in_process:
+            self._init_child()
+        self.storage = self.app.storage
+        self.keys = self.storage.keys
+        self.inflight_key = self.keys.inflight(self.identity, self.index)
+        self.worker_info = {'host': hostname(), 'pid': os.getpid(),
+                            'consumer': self.identity, 'worker': self.index}
+        install_outcome_receiver(self.app)
+        self.slot.pid = os.getpid()
+        try:
+            self.initialize()
+            while not self.stop_flag.is_set():
+                self.loop()
+        except WorkerRecycle:
+            self.recycled = True
+            log.info('%s recycled after %d tasks', self.name, self.task_count)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            self.slot.busy = 0
+            self.shutdown()
+
+    def initialize(self):
+        for name, hook in self.app._startup.items():
+            try:
+                hook()
+            except Exception:
+                log.exception('startup hook %r failed', name)
+
+    def shutdown(self):
+        for name, hook in self.app._shutdown.items():
+            try:
+                hook()
+            except Exception:
+                log.exception('shutdown hook %r failed', name)
+
+    def loop(self):
+        self.slot.tick = time.monotonic()
+        if self._reopen_logs:
+            self._reopen_logs = False
+            logs.reopen()
+        try:
+            raw = self.storage.dequeue_into(self.inflight_key,
+                                            self.cfg.consumer.read_timeout)
+        except REDIS_ERRORS as exc:
+            self._redis_failed(exc)
+            return
+        except redis.exceptions.ResponseError as exc:
+            log.error('%s: Redis refused the queue read: %s', self.name, exc)
+            self.stop_flag.wait(self._backoff())
+            return
+        self._redis_ok()
+        if raw is not None:
+            self.handle(raw)
+            max_tasks = self.cfg.consumer.max_tasks
+            if max_tasks and self.task_count >= max_tasks:
+                raise WorkerRecycle()
+
+    # -- one message -------------------------------------------------------
+
+    def handle(self, raw):
+        storage, app = self.storage, self.app
+        try:
+            task = app.deserialize_task(raw)
+        except Exception as exc:
+            self._dead_letter(raw, exc)
+            return
+        if task.timeout is None and self.cfg.tasks.timeout:
+            task.timeout = self.cfg.tasks.timeout
+        self.task_count += 1
+
+        hooks.call(hooks.on_dequeued, storage, task, self.worker_info)
+        revoke_keys = app._revoke_keys(task)
+        try:
+            results = self._with_redis(lambda: storage.flush_all(
+                lambda c: c.hincrby(self.keys.deliveries, task.id, 1),
+                lambda c: c.mget([storage.result_key(k)
+                                  for k in revoke_keys])))
+        except _Stopped:
+            return
+        deliveries, revoke_values = results[-2], results[-1]
+        if deliveries > self.cfg.delivery.max_deliveries:
+            self._poison(raw, task, deliveries)
+            return
+        storage.prime(dict(zip(revoke_keys, revoke_values)))
+
+        self._start(task)
+        state, duration = self._run(task)
+        self._finish(raw, task, state, duration)
+
+    def _start(self, task):
+        slot = self.slot
+        slot.task_id = task.id.encode()[:39]
+        slot.task_name = task.name.encode()[:159]
+        slot.task_started = time.monotonic()
+        slot.task_timeout = float(task.timeout or 0)
+        slot.busy = 1
+        if self.cfg.logging.task_events:
+            task_log.info('start %s %s', task.name, task.id)
+
+    def _run(self, task):
+        storage = self.storage
+        body = task.execute
+
+        def run_body():
+            # Writes made by the task itself (progress, its own keys) go out
+            # at once; only what Huey writes after the body is held back.
+            storage.deferring = False
+            if storage.has_pending():
+                self._with_redis(storage.flush)
+            self._in_body = True
+            try:
+                return body()
+            except KeyboardInterrupt:
+                self._interrupted = True
+                raise
+            finally:
+                self._in_body = False
+                storage.deferring = True
+        task.execute = run_body
+
+        _outcome.state = None
+        self._interrupted = False
+        started = time.monotonic()
+        storage.deferring = True
+        try:
+            self.app.execute(task)
+            state = _outcome.state or 'complete'
+        except KeyboardInterrupt:
+            state = 'interrupted'
+        except Exception:
+            # Only storage failures escape Huey.execute: the outcome may be
+            # half written, so the task runs again rather than be lost.
+            log.exception('%s: could not record the outcome of %s %s; it '
+                          'goes back to the queue', self.name, task.name,
+                          task.id)
+            state = 'error'
+        finally:
+            storage.deferring = False
+        if self._interrupted:
+            state = 'interrupted'
+        return state, time.monotonic() - started
+
+    def _finish(self, raw, task, state, duration):
+        storage, slot = self.storage, self.slot
+        slot.busy = 0
+        if state in ('interrupted', 'error'):
+            storage.discard_pending()
+            storage.stage(lambda c: c.lrem(self.inflight_key, 1, raw))
+            storage.stage(lambda c: c.rpush(storage.queue_key, raw))
+            hooks.call(hooks.on_requeued, storage, [raw], 'interrupted')
+        else:
+            storage.stage(lambda c: c.lrem(self.inflight_key, 1, raw))
+            storage.stage(lambda c: c.hdel(self.keys.deliveries, task.id))
+            hooks.call(hooks.on_outcome, storage, task, state, duration)
+        try:
+            self._with_redis(storage.flush, give_up_on_stop=False)
+        except _Stopped:
+            return
+        if state == 'failed':
+            slot.failed += 1
+        elif state in ('complete', 'retrying', 'revoked', 'expired',
+                       'canceled', 'scheduled'):
+            slot.done += 1
+        if self.cfg.logging.task_events:
+            task_log.info('end %s %s %s %.3fs', task.name, task.id, state,
+                          duration)
+
+    def _dead_letter(self, raw, exc):
+        if isinstance(exc, HueyException) and 'not found' in str(exc):
+            reason = 'unknown-task'
+        elif isinstance(exc, ValueError) and ('ignature' in str(exc)
+                                              or 'eparator' in str(exc)):
+            reason = 'bad-signature'
+        else:
+            reason = 'undecodable'
+        detail = '%s: %s' % (type(exc).__name__, exc)
+        log.error('%s: message set aside as dead letter (%s): %s', self.name,
+                  reason, detail)
+        record = delivery.dead_letter_record(raw, reason, detail,
+                                             where=self.worker_info)
+        delivery.stage_dead_letter(self.storage, raw, record,
+                                   self.inflight_key)
+        try:
+            self._with_redis(self.storage.flush, give_up_on_stop=False)
+        except _Stopped:
+            pass
+
+    def _poison(self, raw, task, deliveries):
+        detail = 'delivered %d times without an outcome (its worker died ' \
+                 'each time); max_deliveries is %d' % (
+                     deliveries - 1, self.cfg.delivery.max_deliveries)
+        log.error('%s: %s %s is a poison message: %s', self.name, task.name,
+                  task.id, detail)
+        record = delivery.dead_letter_record(raw, 'poison', detail, task,
+                                             self.worker_info)
+        delivery.stage_dead_letter(self.storage, raw, record,
+                                   self.inflight_key)
+        try:
+            self._with_redis(self.storage.flush, give_up_on_stop=False)
+        except _Stopped:
+            pass
+
+    # -- Redis trouble -----------------------------------------------------
+
+    def _with_redis(self, operation, give_up_on_stop=True):
+        """Run `operation` until Redis answers.  Staged commands survive a
+        failed attempt, so a retry sends them again."""
+        while True:
+            try:
+                result = operation()
+            except REDIS_ERRORS as exc:
+                self._redis_failed(exc)
+                if give_up_on_stop and self.stop_flag.is_set():
+                    raise _Stopped()
+                continue
+            self._redis_ok()
+            return result
+
+    def _backoff(self):
+        delay = self._delay
+        self._delay = min(self._delay * 2, self.cfg.redis.retry_max_delay)
+        return delay
+
+    def _redis_failed(self, exc):
+        if self._redis_down_since is None:
+            self._redis_down_since = time.monotonic()
+            log.warning('%s: Redis unreachable (%s); retrying with backoff up '
+                        'to %gs', self.name, exc,
+                        self.cfg.redis.retry_max_delay)
+        self.slot.tick = time.monotonic()
+        self.stop_flag.wait(self._backoff())
+
+    def _redis_ok(self):
+        if self._redis_down_since is not None:
+            log.warning('%s: Redis reachable again after %.1fs', self.name,
+                        time.monotonic() - self._redis_down_since)
+            self._redis_down_since = None
+        self._delay = 0.1
+
+    # -- process workers ---------------------------------------------------
+
+    def _init_child(self):
+        import multiprocessing
+        multiprocessing.current_process().name = self.name
+        # Ctrl-C reaches the whole process group: the parent decides.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, self._on_interrupt)
+        signal.signal(signal.SIGUSR1, self._on_reopen)
+        os.environ.pop('NOTIFY_SOCKET', None)  # only the main process speaks
+        self.app._timeout_handler = alarm_timeout
+
+    def _on_interrupt(self, signum, frame):
+        # The parent sends SIGTERM when shutdown_timeout has run out: stop
+        # now.  A task cut short is put back in the queue (by this worker,
+        # or by the consumer from the in-flight list).
+        raise KeyboardInterrupt
+
+    def _on_reopen(self, signum, frame):
+        self._reopen_logs = True
+
+
+class _Stopped(Exception):
+    """Redis stayed down until the consumer was told to stop."""
