@@ -12,6 +12,10 @@ class Keys:
         self.deliveries = p + 'deliveries'      # hash: task id -> deliveries
         self.dead = p + 'dead'                  # list of dead-letter records
         self.stats = p + 'stats'                # hash of cumulative counters
+        # Scheduler (leader election and what it did); written by the
+        # scheduler daemon, read by the status endpoint and CLI.
+        self.scheduler_lease = p + 'scheduler:lease'  # owner token, PX lease
+        self.scheduler_info = p + 'scheduler:info'    # JSON: leader, last slot
 
     def consumer(self, identity):
         """Hash describing one live consumer; expires without heartbeats."""
