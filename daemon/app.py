@@ -17,6 +17,7 @@ from huey.serializer import Serializer, SignedSerializer
 from huey.storage import MemoryStorage
 
 from . import config as config_module
+from . import journal
 from . import redisconn
 from .config import ConfigError
 from .storage import SuiteStorage
@@ -24,7 +25,7 @@ from .storage import SuiteStorage
 log = logging.getLogger('huey_worker.app')
 
 # Filled as built-in task modules are added to the package.
-BUILTIN_TASK_MODULES = ()
+BUILTIN_TASK_MODULES = ('daemon.tasks.pdf', 'daemon.tasks.collect')
 
 
 class SuiteHuey(Huey):
@@ -86,6 +87,7 @@ class SuiteHuey(Huey):
 
 
 huey = SuiteHuey()
+journal.install(huey)  # records every task's life; [journal] enabled
 
 
 def load_task_modules(cfg, app=huey):

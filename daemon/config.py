@@ -47,7 +47,7 @@ class ConfigError(Exception):
         if self.origin:
             place.append(self.origin)
         if place:
-            text += ' (%s)' % ', '.join(place)
+            text = ('%s (%s)' % (text, ', '.join(place))).lstrip()
         return '%s: %s' % (text, self.problem) if text else self.problem
 
 
@@ -358,8 +358,11 @@ def _check_consistency(config):
 
 
 def _did_you_mean(word, choices, brackets=False):
-    close = difflib.get_close_matches(word.lower(), choices, n=1, cutoff=0.6)
+    by_lower = {c.lower(): c for c in choices}
+    close = difflib.get_close_matches(word.lower(), list(by_lower), n=1,
+                                      cutoff=0.6)
     if not close:
         return ''
-    return '; did you mean %s?' % (('[%s]' % close[0]) if brackets
-                                   else repr(close[0]))
+    match = by_lower[close[0]]
+    return '; did you mean %s?' % (('[%s]' % match) if brackets
+                                   else repr(match))

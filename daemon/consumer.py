@@ -64,6 +64,7 @@ class Consumer:
         self._last_beat = 0.0
         self._last_watchdog = 0.0
         self._queue_depth = None
+        self._stuck = []
 
     # -- run ---------------------------------------------------------------
 
@@ -417,8 +418,13 @@ class Consumer:
             return
         stuck = self.stuck_workers()
         if stuck:
-            log.error('watchdog not fed: worker(s) %s stuck or dead',
-                      ', '.join(map(str, stuck)))
+            if stuck != self._stuck:
+                log.error('watchdog not fed: worker(s) %s stuck or dead',
+                          ', '.join(map(str, stuck)))
+            self._stuck = stuck
             return
+        if self._stuck:
+            log.warning('watchdog fed again: every worker shows signs of life')
+            self._stuck = []
         self._last_watchdog = now
         self.notifier.watchdog()

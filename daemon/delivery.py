@@ -93,13 +93,14 @@ class Delivery:
         return recovered
 
 
-def dead_letter_record(raw, reason, detail, task=None, where=None):
+def dead_letter_record(raw, reason, detail, task=None, where=None,
+                       task_name=None):
     record = {
         'reason': reason,
         'detail': detail,
         'at': time.time(),
         'task_id': getattr(task, 'id', None),
-        'task_name': getattr(task, 'name', None),
+        'task_name': task_name,
         'where': where or {},
         'message': base64.b64encode(raw).decode('ascii'),
     }

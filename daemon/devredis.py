@@ -58,6 +58,7 @@ class EmbeddedRedis:
         return redis.Redis(host='127.0.0.1', port=self.port, **kwargs)
 
     def start(self, timeout=10):
+        os.makedirs(self.directory, exist_ok=True)
         args = [self.binary, '--port', str(self.port), '--bind', '127.0.0.1',
                 '--dir', self.directory, '--save', '', '--daemonize', 'no',
                 '--logfile', os.path.join(self.directory, 'redis.log'),

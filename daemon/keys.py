@@ -16,6 +16,11 @@ class Keys:
         # scheduler daemon, read by the status endpoint and CLI.
         self.scheduler_lease = p + 'scheduler:lease'  # owner token, PX lease
         self.scheduler_info = p + 'scheduler:info'    # JSON: leader, last slot
+        # Task journal (daemon/journal.py): indexes and metrics counters.
+        self.journal_recent = p + 'journal:recent'    # zset: id -> last change
+        self.journal_results = p + 'journal:results'  # zset: id -> finished
+        self.metrics_outcomes = p + 'metrics:outcomes'    # hash: name\tstate
+        self.metrics_durations = p + 'metrics:durations'  # hash: name\tbucket
 
     def consumer(self, identity):
         """Hash describing one live consumer; expires without heartbeats."""
@@ -31,3 +36,7 @@ class Keys:
 
     def task(self, task_id):
         return '%stask:%s' % (self.prefix, task_id)
+
+    def task_log(self, task_id):
+        """List of one task's state changes (the journal's history)."""
+        return '%stask-log:%s' % (self.prefix, task_id)

@@ -11,6 +11,10 @@ class Notifier:
         environ = os.environ if environ is None else environ
         self.enabled = bool(environ.get('NOTIFY_SOCKET'))
         self._notifier = sdnotify.SystemdNotifier() if self.enabled else None
+        if self._notifier is not None and self._notifier.socket is not None:
+            # A reader that falls behind must never stall the main loop: a
+            # full socket drops the message (the next one says the same).
+            self._notifier.socket.setblocking(False)
         usec = environ.get('WATCHDOG_USEC')
         pid = environ.get('WATCHDOG_PID')
         self.watchdog_interval = None

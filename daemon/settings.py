@@ -200,7 +200,8 @@ class Crontab(Text):
                                % len(fields))
         from huey import crontab
         try:
-            crontab(*fields)
+            # strict: a misspelt field is an error, not silently ignored.
+            crontab(*fields, strict=True)
         except ValueError as exc:
             raise InvalidValue('expected a valid crontab (%s)' % exc)
         return ' '.join(fields)
@@ -420,6 +421,15 @@ SETTINGS = (
       'endpoint and the CLI.'),
     S('journal', 'args_max_bytes', Integer(0, 1 << 20), 1024,
       'Largest args summary kept per task (longer ones are cut).'),
+    S('journal', 'result_max_bytes', Integer(0, 16 << 20), 64 << 10,
+      'Largest result (as JSON) copied into the journal; a larger one is '
+      'left in Huey\'s result store only.'),
+    S('journal', 'progress_interval', Number(0, 3600), 0.5,
+      'Seconds between progress writes to Redis; report_progress() calls in '
+      'between only update memory (the last one is always written).'),
+    S('journal', 'index_max', Integer(100, 10 ** 8), 100000,
+      'Most recent tasks kept in the listing index (records themselves '
+      'expire with [huey] result_timeout).'),
 
     # [status]
     S('status', 'bind', Text(), '127.0.0.1',
@@ -435,6 +445,9 @@ SETTINGS = (
       'Largest request body accepted.'),
     S('status', 'request_timeout', Number(0.1, 600), 10.0,
       'Seconds a client has to send its request.'),
+    S('status', 'queues', WordList(), (),
+      'Other queue names to report besides [huey] queue (several apps '
+      'sharing one Redis).'),
 
     # [scheduler]
     S('scheduler', 'lease_timeout', Number(1, 600), 15.0,
@@ -443,8 +456,9 @@ SETTINGS = (
     S('scheduler', 'interval', Number(0.05, 60), 1.0,
       'Seconds between scans for due delayed and retrying tasks.'),
     S('scheduler', 'catchup_window', Integer(0, 7 * 86400), 0,
-      'Seconds of missed periodic slots enqueued after an outage '
-      '(0: missed slots are skipped).'),
+      'Seconds back that periodic slots missed while no scheduler led are '
+      'still enqueued, once each (0: only slots missed by a leader handover '
+      'or restart, up to lease_timeout + 10 s, are enqueued late).'),
 
     # [pdf]
     S('pdf', 'input_root', Text(), '/var/lib/huey-worker/input',
@@ -455,6 +469,10 @@ SETTINGS = (
       'Largest page count accepted.'),
     S('pdf', 'max_bytes', Integer(1, 1 << 40), 200 << 20,
       'Largest PDF accepted (bytes).'),
+    S('pdf', 'blocks', Boolean(), False,
+      'Also write text blocks with bounding boxes (a task argument wins).'),
+    S('pdf', 'images', Boolean(), False,
+      'Also save embedded images as files (a task argument wins).'),
 
     # [collect]
     S('collect', 'output_root', Text(), '/var/lib/huey-worker/output/collect',
@@ -469,6 +487,12 @@ SETTINGS = (
       'Seconds to wait for data.'),
     S('collect', 'retries', Integer(0, 100), 3,
       'Retries of one request on connection errors, 5xx and 429.'),
+    S('collect', 'retry_delay', Number(0, 3600), 1.0,
+      'Seconds before the first retry of a request, doubled after each '
+      '(a Retry-After header from the server wins).'),
+    S('collect', 'retry_max_delay', Number(0, 86400), 120.0,
+      'Longest wait before retrying a request; a Retry-After asking for '
+      'more fails the item (the task itself is retried later).'),
     S('collect', 'max_body_bytes', Integer(1, 1 << 40), 50 << 20,
       'Largest response body saved.'),
     S('collect', 'content_types', WordList(),

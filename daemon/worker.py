@@ -191,6 +191,10 @@ class Worker:
 
     # -- one message -------------------------------------------------------
 
+    def task_name(self, task):
+        """The registered name (module.function), as producers know it."""
+        return self.app._registry.task_to_string(type(task))
+
     def handle(self, raw):
         storage, app = self.storage, self.app
         try:
@@ -224,12 +228,12 @@ class Worker:
     def _start(self, task):
         slot = self.slot
         slot.task_id = task.id.encode()[:39]
-        slot.task_name = task.name.encode()[:159]
+        slot.task_name = self.task_name(task).encode()[:159]
         slot.task_started = time.monotonic()
         slot.task_timeout = float(task.timeout or 0)
         slot.busy = 1
         if self.cfg.logging.task_events:
-            task_log.info('start %s %s', task.name, task.id)
+            task_log.info('start %s %s', self.task_name(task), task.id)
 
     def _run(self, task):
         storage = self.storage
@@ -265,8 +269,8 @@ class Worker:
             # Only storage failures escape Huey.execute: the outcome may be
             # half written, so the task runs again rather than be lost.
             log.exception('%s: could not record the outcome of %s %s; it '
-                          'goes back to the queue', self.name, task.name,
-                          task.id)
+                          'goes back to the queue', self.name,
+                          self.task_name(task), task.id)
             state = 'error'
         finally:
             storage.deferring = False
@@ -296,8 +300,8 @@ class Worker:
                        'canceled', 'scheduled'):
             slot.done += 1
         if self.cfg.logging.task_events:
-            task_log.info('end %s %s %s %.3fs', task.name, task.id, state,
-                          duration)
+            task_log.info('end %s %s %s %.3fs', self.task_name(task), task.id,
+                          state, duration)
 
     def _dead_letter(self, raw, exc):
         if isinstance(exc, HueyException) and 'not found' in str(exc):
@@ -323,10 +327,11 @@ class Worker:
         detail = 'delivered %d times without an outcome (its worker died ' \
                  'each time); max_deliveries is %d' % (
                      deliveries - 1, self.cfg.delivery.max_deliveries)
-        log.error('%s: %s %s is a poison message: %s', self.name, task.name,
-                  task.id, detail)
+        log.error('%s: %s %s is a poison message: %s', self.name,
+                  self.task_name(task), task.id, detail)
         record = delivery.dead_letter_record(raw, 'poison', detail, task,
-                                             self.worker_info)
+                                             self.worker_info,
+                                             self.task_name(task))
         delivery.stage_dead_letter(self.storage, raw, record,
                                    self.inflight_key)
         try:

@@ -37,14 +37,17 @@ def redis_url(redis_server):
 
 @pytest.fixture
 def base_env(redis_url, tmp_path):
-    """Environment for daemons under test: the private Redis, a config path
-    that does not exist (defaults), the tests' task modules importable."""
+    """Environment for daemons under test: the private Redis, an empty
+    config file in tmp_path (conf.d/ beside it takes drop-ins), the tests'
+    task modules importable."""
+    config_path = tmp_path / 'huey-worker.ini'
+    config_path.touch()
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(('HUEY_', 'REDIS_', 'NOTIFY_SOCKET',
                                 'WATCHDOG_'))}
     env.update({
         'HUEY_REDIS_URL': redis_url,
-        'HUEY_WORKER_CONFIG': str(tmp_path / 'absent.ini'),
+        'HUEY_WORKER_CONFIG': str(config_path),
         'PYTHONPATH': os.pathsep.join([ROOT, os.path.join(ROOT, 'tests')]),
         'HUEY_WORKER_TASKS_BUILTIN': 'false',
         'HUEY_MODULES': 'sample_tasks',
@@ -116,7 +119,7 @@ def start_daemon(tmp_path):
 
 
 @pytest.fixture
-def producer(redis_url, monkeypatch):
+def producer(redis_url, monkeypatch, tmp_path):
     """The shared Huey app configured for the private Redis, as a web app
     producing tasks would have it."""
     from daemon import app as app_module
@@ -125,7 +128,9 @@ def producer(redis_url, monkeypatch):
         if name.startswith(('HUEY_', 'REDIS_')):
             monkeypatch.delenv(name)
     monkeypatch.setenv('HUEY_REDIS_URL', redis_url)
-    monkeypatch.setenv('HUEY_WORKER_CONFIG', '/nonexistent/huey-worker.ini')
+    producer_config = tmp_path / 'producer.ini'
+    producer_config.touch()
+    monkeypatch.setenv('HUEY_WORKER_CONFIG', str(producer_config))
     cfg = config.load()
     app_module.huey.configure(cfg)
     import sample_tasks  # noqa: F401  registers the test tasks

@@ -10,6 +10,13 @@ COMMAND_MODULES = (
     'daemon.cli.config_cmd',
     'daemon.cli.consumer_cmd',
     'daemon.cli.run_cmd',
+    'daemon.cli.scheduler_cmd',
+    'daemon.cli.status_server_cmd',
+    'daemon.cli.status_cmd',
+    'daemon.cli.task_cmd',
+    'daemon.cli.wait_cmd',
+    'daemon.cli.workers_cmd',
+    'daemon.cli.submit_cmd',
 )
 
 

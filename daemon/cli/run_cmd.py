@@ -15,6 +15,8 @@ from ..exitcodes import EX_UNAVAILABLE
 # The daemons `run` starts, as huey-worker subcommands.
 DAEMONS = (
     ('consumer', ['consumer']),
+    ('scheduler', ['scheduler']),
+    ('status-server', ['status-server']),
 )
 
 

@@ -1,0 +1,106 @@
+"""What the operator commands (status, task, wait, workers, submit) share:
+their options, connecting to Redis, exit codes, and plain-text tables.
+They read through daemon.journal and daemon.overview, like the status
+endpoint, so both always show the same data."""
+import functools
+import json
+import sys
+import time
+
+import click
+import redis
+
+from .. import app as app_module
+from ..exitcodes import EX_UNAVAILABLE
+from .common import config_options, exits_78_on_config_error, load_from
+
+OPS_SECTIONS = ('redis', 'huey', 'tasks', 'delivery', 'journal', 'status')
+REDIS_ERRORS = (redis.exceptions.RedisError, OSError)
+
+
+def ops_command(fn):
+    """--config/--set/registry flags, --json, config errors -> 78, Redis
+    unreachable -> 69."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except REDIS_ERRORS as exc:
+            fail(EX_UNAVAILABLE, 'Redis unreachable: %s' % exc)
+    wrapper = exits_78_on_config_error(wrapper)
+    wrapper = click.option('--json', 'as_json', is_flag=True,
+                           help='Machine-readable JSON output.')(wrapper)
+    return config_options(*OPS_SECTIONS)(wrapper)
+
+
+def connect(params, with_tasks=False):
+    """The configured shared app (task modules imported when asked)."""
+    cfg = load_from(params)
+    for warning in cfg.warnings:
+        click.echo('huey-worker: warning: %s' % warning, err=True)
+    if with_tasks:
+        return app_module.configure(cfg)
+    return app_module.huey.configure(cfg)
+
+
+def fail(code, message):
+    click.echo('huey-worker: %s' % message, err=True)
+    sys.exit(code)
+
+
+def print_json(value):
+    click.echo(json.dumps(value, indent=2, sort_keys=True, default=repr))
+
+
+# --- text formatting -----------------------------------------------------------
+
+def when(epoch):
+    if epoch is None:
+        return '-'
+    return time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(epoch))
+
+
+def ago(epoch, now=None):
+    if epoch is None:
+        return '-'
+    seconds = (time.time() if now is None else now) - epoch
+    future = seconds < 0
+    seconds = abs(seconds)
+    if seconds < 60:
+        text = '%ds' % seconds
+    elif seconds < 3600:
+        text = '%dm%02ds' % divmod(int(seconds), 60)
+    elif seconds < 86400:
+        text = '%dh%02dm' % divmod(int(seconds) // 60, 60)
+    else:
+        text = '%dd%02dh' % divmod(int(seconds) // 3600, 24)
+    return ('in ' + text) if future else (text + ' ago')
+
+
+def table(headers, rows):
+    """Left-aligned columns, as plain text lines."""
+    rows = [[('-' if c is None else str(c)) for c in row] for row in rows]
+    widths = [len(h) for h in headers]
+    for row in rows:
+        widths = [max(w, len(c)) for w, c in zip(widths, row)]
+    fmt = '  '.join('%%-%ds' % w for w in widths)
+    lines = [(fmt % tuple(headers)).rstrip()]
+    lines += [(fmt % tuple(row)).rstrip() for row in rows]
+    return '\n'.join(lines)
+
+
+def progress_text(record):
+    p = record.get('progress')
+    if not p:
+        return '-'
+    text = str(p['current'])
+    if p.get('total') is not None:
+        text += '/%s' % p['total']
+    if p.get('percent') is not None:
+        text += ' (%g%%)' % p['percent']
+    return text
+
+
+def short(text, width=60):
+    text = '' if text is None else str(text)
+    return text if len(text) <= width else text[:width - 3] + '...'

@@ -1,0 +1,65 @@
+"""`huey-worker submit NAME ARGS...`: enqueue a registered task by name."""
+import json
+
+import click
+
+from .. import tasknames
+from ..exitcodes import EX_DATAERR, EX_NOINPUT, EX_USAGE
+from . import wait_cmd
+from .ops_common import connect, fail, ops_command, print_json
+
+
+def parse_arg(text):
+    """JSON when it parses (1, 2.5, true, null, [..], {..}, "quoted"),
+    else the text itself."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+@click.command('submit')
+@click.argument('name')
+@click.argument('args', nargs=-1)
+@click.option('--kwargs', 'kwargs_json', default=None, metavar='JSON',
+              help='Keyword arguments as a JSON object.')
+@click.option('--delay', type=click.FloatRange(0, 365 * 86400),
+              default=None, metavar='SECONDS', help='Run no sooner than this.')
+@click.option('--id', 'task_id', default=None, help='Use this task id.')
+@click.option('--wait', 'wait', is_flag=True,
+              help='Then wait for the outcome (exit code as `wait`).')
+@click.option('--timeout', type=click.FloatRange(0, None), default=None,
+              metavar='SECONDS', help='With --wait: give up after this long '
+                                      '(exit 75).')
+@ops_command
+def command(name, args, kwargs_json, delay, task_id, wait, timeout, as_json,
+            **params):
+    """Enqueue task NAME (full registered name, alias such as pdf.extract,
+    or an unambiguous suffix) with ARGS (each JSON if it parses, else a
+    string) and print its id.  Exit 66 for an unknown task, 64 for an
+    ambiguous name, 65 for bad --kwargs."""
+    kwargs = {}
+    if kwargs_json is not None:
+        try:
+            kwargs = json.loads(kwargs_json)
+        except ValueError as exc:
+            fail(EX_DATAERR, '--kwargs is not valid JSON: %s' % exc)
+        if not isinstance(kwargs, dict):
+            fail(EX_DATAERR, '--kwargs must be a JSON object, e.g. '
+                             '\'{"name": "value"}\'')
+    app = connect(params, with_tasks=True)
+    try:
+        new_id, full = tasknames.submit(app, name, [parse_arg(a) for a in args],
+                                        kwargs, delay=delay, task_id=task_id)
+    except tasknames.UnknownTask as exc:
+        fail(EX_NOINPUT, str(exc))
+    except tasknames.AmbiguousTask as exc:
+        fail(EX_USAGE, str(exc))
+    if as_json and not wait:
+        print_json({'task_id': new_id, 'task': full,
+                    'state': 'scheduled' if delay else 'pending'})
+    elif not as_json:
+        click.echo(new_id)
+    if wait:
+        raise SystemExit(wait_cmd.follow(app, new_id, timeout,
+                                         as_json=as_json))

@@ -1,0 +1,210 @@
+"""What the status endpoint and the operator CLI report about the system as
+a whole: queue depths, consumers and their workers, health.  Read from
+Redis only (heartbeat records, Huey's keys, the journal's indexes), so it
+is right whatever the worker type and wherever the consumers run.
+
+Every read is bounded: LLEN/ZCARD/ZCOUNT, and at most MAX_CONSUMERS
+heartbeat records per queue.
+"""
+import json
+import time
+
+import redis
+
+from . import journal
+from .storage import SuiteStorage
+
+MAX_CONSUMERS = 1000
+REDIS_ERRORS = (redis.exceptions.RedisError, OSError)
+
+_extra_storages = {}
+
+
+def queue_storages(app):
+    """[(queue name, storage)]: [huey] queue first, then [status] queues,
+    all on the app's connection pool."""
+    cfg = app.config
+    main = app.storage
+    out = [(main.name, main)]
+    for name in getattr(cfg.status, 'queues', ()) or ():
+        key = (id(main.pool), name)
+        storage = _extra_storages.get(key)
+        if storage is None:
+            storage = _extra_storages[key] = SuiteStorage(
+                name, expire_time=cfg.huey.result_timeout,
+                connection_pool=main.pool)
+        if storage.name not in [n for n, _ in out]:
+            out.append((storage.name, storage))
+    return out
+
+
+def storage_for(app, queue=None):
+    for name, storage in queue_storages(app):
+        if queue is None or name == queue:
+            return storage
+    return None
+
+
+def find_task(app, task_id):
+    """(storage, shaped record) of the first queue that knows `task_id`."""
+    for _, storage in queue_storages(app):
+        record = journal.read_task(app, storage, task_id)
+        if record is not None:
+            return storage, record
+    return None, None
+
+
+# --- consumers -----------------------------------------------------------------
+
+def consumers(app, storage, now=None):
+    """The consumers that heartbeat on `storage`'s queue, newest beat first,
+    each marked alive or not."""
+    now = time.time() if now is None else now
+    cfg = app.config
+    keys = storage.keys
+    beats = storage.conn.zrevrange(keys.consumers, 0, MAX_CONSUMERS - 1,
+                                   withscores=True)
+    if not beats:
+        return []
+    identities = [i.decode() if isinstance(i, bytes) else i for i, _ in beats]
+    records = storage.conn.mget([keys.consumer(i) for i in identities])
+    out = []
+    for identity, (_, score), raw in zip(identities, beats, records):
+        info = {}
+        if raw is not None:
+            try:
+                info = json.loads(raw)
+            except ValueError:
+                info = {}
+        alive = bool(info) and now - score <= cfg.delivery.recovery_timeout
+        workers = []
+        for w in info.get('worker_list', ()):
+            current = None
+            if w.get('busy') and w.get('task_id'):
+                current = {'id': w['task_id'], 'name': w.get('task_name'),
+                           'started': w.get('task_started')}
+            workers.append({
+                'worker': w.get('worker'), 'pid': w.get('pid'),
+                'alive': bool(w.get('alive', True)) and alive,
+                'busy': bool(w.get('busy')) and alive,
+                'current_task': current, 'last_tick': w.get('last_tick'),
+                'done': w.get('done', 0), 'failed': w.get('failed', 0)})
+        out.append({
+            'identity': identity, 'queue': info.get('queue', storage.name),
+            'host': info.get('host'), 'pid': info.get('pid'),
+            'worker_type': info.get('worker_type'),
+            'version': info.get('version'), 'started': info.get('started'),
+            'last_heartbeat': score, 'alive': alive,
+            'workers': workers,
+            'busy': sum(1 for w in workers if w['busy']),
+            'idle': sum(1 for w in workers if w['alive'] and not w['busy']),
+            'done': info.get('done', 0), 'failed': info.get('failed', 0),
+            'restarts': info.get('restarts', 0),
+            'recycled': info.get('recycled', 0)})
+    return out
+
+
+def workers_report(app):
+    """GET /workers and `huey-worker workers`."""
+    listed = []
+    for _, storage in queue_storages(app):
+        listed.extend(consumers(app, storage))
+    live = [c for c in listed if c['alive']]
+    return {'consumers': listed,
+            'totals': {'consumers': len(live),
+                       'workers': sum(len(c['workers']) for c in live),
+                       'busy': sum(c['busy'] for c in live),
+                       'idle': sum(c['idle'] for c in live),
+                       'restarts': sum(c['restarts'] for c in live)}}
+
+
+# --- queues --------------------------------------------------------------------
+
+def queue_report(app):
+    """GET /queue and `huey-worker status`: per queue, what waits, runs,
+    is held and was set aside."""
+    queues = {}
+    for name, storage in queue_storages(app):
+        pipe = storage.conn.pipeline(transaction=False)
+        pipe.llen(storage.queue_key)
+        pipe.zcard(storage.schedule_key)
+        pipe.llen(storage.keys.dead)
+        pending, scheduled, dead = pipe.execute()
+        live = [c for c in consumers(app, storage) if c['alive']]
+        queues[name] = {
+            'pending': pending, 'scheduled': scheduled,
+            'running': sum(c['busy'] for c in live),
+            'results_held': journal.results_held(storage),
+            'dead_letters': dead,
+            'consumers': len(live),
+            'workers': sum(len(c['workers']) for c in live),
+            'idle_workers': sum(c['idle'] for c in live)}
+    return {'queues': queues}
+
+
+# --- scheduler -----------------------------------------------------------------
+
+def scheduler_state(storage):
+    """The scheduler as its leader last described it.  deployed is False
+    when neither the lease nor the info key exists: no scheduler has run
+    on this queue (or its info was deleted), which is not a fault."""
+    keys = storage.keys
+    pipe = storage.conn.pipeline(transaction=False)
+    pipe.get(keys.scheduler_lease)
+    pipe.pttl(keys.scheduler_lease)
+    pipe.get(keys.scheduler_info)
+    lease, lease_ms, raw_info = pipe.execute()
+    info = {}
+    if raw_info is not None:
+        try:
+            info = json.loads(raw_info)
+        except ValueError:
+            info = {'unreadable': True}
+    deployed = lease is not None or raw_info is not None
+    return {
+        'deployed': deployed,
+        'leader_present': lease is not None,
+        'leader': info.get('leader') or (lease.decode('utf-8', 'replace')
+                                         if lease is not None else None),
+        'host': info.get('host'), 'pid': info.get('pid'),
+        'since': info.get('since'), 'last_slot': info.get('last_slot'),
+        'lease_remaining': lease_ms / 1000.0 if lease_ms and lease_ms > 0
+        else None}
+
+
+# --- health --------------------------------------------------------------------
+
+def health_report(app):
+    """(healthy, body).  Ready when Redis answers, each reported queue has
+    a live consumer, and, where a scheduler was ever deployed, it has a
+    leader."""
+    reasons = []
+    checks = {'redis': {'ok': True}}
+    try:
+        app.storage.conn.ping()
+    except REDIS_ERRORS as exc:
+        checks['redis'] = {'ok': False, 'error': str(exc)}
+        reasons.append('Redis unreachable: %s' % exc)
+        return False, {'status': 'unhealthy', 'live': True, 'ready': False,
+                       'checks': checks, 'reasons': reasons}
+    queues = {}
+    for name, storage in queue_storages(app):
+        live = [c for c in consumers(app, storage) if c['alive']]
+        scheduler = scheduler_state(storage)
+        entry = {'consumers': {'ok': bool(live), 'live': len(live)},
+                 'scheduler': {'ok': not scheduler['deployed']
+                               or scheduler['leader_present'],
+                               **scheduler}}
+        if not live:
+            reasons.append('queue %s: no live consumer (none heartbeat '
+                           'within %gs)' % (
+                               name, app.config.delivery.recovery_timeout))
+        if not entry['scheduler']['ok']:
+            reasons.append('queue %s: the scheduler has no leader (last '
+                           'leader %s)' % (name, scheduler['leader'] or '?'))
+        queues[name] = entry
+    checks['queues'] = queues
+    healthy = not reasons
+    return healthy, {'status': 'ok' if healthy else 'unhealthy',
+                     'live': True, 'ready': healthy, 'checks': checks,
+                     'reasons': reasons}

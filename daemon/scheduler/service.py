@@ -1,0 +1,469 @@
+"""The scheduler daemon: one leader across hosts enqueues periodic slots
+and moves due delayed and retrying tasks into the queue; the others stand
+by and take over when its lease runs out.
+
+The main loop, each pass: keep the lease (renew as leader, try to take it
+as standby), then as leader move due tasks and evaluate any new minute.
+Every action checks the lease twice: locally (boot clock deadline) and in
+Redis (the action scripts).  Signals only set flags (daemon.signals).
+"""
+import datetime
+import logging
+import os
+import secrets
+import sys
+
+import redis
+from huey import signals as huey_signals
+
+from .. import __version__, logs, redisconn
+from ..app import hostname, load_task_modules
+from ..config import ConfigError
+from ..exitcodes import EX_OK
+from ..notify import Notifier
+from ..signals import handled_signals, name as signal_name
+from . import clock as clock_module
+from . import periodic
+from .delayed import DelayedMover
+from .info import InfoWriter
+from .lease import Lease
+
+log = logging.getLogger('huey_worker.scheduler')
+
+REDIS_ERRORS = (redis.exceptions.ConnectionError,
+                redis.exceptions.TimeoutError,
+                # READONLY (a replica after failover), OOM, BUSY: Redis
+                # answers but will not do it; same treatment, other words.
+                redis.exceptions.ResponseError)
+MAX_DELAYED_BATCHES = 20    # per pass; the rest waits for the next pass
+
+
+def _hhmmss(ts):
+    return datetime.datetime.fromtimestamp(
+        ts, datetime.timezone.utc).strftime('%H:%M:%S UTC')
+
+
+def scheduler_connection(cfg):
+    """A client of its own: the scheduler sends only short commands, so a
+    Redis that hangs is noticed within a third of the lease rather than
+    after the long socket_timeout the consumers' blocking reads need."""
+    pool = redisconn.connection_pool(cfg)
+    pool.connection_kwargs['socket_timeout'] = min(
+        cfg.redis.socket_timeout, max(1.0, cfg.scheduler.lease_timeout / 3))
+    return redis.Redis(connection_pool=pool)
+
+
+class Scheduler:
+    def __init__(self, cfg, app, reload_config=None, notifier=None,
+                 clock=None):
+        if cfg.huey.immediate:
+            raise ConfigError('immediate mode runs tasks in the producer; '
+                              'the scheduler has nothing to do (set it '
+                              'false)', 'huey', 'immediate', 'true',
+                              origin=str(cfg.source('huey.immediate')))
+        self.cfg, self.app = cfg, app
+        self.reload_config = reload_config
+        self.notifier = notifier or Notifier()
+        self.clock = clock or clock_module.from_environment()
+        self.entries = periodic.load_entries(cfg, app)
+        self.storage = app.storage
+        self.keys = self.storage.keys
+        self.token = '%s:%d:%s' % (hostname(), os.getpid(),
+                                   secrets.token_hex(4))
+        self.conn = scheduler_connection(cfg)
+        self.lease = Lease(self.conn, self.keys.scheduler_lease, self.token,
+                           cfg.scheduler.lease_timeout)
+        self.enqueuer = periodic.SlotEnqueuer(
+            self.conn, app, self.keys.scheduler_lease,
+            periodic.dedupe_ttl(cfg))
+        self.mover = DelayedMover(self.conn, self.storage,
+                                  self.keys.scheduler_lease)
+        self.info_writer = InfoWriter(self.conn, self.keys)
+        self.window = periodic.effective_window(cfg)
+        self.info = {}            # what we publish while leading
+        self.resume = None        # first minute not yet evaluated (leader)
+        self.since = None         # wall time we became leader
+        self.next_attempt = 0.0   # boot clock: next standby attempt
+        self.last_scan = None     # boot clock: last delayed scan
+        self.seen_holder = None   # the leader last logged, as standby
+        self.redis_down_since = None
+        self.redis_error = None
+        self._backoff = 0.2
+        self._error_wait = 0.0
+        self._last_watchdog = 0.0
+
+    # -- run ---------------------------------------------------------------
+
+    def run(self):
+        with handled_signals() as flags:
+            self.flags = flags
+            if not self.initialize():
+                return EX_OK
+            while not flags.stop_requests:
+                if flags.reload:
+                    flags.reload = False
+                    self.reload()
+                if flags.reopen:
+                    flags.reopen = False
+                    logs.reopen()
+                    log.info('SIGUSR1: log files reopened')
+                self.loop()
+                flags.wait(self.next_wait())
+            self.shutdown()
+        return EX_OK
+
+    def initialize(self):
+        cfg = self.cfg
+        log.info('huey-worker %s scheduler %s starting: queue %r on %s, '
+                 'lease_timeout %gs', __version__, self.token, self.app.name,
+                 redisconn.describe(cfg), cfg.scheduler.lease_timeout)
+        for entry in self.entries:
+            log.info('periodic %s -> %s, from %s', entry, entry.task_name,
+                     entry.origin)
+        if not self.entries:
+            log.info('no periodic tasks declared; moving delayed and '
+                     'retrying tasks only')
+        log.info('missed slots are enqueued up to %gs late (catchup_window '
+                 '%ds, at least lease_timeout + %gs)', self.window,
+                 cfg.scheduler.catchup_window, periodic.HANDOVER_GRACE)
+        if isinstance(self.clock, clock_module.FileClock):
+            log.warning('TEST CLOCK: wall time is read from %s (%s is for '
+                        'tests only)', self.clock.path,
+                        clock_module.TEST_CLOCK_ENV)
+        if not cfg.huey.secret_key:
+            log.warning('[huey] secret_key is not set: anyone who can write '
+                        'to this Redis can run code in the workers')
+        if not self._wait_for_redis():
+            return False
+        self.notifier.ready(self.status_line())
+        log.info('scheduler ready (pid %d)', os.getpid())
+        return True
+
+    def loop(self):
+        try:
+            self._keep_lease()
+            if self.lease.held():
+                self._act()
+            self._redis_ok()
+        except REDIS_ERRORS as exc:
+            self._redis_failed(exc)
+        except Exception:
+            # A bug or a user's validate_datetime gone wrong: log it and go
+            # on (the lease runs out if it persists); never die of it.
+            self._error_wait = min(max(self._error_wait * 2, 1.0), 60.0)
+            log.exception('scheduler pass failed; next try in %gs',
+                          self._error_wait)
+        else:
+            self._error_wait = 0.0
+        if self.lease.expired_locally():
+            self._step_down()
+        self.notifier.status(self.status_line())
+        self._feed_watchdog()
+
+    def shutdown(self):
+        self.notifier.stopping()
+        signum = self.flags.last_stop_signal
+        leading = self.lease.held()
+        try:
+            if leading:
+                self._publish(stopped_at=self.clock())
+            released = self.lease.release()
+        except REDIS_ERRORS as exc:
+            released = False
+            log.warning('could not release the lease (%s); a standby takes '
+                        'over when it runs out', exc)
+        if leading and released:
+            log.info('lease released: a standby takes over now')
+        log.info('scheduler %s stopped%s', self.token,
+                 ' on %s' % signal_name(signum) if signum else '')
+
+    def next_wait(self):
+        now = clock_module.boot_clock()
+        if self.redis_down_since is not None:
+            waits = [self._backoff]
+        else:
+            waits = [self.cfg.scheduler.interval]
+        if self.lease.held():
+            waits.append(self.lease.next_renewal_in())
+            # Wake on time to stop trusting a lease we could not renew.
+            waits.append(self.lease.valid_until - now)
+            wall = self.clock()
+            waits.append(periodic.MINUTE - wall % periodic.MINUTE + 0.001)
+        else:
+            waits.append(self.next_attempt - now)
+        if self.notifier.watchdog_interval:
+            waits.append(self.notifier.watchdog_interval)
+        return max(0.01, self._error_wait, min(waits))
+
+    # -- the lease ---------------------------------------------------------
+
+    def _keep_lease(self):
+        if self.lease.expired_locally():
+            self._step_down()
+        if self.lease.held():
+            if self.lease.renewal_due():
+                if self.lease.renew():
+                    self._publish(renewed_at=self.clock())
+                else:
+                    self._lost()
+            return
+        if clock_module.boot_clock() < self.next_attempt:
+            return
+        if self.lease.try_acquire():
+            self._became_leader()
+        elif self.lease.holder == self.token:
+            # Our own lease outlived a renewal we could not send: still ours.
+            if self.lease.renew():
+                self._became_leader()
+        else:
+            self.next_attempt = clock_module.boot_clock() + \
+                self.lease.next_attempt_in()
+            if self.lease.holder != self.seen_holder:
+                self.seen_holder = self.lease.holder
+                log.info('standby: the leader is %s', self.lease.holder)
+
+    def _became_leader(self):
+        self.since = self.clock()
+        self.seen_holder = self.token
+        previous = self.info_writer.read()
+        self.info = {k: previous[k] for k in (
+            'last_evaluated', 'last_slot', 'last_slot_at', 'last_slot_task',
+            'slots_enqueued', 'delayed_moved', 'periodic') if k in previous}
+        self.info.pop('stopped_at', None)
+        self.info.setdefault('slots_enqueued', 0)
+        self.info.setdefault('delayed_moved', 0)
+        self.info['periodic'] = {
+            e.key: {'task': e.task_name, 'schedule': e.schedule,
+                    'last_slot': self.info.get('periodic', {}).get(
+                        e.key, {}).get('last_slot')}
+            for e in self.entries}
+        last = periodic.parse_slot_name(previous.get('last_evaluated'))
+        self.resume = None if last is None else last + periodic.MINUTE
+        self.last_scan = None
+        log.info('became leader (token %s, lease %gs); %s', self.token,
+                 self.lease.ttl, 'periodic slots resume after %s (evaluated '
+                 'by %s)' % (previous['last_evaluated'],
+                             previous.get('leader') or '?')
+                 if last is not None else
+                 'no earlier slot known: starting with the current minute')
+        self._publish(renewed_at=self.since)
+
+    def _lost(self):
+        holder = self.lease.holder
+        self.lease.drop(holder)
+        self.resume = None
+        self.next_attempt = 0.0
+        log.warning('lost the lease%s: no longer acting as leader',
+                    ' to %s' % holder if holder and holder != self.token
+                    else ' (it ran out in Redis)')
+
+    def _step_down(self):
+        self.lease.drop()
+        self.resume = None
+        self.next_attempt = 0.0
+        log.warning('lease not renewed before its local deadline%s: stopped '
+                    'acting as leader before it can run out in Redis',
+                    ' (Redis: %s)' % self.redis_error if self.redis_error
+                    else ' (this process was paused or too slow)')
+
+    def _publish(self, **changes):
+        self.info.update(changes)
+        self.info.update({
+            'leader': self.token, 'host': hostname(), 'pid': os.getpid(),
+            'since': self.since, 'lease_timeout':
+                self.cfg.scheduler.lease_timeout,
+            'catchup_window': self.cfg.scheduler.catchup_window,
+            'version': __version__, 'updated_at': self.clock()})
+        if not self.info_writer.write(self.token, self.info):
+            self._lost()
+            return False
+        return True
+
+    # -- leader duties -----------------------------------------------------
+
+    def _act(self):
+        self._move_delayed()
+        if self.lease.held():
+            self._enqueue_periodic()
+
+    def _move_delayed(self):
+        now = clock_module.boot_clock()
+        if self.last_scan is not None and \
+                now - self.last_scan < self.cfg.scheduler.interval:
+            return
+        self.last_scan = now
+        total = 0
+        for _ in range(MAX_DELAYED_BATCHES):
+            if not self.lease.held() or self.flags.stop_requests:
+                break
+            moved = self.mover.move_batch(self.token, self.clock())
+            if moved is None:
+                self._lost()
+                break
+            total += len(moved)
+            self._announce_moved(moved)
+            if len(moved) < self.mover.batch:
+                break
+        if total:
+            log.info('moved %d due delayed/retrying task(s) into the queue',
+                     total)
+            self.info['delayed_moved'] = self.info.get('delayed_moved',
+                                                       0) + total
+            if self.lease.held():
+                self._publish()
+
+    def _announce_moved(self, messages):
+        """Huey's scheduler emits 'enqueued' for what it moves: so do we."""
+        for raw in messages:
+            try:
+                task = self.app.deserialize_task(raw)
+            except Exception as exc:
+                # The worker sets it aside as a dead letter; nothing lost.
+                log.warning('moved a message that cannot be read (%s: %s); '
+                            'the worker will set it aside',
+                            type(exc).__name__, exc)
+                continue
+            log.debug('moved %s into the queue', task)
+            self.app._emit(huey_signals.SIGNAL_ENQUEUED, task)
+
+    def _enqueue_periodic(self):
+        now = self.clock()
+        current = periodic.minute_of(now)
+        if self.resume is not None and \
+                self.resume - current > periodic.MAX_WAIT_AHEAD:
+            log.warning('the last evaluated minute (%s) is %ds ahead of this '
+                        'host\'s clock: check NTP; resuming from the current '
+                        'minute (slots already enqueued stay deduplicated)',
+                        periodic.slot_name(self.resume - periodic.MINUTE),
+                        self.resume - current)
+            self.resume = current
+        plan = periodic.plan(self.entries, self.resume, now, self.window,
+                             on_error=self._match_failed)
+        if plan is None:
+            return  # a leader whose clock ran ahead did this minute already
+        if plan.skipped_from is not None:
+            log.warning('periodic slots from %s to %s were missed while no '
+                        'scheduler led and are older than the catch-up '
+                        'window (%gs): skipped', periodic.slot_name(
+                            plan.skipped_from),
+                        periodic.slot_name(plan.skipped_to), self.window)
+        done, still_leader = [], True
+        if plan.due and self.lease.held():
+            done, still_leader = self.enqueuer.enqueue(self.token, plan.due,
+                                                       now)
+        elif plan.due:
+            return
+        for entry, minute, task in done:
+            slot = periodic.slot_name(minute)
+            late = now - minute
+            log.info('enqueued periodic %s for slot %s: %s %s%s', entry.key,
+                     slot, task.name, task.id,
+                     ' (%ds late: catch-up)' % late if late >= 60 else '')
+            self.app._emit(huey_signals.SIGNAL_ENQUEUED, task)
+            self.info['periodic'].setdefault(entry.key, {})['last_slot'] = \
+                slot
+            if minute >= (periodic.parse_slot_name(
+                    self.info.get('last_slot')) or 0):
+                self.info.update(last_slot=slot, last_slot_at=now,
+                                 last_slot_task=entry.task_name)
+        self.info['slots_enqueued'] = self.info.get('slots_enqueued',
+                                                    0) + len(done)
+        if not still_leader:
+            self._lost()
+            return
+        self.resume = plan.evaluated + periodic.MINUTE
+        self._publish(last_evaluated=periodic.slot_name(plan.evaluated))
+
+    def _match_failed(self, entry, minute):
+        log.exception('periodic %s: deciding whether slot %s matches '
+                      'failed; slot skipped', entry,
+                      periodic.slot_name(minute))
+
+    # -- reload ------------------------------------------------------------
+
+    def reload(self):
+        log.info('SIGHUP: re-reading the configuration')
+        try:
+            new_cfg = self.reload_config() if self.reload_config else self.cfg
+            load_task_modules(new_cfg, self.app)
+            periodic.config_entries(new_cfg, self.app)
+        except ConfigError as exc:
+            log.error('configuration not reloaded, keeping the current one: '
+                      '%s', exc)
+            return
+        for warning in new_cfg.warnings:
+            log.warning('%s', warning)
+        self.notifier.reloading()
+        try:
+            if self.lease.release():
+                log.info('lease released for the reload')
+        except REDIS_ERRORS as exc:
+            log.warning('could not release the lease (%s)', exc)
+        logging.shutdown()
+        # A fresh process image picks up the new configuration and code; the
+        # PID stays, so systemd and supervisord keep tracking it.
+        os.execv(sys.executable, [sys.executable] + sys.orig_argv[1:])
+
+    # -- Redis trouble -----------------------------------------------------
+
+    def _wait_for_redis(self):
+        while not self.flags.stop_requests:
+            try:
+                self.conn.ping()
+                self._redis_ok()
+                return True
+            except REDIS_ERRORS as exc:
+                self._redis_failed(exc)
+                self.notifier.status(self.status_line())
+                self.flags.wait(self._backoff)
+        return False
+
+    def _redis_failed(self, exc):
+        if self.redis_down_since is None:
+            self.redis_down_since = self.clock()
+            log.warning('Redis unreachable at %s (%s); retrying with backoff '
+                        'up to %gs', redisconn.describe(self.cfg), exc,
+                        self.cfg.redis.retry_max_delay)
+        else:
+            self._backoff = min(self._backoff * 2,
+                                self.cfg.redis.retry_max_delay)
+        self.redis_error = str(exc)
+
+    def _redis_ok(self):
+        if self.redis_down_since is not None:
+            log.warning('Redis reachable again after %.1fs',
+                        self.clock() - self.redis_down_since)
+        self.redis_down_since = None
+        self.redis_error = None
+        self._backoff = 0.2
+
+    # -- systemd -----------------------------------------------------------
+
+    def status_line(self):
+        if self.lease.held():
+            text = 'leader since %s' % _hhmmss(self.since)
+            if self.info.get('last_slot'):
+                text += '; last slot %s (%s)' % (
+                    self.info['last_slot'], self.info.get('last_slot_task'))
+            text += '; %d slot(s) enqueued, %d delayed task(s) moved' % (
+                self.info.get('slots_enqueued', 0),
+                self.info.get('delayed_moved', 0))
+        else:
+            holder = self.lease.holder
+            if holder and holder != self.token:
+                text = 'standby; leader is %s' % holder
+            else:
+                text = 'standby; no leader at the moment'
+        if self.redis_down_since is not None:
+            text += '; Redis unreachable since %s: %s' % (
+                _hhmmss(self.redis_down_since), self.redis_error)
+        return text
+
+    def _feed_watchdog(self):
+        interval = self.notifier.watchdog_interval
+        if not interval:
+            return
+        now = clock_module.boot_clock()
+        if now - self._last_watchdog >= interval:
+            self._last_watchdog = now
+            self.notifier.watchdog()

@@ -1,0 +1,288 @@
+"""The status endpoint's routes: Request -> Response.  Everything here reads
+through daemon.journal and daemon.overview, the same functions the CLI
+uses; docs/status-endpoint.md describes each route."""
+import hmac
+import json
+import logging
+import re
+import time
+from urllib.parse import parse_qsl
+
+import redis
+
+from .. import journal, overview, tasknames
+from .httpserver import Response
+from .metrics import render_metrics
+
+log = logging.getLogger('huey_worker.status')
+
+TASK_ID = r'(?P<id>[A-Za-z0-9_.:@+-]{1,200})'
+REDIS_ERRORS = (redis.exceptions.RedisError, OSError)
+REVOCABLE = frozenset(('pending', 'scheduled', 'retrying'))
+SUBMIT_KEYS = frozenset(('task', 'name', 'args', 'kwargs', 'delay', 'id'))
+
+
+class BadRequest(Exception):
+    def __init__(self, status, detail, **extra):
+        super().__init__(detail)
+        self.status, self.detail, self.extra = status, detail, extra
+
+
+class Routes:
+    def __init__(self, app):
+        self.app = app
+        # (methods, pattern, handler, needs the token)
+        self.table = [
+            (('GET',), r'/', self.index, False),
+            (('GET',), r'/health', self.health, False),
+            (('GET',), r'/health/live', self.live, False),
+            (('GET',), r'/queue', self.queue, False),
+            (('GET',), r'/workers', self.workers, False),
+            (('GET',), r'/metrics', self.metrics, False),
+            (('GET',), r'/tasks', self.list_tasks, False),
+            (('POST',), r'/tasks', self.submit, True),
+            (('GET',), r'/tasks/' + TASK_ID, self.task, False),
+            (('POST',), r'/tasks/' + TASK_ID + r'/revoke', self.revoke, True),
+            (('GET',), r'/api/collect/task/' + TASK_ID, self.seed_task, False),
+        ]
+        self.table = [(m, re.compile(p + r'\Z'), h, t)
+                      for m, p, h, t in self.table]
+
+    @property
+    def token(self):
+        return self.app.config.status.token
+
+    # -- dispatch -------------------------------------------------------------
+
+    def __call__(self, request):
+        method = request.method.upper()
+        allowed, found = set(), None
+        for methods, pattern, handler, needs_token in self.table:
+            if needs_token and not self.token:
+                continue   # these routes exist only with a token configured
+            match = pattern.match(request.path)
+            if match is None:
+                continue
+            allowed.update(methods)
+            if method in methods or (method == 'HEAD' and 'GET' in methods):
+                found = (handler, match, needs_token)
+        if found is None:
+            if allowed:
+                allow = sorted(allowed | ({'HEAD'} if 'GET' in allowed
+                                          else set()))
+                return Response.error(405, '%s is not allowed on %s' % (
+                    method, request.path), [('Allow', ', '.join(allow))],
+                    allowed=allow)
+            return Response.error(404, 'no such route: %s' % request.path)
+        handler, match, needs_token = found
+        if needs_token and not self._authorized(request):
+            return Response.error(
+                401, 'this route needs Authorization: Bearer <token> '
+                     '([status] token)',
+                [('WWW-Authenticate', 'Bearer realm="huey-worker"')])
+        try:
+            return handler(request, **match.groupdict())
+        except BadRequest as exc:
+            return Response.error(exc.status, exc.detail, **exc.extra)
+        except REDIS_ERRORS as exc:
+            log.warning('Redis error answering %s %s: %s', method,
+                        request.path, exc)
+            return Response.error(503, 'Redis unavailable: %s' % exc,
+                                  [('Retry-After', '5')])
+
+    def _authorized(self, request):
+        header = request.headers.get('authorization', '')
+        scheme, _, given = header.partition(' ')
+        if scheme.lower() != 'bearer':
+            return False
+        return hmac.compare_digest(given.strip().encode('utf-8', 'replace'),
+                                   self.token.encode('utf-8'))
+
+    @staticmethod
+    def _query(request, allowed):
+        try:
+            pairs = parse_qsl(request.query, keep_blank_values=True,
+                              strict_parsing=bool(request.query),
+                              max_num_fields=20)
+        except ValueError as exc:
+            raise BadRequest(400, 'malformed query string: %s' % exc)
+        out = {}
+        for key, value in pairs:
+            if key not in allowed:
+                raise BadRequest(400, 'unknown query parameter %r (known: '
+                                      '%s)' % (key, ', '.join(allowed) or
+                                               'none'))
+            out[key] = value
+        return out
+
+    # -- routes ---------------------------------------------------------------
+
+    def index(self, request):
+        self._query(request, ())
+        routes = ['GET /health', 'GET /health/live', 'GET /queue',
+                  'GET /workers', 'GET /metrics', 'GET /tasks',
+                  'GET /tasks/<id>', 'GET /api/collect/task/<id>']
+        if self.token:
+            routes += ['POST /tasks', 'POST /tasks/<id>/revoke']
+        return Response.json(200, {'service': 'huey-worker status',
+                                   'routes': routes})
+
+    def live(self, request):
+        self._query(request, ())
+        return Response.json(200, {'status': 'ok', 'live': True})
+
+    def health(self, request):
+        self._query(request, ())
+        healthy, body = overview.health_report(self.app)
+        return Response.json(200 if healthy else 503, body)
+
+    def queue(self, request):
+        self._query(request, ())
+        return Response.json(200, overview.queue_report(self.app))
+
+    def workers(self, request):
+        self._query(request, ())
+        return Response.json(200, overview.workers_report(self.app))
+
+    def metrics(self, request):
+        self._query(request, ())
+        body, content_type = render_metrics(self.app)
+        return Response(200, body, content_type)
+
+    def list_tasks(self, request):
+        params = self._query(request, ('state', 'limit', 'queue'))
+        state = params.get('state') or None
+        if state is not None and state not in journal.STATES:
+            raise BadRequest(400, 'unknown state %r (one of %s)' % (
+                state, ', '.join(journal.STATES)))
+        try:
+            limit = int(params.get('limit', '50'))
+        except ValueError:
+            raise BadRequest(400, 'limit must be a whole number')
+        if not 1 <= limit <= 1000:
+            raise BadRequest(400, 'limit must be from 1 to 1000')
+        storage = overview.storage_for(self.app, params.get('queue'))
+        if storage is None:
+            raise BadRequest(404, 'unknown queue %r' % params.get('queue'))
+        tasks = journal.list_tasks(self.app, storage, limit, state)
+        return Response.json(200, {'queue': storage.name, 'tasks': tasks,
+                                   'count': len(tasks)})
+
+    def task(self, request, id):
+        self._query(request, ())
+        _, record = overview.find_task(self.app, id)
+        if record is None:
+            return Response.error(404, 'unknown task id %r (never enqueued,'
+                                       ' or its record expired)' % id)
+        return Response.json(200, record)
+
+    def seed_task(self, request, id):
+        """The shape seed 000's front end polls."""
+        self._query(request, ())
+        _, record = overview.find_task(self.app, id)
+        if record is None:
+            return Response.json(404, {
+                'success': False, 'task_id': id, 'status': 'unknown',
+                'result': None, 'metadata': {}, 'log': None,
+                'error': 'unknown task id'})
+        return Response.json(200, seed_shape(record))
+
+    def submit(self, request):
+        self._query(request, ())
+        body = _json_body(request)
+        if not isinstance(body, dict):
+            raise BadRequest(400, 'expected a JSON object: {"task": NAME, '
+                                  '"args": [...], "kwargs": {...}}')
+        unknown = sorted(set(body) - SUBMIT_KEYS)
+        if unknown:
+            raise BadRequest(400, 'unknown field(s) %s (known: %s)' % (
+                ', '.join(unknown), ', '.join(sorted(SUBMIT_KEYS))))
+        name = body.get('task', body.get('name'))
+        args = body.get('args', [])
+        kwargs = body.get('kwargs', {})
+        delay = body.get('delay')
+        task_id = body.get('id')
+        if not isinstance(name, str) or not name:
+            raise BadRequest(400, '"task" must name a registered task')
+        if not isinstance(args, list):
+            raise BadRequest(400, '"args" must be a JSON list')
+        if not isinstance(kwargs, dict):
+            raise BadRequest(400, '"kwargs" must be a JSON object')
+        if delay is not None and (isinstance(delay, bool) or not isinstance(
+                delay, (int, float)) or not 0 <= delay <= 365 * 86400):
+            raise BadRequest(400, '"delay" must be seconds from 0 to one '
+                                  'year')
+        if task_id is not None and (not isinstance(task_id, str) or not
+                                    re.fullmatch(TASK_ID, task_id)):
+            raise BadRequest(400, '"id" must be 1-200 characters of '
+                                  'A-Z a-z 0-9 _ . : @ + -')
+        try:
+            new_id, full = tasknames.submit(self.app, name, args, kwargs,
+                                            delay=delay, task_id=task_id)
+        except tasknames.UnknownTask as exc:
+            raise BadRequest(404, str(exc), candidates=exc.candidates)
+        except tasknames.AmbiguousTask as exc:
+            raise BadRequest(400, str(exc), candidates=exc.candidates)
+        state = 'scheduled' if delay else 'pending'
+        return Response.json(202, {'task_id': new_id, 'task': full,
+                                   'state': state,
+                                   'href': '/tasks/%s' % new_id},
+                             [('Location', '/tasks/%s' % new_id)])
+
+    def revoke(self, request, id):
+        self._query(request, ())
+        if request.body.strip():
+            _json_body(request)   # tolerated, but it must be JSON
+        storage, record = overview.find_task(self.app, id)
+        if record is None:
+            return Response.error(404, 'unknown task id %r' % id)
+        state = record['state']
+        if state not in REVOCABLE:
+            return Response.error(
+                409, 'task %s is %s; only pending, scheduled or retrying '
+                     'tasks can be revoked' % (id, state), state=state)
+        revoke_task(self.app, storage, id)
+        return Response.json(200, {'task_id': id, 'revoked': True,
+                                   'state': state,
+                                   'detail': 'the worker that takes it will '
+                                             'skip it (state becomes '
+                                             'revoked)'})
+
+
+def revoke_task(app, storage, task_id):
+    """Revoke once (Huey deletes the mark when a worker skips the task); the
+    mark expires with the results, so a lost task cannot leave it behind."""
+    j = journal.install(app)
+    j.stage_revoke_requested(storage, task_id)
+    app.revoke_by_id(task_id, revoke_once=True)
+    storage.conn.expire(storage.result_key('r:%s' % task_id),
+                        int(app.config.huey.result_timeout))
+
+
+def _json_body(request):
+    if not request.body:
+        raise BadRequest(400, 'expected a JSON body')
+    try:
+        return json.loads(request.body.decode('utf-8'))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise BadRequest(400, 'body is not valid JSON: %s' % exc)
+
+
+def seed_shape(record):
+    """{"success", "task_id", "status", "result", "metadata", "log"}."""
+    prog = record.get('progress') or {}
+    error = record.get('error') or {}
+    message = prog.get('message') or error.get('message')
+    metadata = record.get('metadata') or {}
+    log_entry = dict(metadata)
+    log_entry.update({
+        'id': record['id'], 'log_type': record.get('name'),
+        'status': record['state'], 'message': message,
+        'current': prog.get('current'), 'total': prog.get('total'),
+        'percent': prog.get('percent'),
+        'started': record.get('started'), 'finished': record.get('finished'),
+        'updated': record.get('updated') or time.time(),
+        'error': error or None, 'history': record.get('history', [])})
+    return {'success': True, 'task_id': record['id'],
+            'status': record['state'], 'result': record.get('result'),
+            'metadata': metadata, 'log': log_entry}

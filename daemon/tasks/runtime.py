@@ -1,0 +1,112 @@
+"""What the built-in tasks share: defaults from [tasks], errors that must
+not be retried, progress reporting and the cooperative timeout.
+
+Each built-in task is a thin Huey wrapper around a plain function taking a
+`TaskRun`, so tests and the benchmark can run the same code with a config
+of their own and without a queue.
+"""
+import inspect
+import logging
+
+from huey.api import Task
+
+log = logging.getLogger('huey_worker.tasks')
+
+
+class InputRejected(Exception):
+    """The input itself is wrong (not a PDF, encrypted, outside the root,
+    too big, 404...): running the task again cannot help, so it is not
+    retried."""
+
+    def __repr__(self):
+        # The stored error result is repr(exception): keep it readable.
+        return '%s: %s' % (type(self).__name__, self)
+
+
+def current_config(app=None):
+    """The Config the shared app was configured with (loading the file and
+    the environment on first use, as the app itself does)."""
+    if app is None:
+        from ..app import huey as app
+    if app.config is None:
+        app.storage  # noqa: B018  configures the app from file and env
+    return app.config
+
+
+_TASK_INIT = inspect.signature(Task.__init__)
+
+
+class BuiltinTask(Task):
+    """Retries, retry delay and backoff default to [tasks] retries,
+    retry_delay and retry_backoff, read when the task is enqueued (the
+    message carries them, so the producer's config decides, as it does for
+    a hand-written `@huey.task(retries=3, retry_delay=60)`)."""
+
+    def __init__(self, *args, **kwargs):
+        bound = _TASK_INIT.bind(self, *args, **kwargs)
+        values = bound.arguments
+        if values.get('retries') is None or \
+                values.get('retry_delay') is None or \
+                values.get('retry_backoff') is None:
+            tasks = current_config().tasks
+            for name in ('retries', 'retry_delay', 'retry_backoff'):
+                if values.get(name) is None:
+                    values[name] = getattr(tasks, name)
+        super().__init__(*bound.args[1:], **bound.kwargs)
+
+
+def _journal_progress():
+    try:
+        from ..journal import report_progress
+    except ImportError:  # the journal module is optional for the tasks
+        return None
+    return report_progress
+
+
+class TaskRun:
+    """One run of a built-in task: its config, its Huey task (None when
+    called directly) and where progress goes."""
+
+    def __init__(self, cfg, task=None, progress=None):
+        self.cfg = cfg
+        self.task = task
+        self._progress = progress if progress is not None \
+            else _journal_progress()
+
+    @classmethod
+    def for_task(cls, task):
+        return cls(current_config(), task)
+
+    @property
+    def task_id(self):
+        return getattr(self.task, 'id', None)
+
+    def progress(self, current, total=None, message=None, **metadata):
+        if self._progress is None:
+            return
+        try:
+            self._progress(current, total, message, **metadata)
+        except Exception:
+            # Progress is informative; never let it fail the work.
+            log.exception('progress report failed')
+
+    def check_timeout(self):
+        """Raise TaskTimeout once the task's time limit has passed (the
+        cooperative check; process workers also get a hard SIGALRM)."""
+        if self.task is not None:
+            self.task.check_timeout()
+
+    @property
+    def time_remaining(self):
+        if self.task is None:
+            return float('inf')
+        return self.task.time_remaining
+
+    def run(self, fn, *args, **kwargs):
+        """Call fn(self, ...); an InputRejected ends the task for good."""
+        try:
+            return fn(self, *args, **kwargs)
+        except InputRejected:
+            if self.task is not None:
+                self.task.retries = 0  # Huey stores the error, no retry
+            raise
