@@ -6,6 +6,7 @@ import base64
 import json
 import logging
 import time
+import uuid
 
 from . import hooks
 
@@ -26,9 +27,10 @@ return moved
 
 # KEYS: consumer heartbeat key, consumer's list index, queue, consumers zset.
 # ARGV: identity.  Only acts when the heartbeat key is gone (the consumer
-# is dead); returns the messages moved back.
+# is dead) and nobody recovered it yet; returns the messages moved back.
 RECOVER_CONSUMER = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return false end
+if not redis.call('ZSCORE', KEYS[4], ARGV[1]) then return false end
 local moved = {}
 for _, list in ipairs(redis.call('SMEMBERS', KEYS[2])) do
   while true do
@@ -83,7 +85,7 @@ class Delivery:
                 self.keys.consumer_lists(identity), self.storage.queue_key,
                 self.keys.consumers], args=[identity])
             if moved is None:
-                continue  # it was alive after all (heartbeat key present)
+                continue  # alive after all, or another consumer was first
             recovered[identity] = len(moved)
             if moved:
                 log.warning('consumer %s silent for more than %gs: %d task(s)'
@@ -96,6 +98,7 @@ class Delivery:
 def dead_letter_record(raw, reason, detail, task=None, where=None,
                        task_name=None):
     record = {
+        'id': uuid.uuid4().hex[:12],
         'reason': reason,
         'detail': detail,
         'at': time.time(),

@@ -23,7 +23,7 @@ import redis
 from huey import signals as S
 from huey.exceptions import HueyException, TaskTimeout
 
-from . import delivery, hooks, logs
+from . import context, delivery, hooks, logs
 from .app import hostname
 
 log = logging.getLogger('huey_worker.worker')
@@ -127,6 +127,7 @@ class Worker:
         self._interrupted = False
         self._reopen_logs = False
         self.recycled = False
+        self._orphan_check = False
 
     # -- lifecycle (initialize / loop / shutdown, as in Huey) --------------
 
@@ -136,6 +137,7 @@ class Worker:
         self.storage = self.app.storage
         self.keys = self.storage.keys
         self.inflight_key = self.keys.inflight(self.identity, self.index)
+        self.delivery = delivery.Delivery(self.storage)
         self.worker_info = {'host': hostname(), 'pid': os.getpid(),
                             'consumer': self.identity, 'worker': self.index}
         install_outcome_receiver(self.app)
@@ -172,10 +174,15 @@ class Worker:
         if self._reopen_logs:
             self._reopen_logs = False
             logs.reopen()
+        if self._orphan_check and not self._requeue_orphan():
+            return
         try:
             raw = self.storage.dequeue_into(self.inflight_key,
                                             self.cfg.consumer.read_timeout)
         except REDIS_ERRORS as exc:
+            # The move may have happened with its reply lost: look in our
+            # in-flight list once Redis answers again.
+            self._orphan_check = True
             self._redis_failed(exc)
             return
         except redis.exceptions.ResponseError as exc:
@@ -188,6 +195,20 @@ class Worker:
             max_tasks = self.cfg.consumer.max_tasks
             if max_tasks and self.task_count >= max_tasks:
                 raise WorkerRecycle()
+
+    def _requeue_orphan(self):
+        """Put back a message moved into our in-flight list by a queue read
+        whose reply was lost; safe because this idle worker owns the list."""
+        try:
+            moved = self.delivery.requeue_list(self.inflight_key, 'lost')
+        except REDIS_ERRORS as exc:
+            self._redis_failed(exc)
+            return False
+        self._orphan_check = False
+        if moved:
+            log.warning('%s: %d message(s) taken during a Redis failure put '
+                        'back in the queue', self.name, moved)
+        return True
 
     # -- one message -------------------------------------------------------
 
@@ -222,7 +243,11 @@ class Worker:
         storage.prime(dict(zip(revoke_keys, revoke_values)))
 
         self._start(task)
-        state, duration = self._run(task)
+        context.set_current(task, deliveries, self.worker_info)
+        try:
+            state, duration = self._run(task)
+        finally:
+            context.clear_current()
         self._finish(raw, task, state, duration)
 
     def _start(self, task):
@@ -316,6 +341,15 @@ class Worker:
                   reason, detail)
         record = delivery.dead_letter_record(raw, reason, detail,
                                              where=self.worker_info)
+        if reason == 'unknown-task':
+            # The message itself is fine: keep its id and name so operators
+            # can find it and requeue it once the task is deployed.
+            try:
+                message = self.app.serializer.deserialize(raw)
+                record['task_id'], record['task_name'] = message.id, \
+                    message.name
+            except Exception:
+                pass
         delivery.stage_dead_letter(self.storage, raw, record,
                                    self.inflight_key)
         try:
