@@ -321,7 +321,7 @@ def _apply_environment(config, environ):
             if raw is None or raw.strip() == '':
                 continue
             config.values[s.name] = _parse(
-                s, raw, origin='environment %s' % env_name)
+                s, raw, origin='env %s' % env_name)
             config.sources[s.name] = Source('env', env_name)
             break
     for env_name in environ:

@@ -66,9 +66,12 @@ class EmbeddedRedis:
         # An append-only file lets a restart keep the queue, as production
         # Redis should (the chaos test restarts Redis mid-run).
         args += ['--appendonly', 'yes' if self.persist else 'no']
+        # Its own session: a Ctrl-C meant for `huey-worker run` must not
+        # stop Redis before the daemons have put their tasks back.
         self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL,
                                         stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.DEVNULL)
+                                        stderr=subprocess.DEVNULL,
+                                        start_new_session=True)
         deadline = time.monotonic() + timeout
         client = self.client(socket_connect_timeout=0.2)
         while True:

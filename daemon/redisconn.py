@@ -59,6 +59,8 @@ def connection_pool(cfg):
     if r.url:
         if r.url.startswith('rediss://'):
             kwargs.update(_tls_kwargs(cfg))
+        if r.url.startswith('unix://'):
+            del kwargs['socket_keepalive']  # TCP only
         try:
             return redis.ConnectionPool.from_url(r.url, **kwargs)
         except ValueError as exc:

@@ -175,7 +175,7 @@ def test_bad_values_name_file_line_section_key_value(tmp_path, text,
 
 def test_bad_environment_value_names_the_variable():
     message = error_of(env={'HUEY_WORKER_COUNT': 'lots'})
-    assert message == "[consumer] workers = 'lots' (environment " \
+    assert message == "[consumer] workers = 'lots' (env " \
                       "HUEY_WORKER_COUNT): expected 'auto' or a whole " \
                       "number >= 1"
 

@@ -355,17 +355,35 @@ def test_immediate_mode_and_bad_module_are_config_errors(base_env,
     assert "cannot import task module 'no_such_module'" in daemon.output()
 
 
-def test_greenlet_without_gevent_is_a_config_error(base_env, start_daemon):
-    try:
-        import gevent  # noqa: F401
-        pytest.skip('gevent is installed here; the error path needs it absent')
-    except ImportError:
-        pass
-    daemon = start_daemon(['consumer'], dict(base_env,
-                                             HUEY_WORKER_TYPE='gevent'))
+def test_greenlet_without_gevent_is_a_config_error(base_env, start_daemon,
+                                                   tmp_path):
+    # A gevent that cannot be imported, first on the path: as on a machine
+    # where gevent is not installed.
+    shadow = tmp_path / 'no_gevent'
+    shadow.mkdir()
+    (shadow / 'gevent.py').write_text(
+        "raise ImportError('No module named gevent')\n")
+    env = dict(base_env, HUEY_WORKER_TYPE='gevent',
+               PYTHONPATH=str(shadow) + os.pathsep + base_env['PYTHONPATH'])
+    daemon = start_daemon(['consumer'], env)
     assert daemon.wait() == 78
-    assert "[consumer] worker_type = 'greenlet'" in daemon.output()
-    assert 'gevent is not installed' in daemon.output()
+    assert "[consumer] worker_type = 'greenlet' (env " \
+           "HUEY_WORKER_TYPE): gevent is not installed" in daemon.output()
+
+
+def test_greenlet_workers_run_tasks_when_gevent_is_installed(
+        producer, base_env, start_daemon):
+    import gevent  # noqa: F401  (in the dev extra, installed by make)
+    import sample_tasks
+    daemon = start_daemon(['consumer', '--workers', '8'],
+                          dict(base_env, HUEY_WORKER_TYPE='gevent'))
+    daemon.wait_for_output('consumer ready')
+    assert '8 greenlet workers (set explicitly)' in daemon.output()
+    results = [sample_tasks.sleep_then_return(0.5, i) for i in range(8)]
+    assert [r.get(blocking=True, timeout=30) for r in results] == \
+        list(range(8))
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait() == 0
 
 
 def test_bad_signature_and_unknown_task_go_to_dead_letters(

@@ -32,9 +32,16 @@ DAEMONS = (
 def command(config_path, redis_url, state_dir):
     """Run the whole suite in the foreground against a private Redis."""
     state_dir = state_dir or tempfile.mkdtemp(prefix='huey-worker-run-')
+    os.makedirs(state_dir, exist_ok=True)
     env = dict(os.environ)
-    env['HUEY_WORKER_CONFIG'] = config_path or os.path.join(
-        state_dir, 'huey-worker.ini')  # absent file: defaults apply
+    if not config_path:
+        config_path = os.path.join(state_dir, 'huey-worker.ini')
+        if not os.path.exists(config_path):
+            with open(config_path, 'w') as fh:
+                fh.write('# huey-worker run: built-in defaults and the '
+                         'environment apply;\n# add settings here (see '
+                         'etc/huey-worker.ini).\n')
+    env['HUEY_WORKER_CONFIG'] = config_path
     server = None
     if not redis_url:
         try:
@@ -45,8 +52,8 @@ def command(config_path, redis_url, state_dir):
         os.makedirs(server.directory, exist_ok=True)
         server.start()
         redis_url = server.url
-        click.echo('private Redis at %s (dir %s)' % (redis_url,
-                                                     server.directory))
+        click.echo('private Redis at %s (pid %d, dir %s)' % (
+            redis_url, server.process.pid, server.directory))
     env['HUEY_REDIS_URL'] = redis_url
     env.setdefault('HUEY_WORKER_PDF_INPUT_ROOT', os.path.join(state_dir, 'input'))
     env.setdefault('HUEY_WORKER_PDF_OUTPUT_ROOT',
