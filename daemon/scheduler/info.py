@@ -7,9 +7,9 @@ last_evaluated (the newest minute looked at: a new leader resumes after
 it), last_slot / last_slot_at / last_slot_task (the newest periodic slot
 enqueued), slots_enqueued and delayed_moved (running totals across
 leaders), periodic ({entry: {task, schedule, last_slot}}), version,
-updated_at, and stopped_at when that leader stopped cleanly.  Minutes are ISO 'YYYY-MM-DDTHH:MMZ' (UTC), times unix
-seconds.  The lease key itself is the truth about who leads now:
-`read_status` gives both.
+updated_at, and stopped_at when that leader stopped cleanly.  Minutes
+are ISO 'YYYY-MM-DDTHH:MMZ' (UTC), times unix seconds.  The lease key
+itself is the truth about who leads now: `read_status` gives both.
 """
 import json
 
@@ -55,14 +55,6 @@ class InfoWriter:
             keys=[self.keys.scheduler_lease, self.keys.scheduler_info],
             args=[token, json.dumps(info, sort_keys=True), INFO_TTL_MS])
         return reply != NOT_LEADER
-
-
-def leader_fields(token):
-    """host and pid from a token ('host:pid:random')."""
-    host, _, rest = (token or '').rpartition(':')
-    host, _, pid = host.rpartition(':')
-    return {'host': host or None,
-            'pid': int(pid) if pid.isdigit() else None}
 
 
 def read_status(conn, keys):

@@ -32,6 +32,7 @@ HANDOVER_GRACE = 10.0
 # minute to wait for.
 MAX_WAIT_AHEAD = 300
 BATCH = 100
+PASS_LIMIT = 1000   # slots enqueued per main-loop pass (a long catch-up)
 
 # KEYS: lease, queue, dedupe key 1..n.  ARGV: token, dedupe ttl (ms), then
 # for each slot its dedupe value and its message.  Returns the positions
@@ -159,6 +160,8 @@ def config_entries(cfg, app):
         except ValueError as exc:
             which = 'kwargs' if kwargs and not args else 'args'
             path, line = _place(cfg, name, which)
+            if path is None:   # not written (the default): show the section
+                path, line = _place(cfg, name, 'task')
             raise ConfigError(str(exc), section, which,
                               json.dumps(values[which]), path=path,
                               line=line)
@@ -196,12 +199,15 @@ class Plan:
     skipped_to: int = None
 
 
-def plan(entries, resume, now, window, on_error=None):
+def plan(entries, resume, now, window, on_error=None, limit=None):
     """The slots to enqueue at wall time `now`.
 
     `resume` is the first minute not yet evaluated (None: nothing is known,
     start with the current minute).  The current minute is always looked
     at; earlier ones only when they lie within `window` seconds of now.
+    With `limit`, a long catch-up stops after the first whole minute that
+    reaches it (`evaluated` says where; the next call goes on from there),
+    so one pass never holds up the lease renewal for long.
     Returns None when `resume` lies ahead of `now` (a leader whose clock
     ran ahead evaluated it already): nothing to do yet.
     """
@@ -223,6 +229,9 @@ def plan(entries, resume, now, window, on_error=None):
             except Exception:
                 if on_error is not None:
                     on_error(entry, minute)
+        if limit is not None and len(result.due) >= limit:
+            result.evaluated = minute
+            break
     return result
 
 

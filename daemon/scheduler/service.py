@@ -173,7 +173,8 @@ class Scheduler:
             log.warning('could not release the lease (%s); a standby takes '
                         'over when it runs out', exc)
         if leading and released:
-            log.info('lease released: a standby takes over now')
+            log.info('lease released: a standby, if any, takes over at '
+                     'its next attempt')
         log.info('scheduler %s stopped%s', self.token,
                  ' on %s' % signal_name(signum) if signum else '')
 
@@ -223,9 +224,15 @@ class Scheduler:
                 log.info('standby: the leader is %s', self.lease.holder)
 
     def _became_leader(self):
+        try:
+            previous = self.info_writer.read()
+        except REDIS_ERRORS:
+            # Not leading until we know where to resume; the lease is still
+            # ours in Redis, so the next attempt renews it and comes back.
+            self.lease.drop(self.token)
+            raise
         self.since = self.clock()
         self.seen_holder = self.token
-        previous = self.info_writer.read()
         self.info = {k: previous[k] for k in (
             'last_evaluated', 'last_slot', 'last_slot_at', 'last_slot_task',
             'slots_enqueued', 'delayed_moved', 'periodic') if k in previous}
@@ -338,7 +345,8 @@ class Scheduler:
                         self.resume - current)
             self.resume = current
         plan = periodic.plan(self.entries, self.resume, now, self.window,
-                             on_error=self._match_failed)
+                             on_error=self._match_failed,
+                             limit=periodic.PASS_LIMIT)
         if plan is None:
             return  # a leader whose clock ran ahead did this minute already
         if plan.skipped_from is not None:
@@ -353,19 +361,25 @@ class Scheduler:
                                                        now)
         elif plan.due:
             return
+        # One line per slot, unless a catch-up enqueues many at once.
+        each = log.info if len(done) <= 20 else log.debug
         for entry, minute, task in done:
             slot = periodic.slot_name(minute)
             late = now - minute
-            log.info('enqueued periodic %s for slot %s: %s %s%s', entry.key,
-                     slot, task.name, task.id,
-                     ' (%ds late: catch-up)' % late if late >= 60 else '')
+            each('enqueued periodic %s for slot %s: %s %s%s', entry.key,
+                 slot, entry.task_name, task.id,
+                 ' (%ds late: catch-up)' % late if late >= 60 else '')
             self.app._emit(huey_signals.SIGNAL_ENQUEUED, task)
-            self.info['periodic'].setdefault(entry.key, {})['last_slot'] = \
-                slot
+            self.info.setdefault('periodic', {}).setdefault(
+                entry.key, {})['last_slot'] = slot
             if minute >= (periodic.parse_slot_name(
                     self.info.get('last_slot')) or 0):
                 self.info.update(last_slot=slot, last_slot_at=now,
                                  last_slot_task=entry.task_name)
+        if len(done) > 20:
+            log.info('catch-up: enqueued %d periodic slot(s) from %s to %s',
+                     len(done), periodic.slot_name(done[0][1]),
+                     periodic.slot_name(done[-1][1]))
         self.info['slots_enqueued'] = self.info.get('slots_enqueued',
                                                     0) + len(done)
         if not still_leader:
