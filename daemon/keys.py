@@ -16,7 +16,7 @@ class Keys:
         # scheduler daemon, read by the status endpoint and CLI.
         self.scheduler_lease = p + 'scheduler:lease'  # owner token, PX lease
         self.scheduler_info = p + 'scheduler:info'    # JSON: leader, last slot
-        # Task journal (daemon/journal.py): indexes and metrics counters.
+        # Task journal (daemon/journal/): indexes and metrics counters.
         self.journal_recent = p + 'journal:recent'    # zset: id -> last change
         self.journal_results = p + 'journal:results'  # zset: id -> finished
         self.metrics_outcomes = p + 'metrics:outcomes'    # hash: name\tstate

@@ -7,7 +7,6 @@ Every read is bounded: LLEN/ZCARD/ZCOUNT, and at most MAX_CONSUMERS
 heartbeat records per queue.
 """
 import json
-import time
 
 import redis
 
@@ -56,11 +55,9 @@ def find_task(app, task_id):
 
 # --- consumers -----------------------------------------------------------------
 
-def consumers(app, storage, now=None):
+def consumers(app, storage):
     """The consumers that heartbeat on `storage`'s queue, newest beat first,
     each marked alive or not."""
-    now = time.time() if now is None else now
-    cfg = app.config
     keys = storage.keys
     beats = storage.conn.zrevrange(keys.consumers, 0, MAX_CONSUMERS - 1,
                                    withscores=True)
@@ -76,7 +73,9 @@ def consumers(app, storage, now=None):
                 info = json.loads(raw)
             except ValueError:
                 info = {}
-        alive = bool(info) and now - score <= cfg.delivery.recovery_timeout
+        # The record expires recovery_timeout after the last beat: its
+        # presence is the liveness test, free of clock skew between hosts.
+        alive = bool(info)
         workers = []
         for w in info.get('worker_list', ()):
             current = None

@@ -18,6 +18,8 @@ import contextvars
 import json
 import logging
 import numbers
+import os
+import threading
 import time
 
 import redis
@@ -32,13 +34,31 @@ METADATA_MAX_BYTES = 16 << 10
 
 _current = contextvars.ContextVar('huey_worker_task', default=None)
 
+# Reports held back by the interval, written by one flusher thread per
+# process so a task that reports and then works a long while still shows
+# its latest progress.
+_held = set()
+_held_lock = threading.Lock()
+_flusher_pid = None
+
+
+def _forget_after_fork():
+    # A forked worker starts with no flusher and must not inherit a lock
+    # the parent's flusher may have held at the fork.
+    global _held, _held_lock
+    _held, _held_lock = set(), threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)
+
 
 class TaskContext:
     """The task this thread (process, greenlet) is running."""
 
-    def __init__(self, storage, task_id, name, interval):
+    def __init__(self, storage, task_id, name, interval, record=True):
         self.storage, self.task_id, self.name = storage, task_id, name
         self.interval = interval
+        self.record = record       # False: the journal is switched off
         self.last_write = None     # monotonic time of the last progress write
         self.dirty = False         # progress newer than what Redis has
         self.current = self.total = self.message = None
@@ -65,6 +85,8 @@ def leave(task_id=None):
     ctx = _current.get()
     if ctx is not None and (task_id is None or ctx.task_id == task_id):
         _current.set(None)
+        with _held_lock:
+            _held.discard(ctx)
     return ctx
 
 
@@ -103,12 +125,44 @@ def report_progress(current, total=None, message=None, **metadata):
     if metadata:
         ctx.metadata.update(metadata)
     ctx.dirty = True
+    if not ctx.record:
+        return True
     now = time.monotonic()
     finished = total is not None and current >= total
     if ctx.last_write is None or finished or \
             now - ctx.last_write >= ctx.interval:
         _write(ctx, now)
+    else:
+        _hold(ctx)
     return True
+
+
+def _hold(ctx):
+    global _flusher_pid
+    with _held_lock:
+        _held.add(ctx)
+        if _flusher_pid != os.getpid():   # none yet, or we were forked
+            _flusher_pid = os.getpid()
+            threading.Thread(target=_flush_held, name='progress-flusher',
+                             daemon=True).start()
+
+
+def _flush_held():
+    while True:
+        with _held_lock:
+            waiting = list(_held)
+        now = time.monotonic()
+        pause = 0.5
+        for ctx in waiting:
+            due = (ctx.last_write or 0) + ctx.interval
+            if ctx.dirty and now >= due:
+                _write(ctx, now)
+            if not ctx.dirty:
+                with _held_lock:
+                    _held.discard(ctx)
+            else:
+                pause = min(pause, max(0.01, due - now))
+        time.sleep(pause)
 
 
 def _write(ctx, now):

@@ -15,6 +15,7 @@ import threading
 
 from huey.storage import RedisExpireStorage
 
+from . import transaction
 from .keys import Keys
 
 
@@ -64,7 +65,7 @@ class SuiteStorage(RedisExpireStorage):
         pipe = self.conn.pipeline(transaction=True)
         for command in pending + [c for c in extra if c is not None]:
             command(pipe)
-        results = pipe.execute()
+        results = transaction.execute(pipe)
         pending.clear()
         return results
 

@@ -37,6 +37,7 @@ _SIGNAL_STATE = {
     S.SIGNAL_RETRYING: 'retrying', S.SIGNAL_REVOKED: 'revoked',
     S.SIGNAL_EXPIRED: 'expired', S.SIGNAL_CANCELED: 'canceled',
     S.SIGNAL_INTERRUPTED: 'interrupted', S.SIGNAL_LOCKED: 'failed',
+    S.SIGNAL_TIMEOUT: 'failed',  # RETRYING follows it when retries remain
     S.SIGNAL_SCHEDULED: 'scheduled',
 }
 _outcome = threading.local()
@@ -128,6 +129,13 @@ class Worker:
         self._reopen_logs = False
         self.recycled = False
         self._orphan_check = False
+        # Read once: the hot path runs per task, and the configuration of a
+        # running worker never changes (a reload starts new workers).
+        self.read_timeout = cfg.consumer.read_timeout
+        self.max_tasks = cfg.consumer.max_tasks
+        self.default_timeout = cfg.tasks.timeout
+        self.max_deliveries = cfg.delivery.max_deliveries
+        self.task_events = cfg.logging.task_events
 
     # -- lifecycle (initialize / loop / shutdown, as in Huey) --------------
 
@@ -178,7 +186,7 @@ class Worker:
             return
         try:
             raw = self.storage.dequeue_into(self.inflight_key,
-                                            self.cfg.consumer.read_timeout)
+                                            self.read_timeout)
         except REDIS_ERRORS as exc:
             # The move may have happened with its reply lost: look in our
             # in-flight list once Redis answers again.
@@ -192,8 +200,7 @@ class Worker:
         self._redis_ok()
         if raw is not None:
             self.handle(raw)
-            max_tasks = self.cfg.consumer.max_tasks
-            if max_tasks and self.task_count >= max_tasks:
+            if self.max_tasks and self.task_count >= self.max_tasks:
                 raise WorkerRecycle()
 
     def _requeue_orphan(self):
@@ -223,8 +230,8 @@ class Worker:
         except Exception as exc:
             self._dead_letter(raw, exc)
             return
-        if task.timeout is None and self.cfg.tasks.timeout:
-            task.timeout = self.cfg.tasks.timeout
+        if task.timeout is None and self.default_timeout:
+            task.timeout = self.default_timeout
         self.task_count += 1
 
         hooks.call(hooks.on_dequeued, storage, task, self.worker_info)
@@ -237,7 +244,7 @@ class Worker:
         except _Stopped:
             return
         deliveries, revoke_values = results[-2], results[-1]
-        if deliveries > self.cfg.delivery.max_deliveries:
+        if deliveries > self.max_deliveries:
             self._poison(raw, task, deliveries)
             return
         storage.prime(dict(zip(revoke_keys, revoke_values)))
@@ -252,13 +259,14 @@ class Worker:
 
     def _start(self, task):
         slot = self.slot
+        name = self._name = self.task_name(task)
         slot.task_id = task.id.encode()[:39]
-        slot.task_name = self.task_name(task).encode()[:159]
+        slot.task_name = name.encode()[:159]
         slot.task_started = time.monotonic()
         slot.task_timeout = float(task.timeout or 0)
         slot.busy = 1
-        if self.cfg.logging.task_events:
-            task_log.info('start %s %s', self.task_name(task), task.id)
+        if self.task_events:
+            task_log.info('start %s %s', name, task.id)
 
     def _run(self, task):
         storage = self.storage
@@ -324,9 +332,9 @@ class Worker:
         elif state in ('complete', 'retrying', 'revoked', 'expired',
                        'canceled', 'scheduled'):
             slot.done += 1
-        if self.cfg.logging.task_events:
-            task_log.info('end %s %s %s %.3fs', self.task_name(task), task.id,
-                          state, duration)
+        if self.task_events:
+            task_log.info('end %s %s %s %.3fs', self._name, task.id, state,
+                          duration)
 
     def _dead_letter(self, raw, exc):
         if isinstance(exc, HueyException) and 'not found' in str(exc):

@@ -37,3 +37,63 @@ def fail_once(path):
 @huey.task()
 def boom():
     raise ValueError('boom')
+
+
+# --- journal, status endpoint and operator CLI tests -------------------------
+
+from daemon.journal import (current_delivery, current_task_id,  # noqa: E402
+                            report_progress, sensitive)
+
+
+@huey.task()
+def progress_steps(steps, gate=None, pause=0.0):
+    """Report progress for each step; with `gate`, stop after the first
+    half until that file exists (so a test can watch it mid-run)."""
+    for step in range(1, steps + 1):
+        report_progress(step, steps, 'step %d of %d' % (step, steps),
+                        last_step=step, unit='items')
+        if gate and step == steps // 2:
+            while not os.path.exists(gate):
+                time.sleep(0.02)
+        if pause:
+            time.sleep(pause)
+    return {'steps': steps}
+
+
+@huey.task()
+def hold_until(gate, marker=None):
+    """Write our pid to `marker`, then run until `gate` exists."""
+    if marker:
+        with open(marker, 'w') as fh:
+            fh.write('%d %s %s' % (os.getpid(), current_task_id(),
+                                   current_delivery()))
+    while not os.path.exists(gate):
+        time.sleep(0.02)
+    return 'released'
+
+
+@huey.task(retries=2, retry_delay=3600)
+def fail_retry_later():
+    raise RuntimeError('try again in an hour')
+
+
+@huey.task(timeout=1)
+def overrun(seconds):
+    time.sleep(seconds)
+    return 'finished'
+
+
+@sensitive
+@huey.task()
+def login(user, password):
+    return 'ok'
+
+
+@huey.task(sensitive_args=('token',))
+def call_api(url, token=None):
+    return url
+
+
+@huey.task()
+def big_result(size):
+    return 'x' * size

@@ -9,6 +9,7 @@ from .. import __version__
 COMMAND_MODULES = (
     'daemon.cli.config_cmd',
     'daemon.cli.consumer_cmd',
+    'daemon.cli.deadletters_cmd',
     'daemon.cli.run_cmd',
     'daemon.cli.scheduler_cmd',
     'daemon.cli.status_server_cmd',

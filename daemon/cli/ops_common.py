@@ -102,5 +102,7 @@ def progress_text(record):
 
 
 def short(text, width=60):
-    text = '' if text is None else str(text)
+    if text is None:
+        return None
+    text = str(text)
     return text if len(text) <= width else text[:width - 3] + '...'

@@ -16,7 +16,6 @@ import logging
 import queue
 import selectors
 import socket
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import unquote
@@ -83,6 +82,7 @@ class _Conn:
         self.request = None
         self.body = bytearray()
         self.out = b''
+        self.received = 0
         self.started = time.monotonic()
 
 
@@ -204,9 +204,10 @@ class HttpServer:
         except OSError:
             self._close(conn)
             return
-        if not data and conn.request is None and not conn.body:
-            self._close(conn)   # opened and closed without a request
+        if not data and not conn.received:
+            self._close(conn)   # opened and closed without a word
             return
+        conn.received += len(data)
         try:
             conn.parser.receive_data(data)
             self._parse(conn)
@@ -222,6 +223,15 @@ class HttpServer:
                 return
             if isinstance(event, h11.Request):
                 conn.request = event
+                # h11 limits only a head still arriving; one that came
+                # whole in a single read is measured here.
+                size = len(event.target) + sum(
+                    len(k) + len(v) + 4 for k, v in event.headers)
+                if size > MAX_HEADER_BYTES:
+                    self._respond(conn, Response.error(
+                        431, 'request head of %d bytes; the limit is %d' % (
+                            size, MAX_HEADER_BYTES)))
+                    return
                 length = _content_length(event.headers)
                 if length is not None and length > self.max_body_bytes:
                     self._respond(conn, Response.error(

@@ -131,6 +131,8 @@ class StatusServer:
             log.error('configuration not reloaded, keeping the current one: '
                       '%s', exc)
             return
+        for warning in new.warnings:
+            log.warning('%s', warning)
         self.notifier.reloading()
         if (new.status.bind, new.status.port) != (self.cfg.status.bind,
                                                   self.cfg.status.port):

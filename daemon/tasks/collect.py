@@ -84,16 +84,15 @@ def _job_dir(cfg, name):
 def _check_url(url):
     if not isinstance(url, str):
         return 'not a URL: %r' % (url,)
-    parts = urlsplit(url.strip())
+    parts = urlsplit(url)
     if parts.scheme.lower() not in ('http', 'https') or not parts.hostname:
         return 'not an http:// or https:// URL'
     return None
 
 
 def _summary(manifest, extra=None):
-    errors = [{'item': key, 'error': entry.get('error')}
-              for key, entry in manifest.items.items()
-              if entry.get('status') == 'failed'][:ERRORS_IN_RESULT]
+    errors = [{'item': key, 'error': manifest.items[key].get('error')}
+              for key in manifest.failures[:ERRORS_IN_RESULT]]
     out = {'output': manifest.job_dir, 'manifest': manifest.path}
     out.update(manifest.counts)
     out['items_collected'] = manifest.items_collected
@@ -134,8 +133,7 @@ def url_file(url):
 
 def collect_urls(run, url_list, name=None):
     settings = HttpSettings.from_config(run.cfg)
-    wanted = list(dict.fromkeys(u.strip() if isinstance(u, str) else u
-                                for u in url_list))
+    wanted = list(dict.fromkeys(str(u).strip() for u in url_list))
     if not wanted:
         raise InputRejected('no URLs given')
     job_dir = _job_dir(run.cfg, name or 'urls')
@@ -153,7 +151,7 @@ def collect_urls(run, url_list, name=None):
     for url in wanted:
         problem = _check_url(url)
         if problem:
-            manifest.failed(str(url), problem, False, url=url)
+            manifest.failed(url, problem, False, url=url)
             done += 1
             continue
         relative = url_file(url)
@@ -206,7 +204,7 @@ def _record(manifest, future, url, relative):
         fetched = future.result()
     except FetchError as exc:
         manifest.failed(url, exc.problem, exc.transient, url=url,
-                        attempts=exc.attempts, status=exc.status)
+                        attempts=exc.attempts, http_status=exc.status)
         return 1 if exc.transient else 0
     except OSError as exc:
         manifest.failed(url, 'cannot write %s: %s' % (relative, exc), True,
@@ -269,7 +267,7 @@ def collect_pages(run, url, name=None, items_key='items', next_key='next',
     manifest = Manifest(job_dir, 'pages', start_url=url)
     settings = HttpSettings.from_config(run.cfg)
     page_url = with_page(url, page_param, start_page) if page_param else url
-    visited, page_no, seen_items = [], 0, 0
+    visited, page_no, seen_items = {}, 0, 0   # visited: url -> page number
     complete = False
     with Fetcher(settings, run) as fetcher:
         try:
@@ -278,11 +276,10 @@ def collect_pages(run, url, name=None, items_key='items', next_key='next',
                 if page_url in visited:
                     raise InputRejected(
                         'pagination loop: page %d links back to %s (page %d)'
-                        % (page_no, page_url, visited.index(page_url) + 1))
-                visited.append(page_url)
+                        % (page_no, page_url, visited[page_url]))
                 page_no += 1
-                data, fetched = _fetch_page(fetcher, page_url, page_no,
-                                            settings)
+                visited[page_url] = page_no
+                data, fetched = _fetch_page(fetcher, page_url, page_no)
                 items = _page_items(data, items_key, page_no, page_url)
                 for index, item in enumerate(items):
                     seen_items += 1
@@ -301,7 +298,7 @@ def collect_pages(run, url, name=None, items_key='items', next_key='next',
                         else None
                 else:
                     page_url = _next_link(data, fetched, next_key, page_url)
-            complete = page_url is None or bool(max_pages)
+            complete = True   # the last page, or max_pages, was reached
         finally:
             manifest.about['pages'] = page_no
             manifest.about['complete'] = complete
@@ -310,7 +307,7 @@ def collect_pages(run, url, name=None, items_key='items', next_key='next',
     return _finish(run, manifest, 0, {'pages': page_no})
 
 
-def _fetch_page(fetcher, page_url, page_no, settings):
+def _fetch_page(fetcher, page_url, page_no):
     try:
         fetched = fetcher.fetch_bytes(page_url)
     except FetchError as exc:

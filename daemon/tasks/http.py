@@ -93,13 +93,24 @@ class HostGate:
         self._lock = threading.Lock()
         self._next_start = 0.0
         self._interval = 1.0 / rate if rate else 0.0
+        self._holders = 0
+
+    def idle(self):
+        return self._holders == 0 and self._next_start < time.monotonic()
 
     @contextmanager
     def slot(self, wait):
         """Hold one of the host's slots, entered no sooner than the rate
         allows.  `wait(seconds)` sleeps and raises if the caller must stop."""
-        while not self._slots.acquire(timeout=0.1):
-            wait(0)
+        with self._lock:
+            self._holders += 1
+        try:
+            while not self._slots.acquire(timeout=0.1):
+                wait(0)
+        except BaseException:
+            with self._lock:
+                self._holders -= 1
+            raise
         try:
             with self._lock:
                 now = time.monotonic()
@@ -110,10 +121,13 @@ class HostGate:
             yield
         finally:
             self._slots.release()
+            with self._lock:
+                self._holders -= 1
 
 
 _gates = {}
 _gates_lock = threading.Lock()
+MAX_IDLE_GATES = 1024   # forget idle hosts beyond this many
 
 
 def host_key(url):
@@ -127,6 +141,9 @@ def gate_for(url, concurrency, rate):
     with _gates_lock:
         gate = _gates.get(key)
         if gate is None or gate.params != (concurrency, rate):
+            if len(_gates) >= MAX_IDLE_GATES:
+                for other in [k for k, g in _gates.items() if g.idle()]:
+                    del _gates[other]
             gate = _gates[key] = HostGate(concurrency, rate)
         return gate
 
@@ -261,13 +278,15 @@ class Fetcher:
                     raise
                 if exc.retry_after is not None:
                     if exc.retry_after > s.retry_max_delay:
-                        raise FetchError(
+                        too_long = FetchError(
                             url, '%s; the server asks to wait %gs '
                             '(Retry-After), more than [collect] '
                             'retry_max_delay (%gs)' % (
                                 exc.problem, exc.retry_after,
                                 s.retry_max_delay),
                             True, exc.status, exc.retry_after)
+                        too_long.attempts = attempt
+                        raise too_long
                     delay = exc.retry_after
                 else:
                     delay = min(s.retry_delay * 2 ** (attempt - 1),
@@ -366,6 +385,9 @@ class Fetcher:
             except TRANSIENT_REQUEST_ERRORS as exc:
                 raise FetchError(url, 'connection broken after %d bytes: %s'
                                  % (size, _reason(exc)), True, status)
+            except requests.exceptions.RequestException as exc:
+                raise FetchError(url, 'cannot read the body: %s' % exc,
+                                 False, status)
             if declared is not None and size != declared:
                 raise FetchError(url, 'body truncated: %d of %d bytes' % (
                     size, declared), True, status)

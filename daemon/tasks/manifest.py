@@ -25,6 +25,7 @@ class Manifest:
         self.about = about
         self.items = {}
         self.counts = {'saved': 0, 'skipped': 0, 'failed': 0}
+        self.failures = []    # keys of the items that failed in this run
         try:
             with open(self.path, encoding='utf-8') as fh:
                 previous = json.load(fh)
@@ -45,6 +46,7 @@ class Manifest:
 
     def failed(self, key, error, transient, **entry):
         self.counts['failed'] += 1
+        self.failures.append(key)
         self.items[key] = dict(entry, status='failed', error=error,
                                transient=transient, at=_now())
 

@@ -7,36 +7,44 @@ that can never work (outside the root, not a PDF, encrypted, damaged, too
 many pages or bytes) fails at once without retries; see docs/tasks.md.
 
 MuPDF must not be used from two threads at once, so extractions in one
-process take turns (process workers extract in parallel).
+process take turns (process workers extract in parallel).  pymupdf is
+imported by the first extraction, not with this module: producers and the
+CLI load the module only to enqueue, and the import takes most of a second
+and over 100 MB.
 """
 import datetime
 import hashlib
+import importlib
 import json
 import os
+import signal
 import tempfile
 import threading
+import time
 from contextlib import contextmanager
 from urllib.parse import unquote, urlsplit
 
-import pymupdf
-
 from ..app import huey
+from ..journal import sensitive
 from . import paths
 from .http import Fetcher, FetchError, HttpSettings
 from .runtime import BuiltinTask, InputRejected, TaskRun
 
 FORMAT = 'huey-worker/pdf.extract/1'
 MAGIC_WINDOW = 1024   # %PDF- and %%EOF are found within 1 KiB of the ends
+STALE_DOWNLOAD = 3600  # seconds without a write: its worker is gone
 
 _mupdf = threading.Lock()
+_pymupdf_module = None
 
 
 class PdfRejected(InputRejected):
     pass
 
 
+@sensitive(kwargs=('password',))   # never shown in the journal
 @huey.task(context=True, name='extract', task_base=BuiltinTask)
-def extract(source, output=None, blocks=None, images=None, password=None,
+def extract(source, output=None, *, blocks=None, images=None, password=None,
             task=None):
     """pdf.extract SOURCE: a path below [pdf] input_root or an http(s) URL.
     Returns a summary with the path of the JSON written."""
@@ -83,6 +91,7 @@ def _downloaded(run, url):
     cfg = run.cfg
     tmp_dir = os.path.join(cfg.pdf.output_root, '.downloads')
     os.makedirs(tmp_dir, exist_ok=True)
+    _sweep_stale(tmp_dir)
     fd, tmp = tempfile.mkstemp(suffix='.pdf', dir=tmp_dir)
     os.close(fd)
     try:
@@ -101,6 +110,18 @@ def _downloaded(run, url):
     finally:
         try:
             os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+
+
+def _sweep_stale(directory, idle=STALE_DOWNLOAD):
+    """Remove downloads left by a worker that died mid-way (a live one
+    writes to its file all the time)."""
+    cutoff = time.time() - idle
+    for entry in os.scandir(directory):
+        try:
+            if entry.is_file() and entry.stat().st_mtime < cutoff:
+                os.unlink(entry.path)
         except FileNotFoundError:
             pass
 
@@ -156,10 +177,12 @@ def _extract_file(run, path, source, out_path, blocks, images, password):
     shown = source.get('path') or source['url']
     size = _check_file(path, cfg.max_bytes, shown)
     sha256 = _sha256(path)
+    pymupdf = _pymupdf()
     with _mupdf_turn(run):
         try:
             doc = pymupdf.open(path, filetype='pdf')
-        except Exception as exc:  # MuPDF raises RuntimeError subclasses
+        # MuPDF's own errors only: a TaskTimeout must go through as it is.
+        except (RuntimeError, ValueError) as exc:
             raise PdfRejected('%s is damaged: MuPDF cannot open it (%s)' % (
                 shown, exc))
         try:
@@ -196,6 +219,33 @@ def _extract_file(run, path, source, out_path, blocks, images, password):
     return summary
 
 
+def _pymupdf():
+    global _pymupdf_module
+    if _pymupdf_module is None:
+        with _alarm_held():
+            _pymupdf_module = importlib.import_module('pymupdf')
+    return _pymupdf_module
+
+
+@contextmanager
+def _alarm_held():
+    """Hold back the SIGALRM time limit of a process worker while this
+    block runs, then let it strike: an import cut short by an exception
+    leaves a half-initialised extension module behind for every later task
+    of the process."""
+    if threading.current_thread() is not threading.main_thread():
+        yield   # thread workers have no alarm
+        return
+    fired = []
+    previous = signal.signal(signal.SIGALRM, lambda *_: fired.append(1))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGALRM, previous)
+    if fired and callable(previous):
+        previous(signal.SIGALRM, None)
+
+
 @contextmanager
 def _mupdf_turn(run):
     while not _mupdf.acquire(timeout=0.2):
@@ -218,6 +268,7 @@ def _unlock(doc, password, shown):
 
 
 def _extract_doc(run, doc, shown, blocks, images_dir, images_rel):
+    pymupdf = _pymupdf()
     total = doc.page_count
     meta = {k: v for k, v in (doc.metadata or {}).items() if v}
     pages = []

@@ -10,6 +10,8 @@ import logging
 
 from huey.api import Task
 
+from ..journal import report_progress
+
 log = logging.getLogger('huey_worker.tasks')
 
 
@@ -55,14 +57,6 @@ class BuiltinTask(Task):
         super().__init__(*bound.args[1:], **bound.kwargs)
 
 
-def _journal_progress():
-    try:
-        from ..journal import report_progress
-    except ImportError:  # the journal module is optional for the tasks
-        return None
-    return report_progress
-
-
 class TaskRun:
     """One run of a built-in task: its config, its Huey task (None when
     called directly) and where progress goes."""
@@ -71,7 +65,7 @@ class TaskRun:
         self.cfg = cfg
         self.task = task
         self._progress = progress if progress is not None \
-            else _journal_progress()
+            else report_progress
 
     @classmethod
     def for_task(cls, task):
@@ -82,8 +76,6 @@ class TaskRun:
         return getattr(self.task, 'id', None)
 
     def progress(self, current, total=None, message=None, **metadata):
-        if self._progress is None:
-            return
         try:
             self._progress(current, total, message, **metadata)
         except Exception:
@@ -95,12 +87,6 @@ class TaskRun:
         cooperative check; process workers also get a hard SIGALRM)."""
         if self.task is not None:
             self.task.check_timeout()
-
-    @property
-    def time_remaining(self):
-        if self.task is None:
-            return float('inf')
-        return self.task.time_remaining
 
     def run(self, fn, *args, **kwargs):
         """Call fn(self, ...); an InputRejected ends the task for good."""

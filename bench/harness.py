@@ -1,0 +1,314 @@
+"""What every benchmark shares: the consumers under test as real processes
+(this suite's, huey's own huey_consumer, the bare redis-py floor), a
+NOTIFY_SOCKET to hear READY=1, memory readings from /proc, waiting, and
+figures (median, min, max, percentiles)."""
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+BENCH = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(BENCH)
+PYTHON = sys.executable
+
+
+class Timeout(RuntimeError):
+    pass
+
+
+def wait_until(condition, timeout, what, interval=0.002):
+    """Poll `condition` until it returns something true; its value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise Timeout('no %s within %gs' % (what, timeout))
+        time.sleep(interval)
+
+
+# --- figures -------------------------------------------------------------------
+
+class Figure:
+    """Several runs of one measurement: median with min and max."""
+
+    def __init__(self, values=()):
+        self.values = list(values)
+
+    def add(self, value):
+        self.values.append(value)
+
+    def __bool__(self):
+        return bool(self.values)
+
+    @property
+    def median(self):
+        return statistics.median(self.values)
+
+    @property
+    def low(self):
+        return min(self.values)
+
+    @property
+    def high(self):
+        return max(self.values)
+
+
+def percentile(samples, fraction):
+    """Nearest-rank percentile of `samples` (fraction 0..1)."""
+    ordered = sorted(samples)
+    rank = max(1, int(round(fraction * len(ordered) + 0.5)))
+    return ordered[min(rank, len(ordered)) - 1]
+
+
+# --- sd_notify ----------------------------------------------------------------
+
+class NotifySocket:
+    """What systemd would receive on NOTIFY_SOCKET: the time READY=1 came."""
+
+    def __init__(self, directory):
+        self.path = os.path.join(directory, 'notify-%d.sock' % id(self))
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(self.path)
+
+    def wait_ready(self, timeout, alive):
+        """Monotonic time READY=1 arrived; `alive()` false means the
+        process died first."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.sock.settimeout(0.05)
+            try:
+                data = self.sock.recv(65536)
+            except socket.timeout:
+                if not alive():
+                    raise RuntimeError('process exited before READY=1')
+                continue
+            if b'READY=1' in data.split(b'\n'):
+                return time.monotonic()
+        raise Timeout('no READY=1 within %gs' % timeout)
+
+    def close(self):
+        self.sock.close()
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
+
+
+# --- memory --------------------------------------------------------------------
+
+def _children(pid):
+    out = []
+    try:
+        for tid in os.listdir('/proc/%d/task' % pid):
+            with open('/proc/%d/task/%s/children' % (pid, tid)) as fh:
+                out += [int(c) for c in fh.read().split()]
+    except OSError:
+        pass
+    return out
+
+
+def process_tree(pid):
+    tree, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        tree.append(current)
+        todo += _children(current)
+    return tree
+
+
+def _kib(path, field):
+    try:
+        with open(path) as fh:
+            for line in fh:
+                if line.startswith(field):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def rss_mib(pid):
+    """Resident set of one process (VmRSS), MiB."""
+    return _kib('/proc/%d/status' % pid, 'VmRSS:') / 1024.0
+
+
+def pss_mib(pid):
+    """Proportional set size of a process and all its descendants, MiB:
+    pages forked workers share with their parent count once in total."""
+    return sum(_kib('/proc/%d/smaps_rollup' % p, 'Pss:')
+               for p in process_tree(pid)) / 1024.0
+
+
+# --- processes under test -------------------------------------------------------
+
+class Contender:
+    """A consumer process: started in its own session, output in a file,
+    stopped (and its whole group killed) at the end."""
+    label = '?'
+
+    def __init__(self, workers, worker_type, redis_url, workdir):
+        self.workers, self.worker_type = workers, worker_type
+        self.redis_url, self.workdir = redis_url, workdir
+        self.proc = None
+        self.notify = None
+        self.started = None
+        self.log_path = None
+
+    def command(self):
+        raise NotImplementedError
+
+    def environment(self):
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith(('HUEY_', 'REDIS_', 'NOTIFY_SOCKET',
+                                    'WATCHDOG_', 'LISTEN_'))}
+        env['PYTHONPATH'] = os.pathsep.join([ROOT, BENCH])
+        env['BENCH_REDIS_URL'] = self.redis_url
+        return env
+
+    def start(self, notify=False):
+        env = self.environment()
+        if notify:
+            self.notify = NotifySocket(self.workdir)
+            env['NOTIFY_SOCKET'] = self.notify.path
+        fd, self.log_path = tempfile.mkstemp(
+            prefix='%s-' % self.label.replace(' ', '_'), suffix='.log',
+            dir=self.workdir)
+        self.started = time.monotonic()
+        self.proc = subprocess.Popen(
+            self.command(), env=env, cwd=BENCH, stdin=subprocess.DEVNULL,
+            stdout=fd, stderr=fd, start_new_session=True)
+        os.close(fd)
+        return self
+
+    @property
+    def pid(self):
+        return self.proc.pid
+
+    def alive(self):
+        return self.proc is not None and self.proc.poll() is None
+
+    def wait_ready(self, timeout=30):
+        """Seconds from spawn to READY=1 (only contenders that speak
+        sd_notify)."""
+        return self.notify.wait_ready(timeout, self.alive) - self.started
+
+    def output(self):
+        with open(self.log_path, 'rb') as fh:
+            return fh.read().decode('utf-8', 'replace')
+
+    def kill(self):
+        """SIGKILL the whole process group (workers too)."""
+        if self.alive():
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if self.proc is not None:
+            self.proc.wait(10)
+
+    def stop(self, timeout=15):
+        if self.alive():
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        self.kill()
+        if self.notify is not None:
+            self.notify.close()
+            self.notify = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+class SuiteConsumer(Contender):
+    """`huey-worker consumer` with the benchmark's task module."""
+    label = 'suite'
+
+    def __init__(self, *args, task_events=True, level='info', identity=None,
+                 extra_env=None, builtin=False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.task_events, self.level = task_events, level
+        self.identity, self.extra_env = identity, extra_env or {}
+        self.builtin = builtin
+
+    def command(self):
+        return [PYTHON, '-m', 'daemon', 'consumer', '--workers',
+                str(self.workers), '--worker-type', self.worker_type]
+
+    def environment(self):
+        env = super().environment()
+        config = os.path.join(self.workdir, 'empty.ini')
+        open(config, 'a').close()
+        env.update({
+            'HUEY_REDIS_URL': self.redis_url,
+            'HUEY_WORKER_CONFIG': config,
+            'HUEY_MODULES': 'bench_tasks',
+            'HUEY_WORKER_TASKS_BUILTIN': 'true' if self.builtin else 'false',
+            'HUEY_WORKER_LOGGING_LEVEL': self.level,
+            'HUEY_WORKER_LOGGING_TASK_EVENTS':
+                'true' if self.task_events else 'false',
+        })
+        if self.identity:
+            env['HUEY_CONSUMER_ID'] = self.identity
+        env.update(self.extra_env)
+        return env
+
+
+class PlainConsumer(Contender):
+    """huey's own consumer (huey_consumer) on bench/plain_tasks.py."""
+    label = 'plain'
+
+    def __init__(self, *args, quiet=False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.quiet = quiet
+
+    def command(self):
+        script = os.path.join(os.path.dirname(PYTHON), 'huey_consumer')
+        if not os.path.exists(script):
+            import huey.bin.huey_consumer as module
+            script = module.__file__
+        return [PYTHON, script, 'plain_tasks.huey', '-w', str(self.workers),
+                '-k', self.worker_type] + (['-q'] if self.quiet else [])
+
+
+class FloorConsumer(Contender):
+    """bench/floor.py: BRPOP + SET and nothing else."""
+    label = 'floor'
+
+    def command(self):
+        return [PYTHON, os.path.join(BENCH, 'floor.py'), self.redis_url,
+                str(self.workers), self.worker_type]
+
+
+class StatusServer(Contender):
+    """`huey-worker status-server` on a free loopback port."""
+    label = 'status'
+
+    def __init__(self, port, redis_url, workdir):
+        super().__init__(0, '-', redis_url, workdir)
+        self.port = port
+
+    def command(self):
+        return [PYTHON, '-m', 'daemon', 'status-server', '--port',
+                str(self.port)]
+
+    def environment(self):
+        env = super().environment()
+        config = os.path.join(self.workdir, 'empty.ini')
+        open(config, 'a').close()
+        env.update({'HUEY_REDIS_URL': self.redis_url,
+                    'HUEY_WORKER_CONFIG': config,
+                    'HUEY_MODULES': 'bench_tasks',
+                    'HUEY_WORKER_TASKS_BUILTIN': 'false'})
+        return env

@@ -1,0 +1,123 @@
+"""The status endpoint under concurrent clients, with a journal of many
+records held in Redis.
+
+The records are written through the journal's own hooks (the producer's
+enqueue, then on_dequeued and on_outcome as a worker calls them), staged
+and sent in MULTI blocks, so they are exactly what a run of that many
+tasks leaves.  The load comes from a few client processes with several
+threads each: one connection per request (the endpoint closes every
+connection after its answer), loopback only, for a fixed time; each
+request is timed from connect to the last byte.
+"""
+import multiprocessing
+import os
+import random
+import socket
+import threading
+import time
+
+from harness import percentile
+
+STAGING = 'bench:staging'
+CHUNK = 500
+
+
+def fill_journal(app, task, count):
+    """`count` complete task records; their ids."""
+    from daemon import journal
+    storage = app.storage
+    writer = journal.install(app)
+    worker = {'host': 'bench', 'pid': os.getpid(), 'consumer': 'bench',
+              'worker': 0}
+    queue_key = storage.queue_key
+    ids = []
+    storage.queue_key = STAGING   # the messages themselves are not wanted
+    storage.deferring = True
+    try:
+        for i in range(count):
+            message = task.s()
+            app.enqueue(message)
+            writer.on_dequeued(storage, message, worker)
+            writer.after_execute(message, 1, None)
+            writer.on_outcome(storage, message, 'complete', 0.0005)
+            ids.append(message.id)
+            if (i + 1) % CHUNK == 0:
+                storage.flush()
+        storage.flush()
+    finally:
+        storage.deferring = False
+        storage.queue_key = queue_key
+    storage.conn.delete(STAGING)
+    return ids
+
+
+def _request(address, path):
+    return ('GET %s HTTP/1.1\r\nHost: %s:%d\r\nUser-Agent: huey-worker-bench'
+            '\r\n\r\n' % (path, address[0], address[1])).encode()
+
+
+def _one(address, request):
+    """(status, seconds) of one request on a fresh connection."""
+    started = time.perf_counter()
+    sock = socket.create_connection(address, timeout=30)
+    try:
+        sock.sendall(request)
+        data = bytearray()
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    finally:
+        sock.close()
+    return int(data[9:12] or 0), time.perf_counter() - started
+
+
+def _client(address, paths, seconds, threads, start_at, out, seed):
+    requests = [_request(address, p) for p in paths]
+    results = []
+    lock = threading.Lock()
+
+    def loop(index):
+        local, pick = [], random.Random(seed * 1000 + index)
+        while time.time() < start_at:
+            time.sleep(0.001)
+        stop_at = start_at + seconds
+        while time.time() < stop_at:
+            local.append(_one(address, pick.choice(requests)))
+        with lock:
+            results.extend(local)
+    runners = [threading.Thread(target=loop, args=(i,))
+               for i in range(threads)]
+    for runner in runners:
+        runner.start()
+    for runner in runners:
+        runner.join()
+    out.put(results)
+
+
+def load(address, paths, seconds=3.0, processes=2, threads=8, seed=1):
+    """Requests per second, p50 and p99 latency (ms) and the statuses seen,
+    with processes x threads clients asking for `paths` (picked at random
+    per request) during `seconds`."""
+    ctx = multiprocessing.get_context('fork')
+    out = ctx.Queue()
+    start_at = time.time() + 0.3
+    clients = [ctx.Process(target=_client, args=(
+        address, paths, seconds, threads, start_at, out, seed + i))
+        for i in range(processes)]
+    for client in clients:
+        client.start()
+    results = []
+    for _ in clients:
+        results += out.get(timeout=seconds + 120)
+    for client in clients:
+        client.join(30)
+    latencies = [t * 1000.0 for _, t in results]
+    statuses = {}
+    for status, _ in results:
+        statuses[status] = statuses.get(status, 0) + 1
+    return {'rps': len(results) / seconds,
+            'p50': percentile(latencies, 0.5),
+            'p99': percentile(latencies, 0.99),
+            'statuses': statuses}

@@ -1,0 +1,173 @@
+"""No-op task throughput of one consumer process, with its start-up time
+and memory on the way.
+
+One run: the database is emptied, one warm-up task is queued, the consumer
+is started (READY=1 and the warm-up task's result timed from the spawn),
+its idle memory is read, then a batch of N no-op tasks prepared in a
+staging list is put in the queue at once with RENAME (the consumer is
+already waiting, so its start-up is not in the figure).  The clock stops
+when the results of the last tasks of the batch exist (the queue is FIFO:
+every earlier one is done or finishing); every result is then checked, so
+a consumer that skips tasks cannot look fast.  Memory is sampled while it
+works.
+"""
+import threading
+import time
+import uuid
+
+from harness import Timeout, pss_mib, rss_mib, wait_until
+
+STAGING = 'bench:staging'
+CHUNK = 500
+
+
+class Batch:
+    """N messages waiting in STAGING, and the result keys to look for."""
+
+    def __init__(self, client, queue_key, result_keys):
+        self.client, self.queue_key = client, queue_key
+        self.result_keys = result_keys
+
+    def release(self):
+        started = time.perf_counter()
+        self.client.rename(STAGING, self.queue_key)
+        return started
+
+    def wait_done(self, tail, timeout):
+        keys = self.result_keys[-tail:]
+        wait_until(lambda: self.client.exists(*keys) == len(keys), timeout,
+                   'results of the last %d tasks' % len(keys))
+        return time.perf_counter()
+
+    def missing(self):
+        absent = 0
+        for i in range(0, len(self.result_keys), 1000):
+            keys = self.result_keys[i:i + 1000]
+            absent += len(keys) - self.client.exists(*keys)
+        return absent
+
+
+def suite_batch(app, task, count):
+    """Through the suite's producer API, journal records included: staged
+    and sent in MULTI blocks, with the queue key pointed at STAGING while
+    they go out."""
+    storage = app.storage
+    queue_key = storage.queue_key
+    ids = []
+    storage.queue_key = STAGING
+    storage.deferring = True
+    try:
+        for i in range(count):
+            ids.append(task().id)
+            if (i + 1) % CHUNK == 0:
+                storage.flush()
+        storage.flush()
+    finally:
+        storage.deferring = False
+        storage.queue_key = queue_key
+    return Batch(storage.conn, queue_key,
+                 [storage.result_key(i) for i in ids])
+
+
+def plain_batch(app, task, count):
+    storage = app.storage
+    ids, pipe = [], storage.conn.pipeline(transaction=False)
+    for i in range(count):
+        message = task.s()
+        ids.append(message.id)
+        pipe.lpush(STAGING, app.serialize_task(message))
+        if (i + 1) % CHUNK == 0:
+            pipe.execute()
+    pipe.execute()
+    return Batch(storage.conn, storage.queue_key,
+                 [storage.result_key(i) for i in ids])
+
+
+def floor_batch(client, count):
+    ids = [uuid.uuid4().hex.encode() for _ in range(count)]
+    pipe = client.pipeline(transaction=False)
+    for i, task_id in enumerate(ids):
+        pipe.lpush(STAGING, task_id)
+        if (i + 1) % CHUNK == 0:
+            pipe.execute()
+    pipe.execute()
+    return Batch(client, 'huey.redis.huey',
+                 [b'huey.r.huey.' + i for i in ids])
+
+
+class MemorySampler(threading.Thread):
+    """Highest RSS (main process) and PSS (whole tree) while it runs."""
+
+    def __init__(self, pid, interval=0.1):
+        super().__init__(daemon=True)
+        self.pid, self.interval = pid, interval
+        self.rss = self.pss = 0.0
+        self._halt = threading.Event()
+
+    def run(self):
+        while not self._halt.is_set():
+            self.sample()
+            self._halt.wait(self.interval)
+
+    def sample(self):
+        self.rss = max(self.rss, rss_mib(self.pid))
+        self.pss = max(self.pss, pss_mib(self.pid))
+
+    def finish(self):
+        self._halt.set()
+        self.join()
+        self.sample()
+        return self.rss, self.pss
+
+
+def run_once(client, contender, warmup, make_batch, count, timeout=300):
+    """One measured run; a dict of figures.  `warmup()` queues one task and
+    returns its result key; `make_batch(count)` prepares the batch."""
+    client.flushdb()   # our private server, started by this benchmark
+    warm_key = warmup()
+    notify = contender.label == 'suite'
+    contender.start(notify=notify)
+    out = {}
+    try:
+        if notify:
+            out['ready'] = contender.wait_ready()
+        elif contender.label == 'floor':
+            wait_until(lambda: 'ready' in contender.output(), 30,
+                       'floor ready', interval=0.01)
+        wait_until(lambda: client.exists(warm_key) or
+                   (not contender.alive() and _died(contender)), 60,
+                   'warm-up result', interval=0.001)
+        out['first_task'] = time.monotonic() - contender.started
+        time.sleep(0.5)   # let start-up garbage settle before "idle"
+        out['idle_rss'] = rss_mib(contender.pid)
+        out['idle_pss'] = pss_mib(contender.pid)
+        batch = make_batch(count)
+        sampler = MemorySampler(contender.pid)
+        sampler.start()
+        started = batch.release()
+        try:
+            finished = batch.wait_done(max(1, contender.workers), timeout)
+        except Timeout:
+            sampler.finish()
+            raise RuntimeError('%s did not finish %d tasks within %ds; its '
+                               'log: %s' % (contender.label, count, timeout,
+                                            contender.log_path))
+        out['busy_rss'], out['busy_pss'] = sampler.finish()
+        missing = wait_until(lambda: _settled(batch), 30, 'every result')
+        if missing[0]:
+            raise RuntimeError('%s: %d of %d results missing; log: %s' % (
+                contender.label, missing[0], count, contender.log_path))
+        out['rate'] = count / (finished - started)
+    finally:
+        contender.stop()
+    return out
+
+
+def _settled(batch):
+    absent = batch.missing()
+    return (absent,) if absent == 0 else None
+
+
+def _died(contender):
+    raise RuntimeError('%s exited (%s) before its first task; log: %s' % (
+        contender.label, contender.proc.returncode, contender.log_path))

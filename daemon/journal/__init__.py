@@ -1,0 +1,68 @@
+"""The task journal: every task's life, recorded in Redis under the suite's
+own keys (never in Huey's result store), read by the status endpoint and
+the operator CLI.
+
+Layout (hw:<queue>: prefix, see daemon/keys.py):
+  task:<id>       hash, the record: state, name, args summary, times,
+                  attempt, retries, worker, progress, metadata, error, result
+  task-log:<id>   list, the last LOG_LENGTH state changes (JSON)
+  journal:recent  zset id -> time of last change (listings; capped)
+  journal:results zset id -> finish time of tasks whose result Huey holds
+  metrics:*       hashes of per-task-name counters for /metrics
+Every record and log expires [huey] result_timeout after its last change,
+and the indexes are trimmed to the same window, so nothing grows without
+bound.
+
+Writers:
+  producer  Huey's SIGNAL_ENQUEUED: pending (scheduled with a future eta);
+            staged, so it rides the LPUSH of the enqueue itself.
+  worker    daemon.hooks: on_dequeued -> running; on_outcome -> complete,
+            failed, retrying, revoked, expired, canceled, scheduled;
+            on_requeued -> lost / interrupted, then pending; on_dead_letter
+            -> failed.  Staged, so they ride the worker's own round trips.
+  Huey's post_execute hook hands over what the hooks lack (the return
+  value and the exception).
+Each change is a fixed handful of commands (HSET, EXPIRE, RPUSH, LTRIM,
+ZADD...): O(1) per change, no KEYS anywhere.
+
+Modules: layout (states, encoding), writer (the hooks), scripts (Lua for
+the two guarded changes), reads (for the endpoint and the CLI).  The
+in-task API lives in daemon/progress.py and is re-exported here.
+"""
+from huey import signals as S
+
+from .. import hooks
+from ..progress import (  # the public in-task API
+    current_delivery, current_task_id, report_progress, sensitive)
+from .layout import (
+    DURATION_BUCKETS, STATES, TERMINAL, args_summary, result_json)
+from .reads import (
+    decode_record, duration_stats, is_terminal, list_tasks, outcome_counts,
+    read_task, results_held, shape)
+from .writer import Journal
+
+_journals = {}
+
+
+def install(app):
+    """Record the life of every task of `app` (idempotent).  Called for the
+    shared app when daemon.app is imported; [journal] enabled switches it."""
+    journal = _journals.get(id(app))
+    if journal is not None:
+        return journal
+    journal = _journals[id(app)] = Journal(app)
+    app._signal.connect(journal.on_enqueued, S.SIGNAL_ENQUEUED)
+    app.post_execute('huey_worker.journal')(journal.after_execute)
+    hooks.on_dequeued.append(journal.on_dequeued)
+    hooks.on_outcome.append(journal.on_outcome)
+    hooks.on_requeued.append(journal.on_requeued)
+    hooks.on_dead_letter.append(journal.on_dead_letter)
+    return journal
+
+
+__all__ = [
+    'report_progress', 'current_delivery', 'current_task_id', 'sensitive',
+    'install', 'Journal', 'STATES', 'TERMINAL', 'DURATION_BUCKETS',
+    'args_summary', 'result_json', 'read_task', 'list_tasks', 'shape',
+    'decode_record', 'results_held', 'outcome_counts', 'duration_stats',
+    'is_terminal']

@@ -1,0 +1,130 @@
+"""The journal's record layout: states, limits, and how values are
+encoded into the Redis hash (see daemon/journal/__init__.py for the keys)."""
+import datetime
+import json
+
+from .. import progress
+
+STATES = ('pending', 'scheduled', 'running', 'retrying', 'complete',
+          'failed', 'revoked', 'expired', 'canceled', 'interrupted', 'lost')
+TERMINAL = frozenset(('complete', 'failed', 'revoked', 'expired',
+                      'canceled'))
+# Outcomes after which the task ran its body (they have a duration).
+EXECUTED = frozenset(('complete', 'failed', 'retrying'))
+
+LOG_LENGTH = 50
+TRIM_EVERY = 50
+ERROR_MAX_CHARS = 2000
+DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0,
+                    900.0, 3600.0, float('inf'))
+
+FLOAT_FIELDS = frozenset((
+    'enqueued', 'started', 'finished', 'updated', 'eta', 'next_retry',
+    'duration', 'expires', 'requeued_at', 'progress_at', 'revoke_requested'))
+INT_FIELDS = frozenset(('pid', 'worker', 'attempt', 'retries_total',
+                         'retries_left', 'requeues'))
+NUMBER_FIELDS = frozenset(('progress_current', 'progress_total'))
+JSON_FIELDS = frozenset(('metadata', 'result'))
+
+
+# --- small encoders ----------------------------------------------------------
+
+def text(value):
+    if isinstance(value, bool):
+        return '1' if value else '0'
+    if isinstance(value, float):
+        return repr(value)
+    return str(value)
+
+
+def epoch(value):
+    """Huey's naive UTC datetimes (utc=True) as epoch seconds."""
+    if value is None:
+        return None
+    if isinstance(value, datetime.datetime):
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=datetime.timezone.utc)
+        return value.timestamp()
+    return float(value)
+
+
+def _clip(value, budget, depth=0):
+    """A JSON-safe copy of `value` that stays near `budget` characters:
+    long strings and containers are cut before anything is encoded, so a
+    huge argument costs no more than a small one."""
+    if depth > 6:
+        return '...'
+    if isinstance(value, (str, bytes)):
+        if isinstance(value, bytes):
+            value = value[:budget].decode('utf-8', 'replace')
+        return value if len(value) <= budget else value[:budget] + '...'
+    if value is None or isinstance(value, (bool, int, float)):
+        return value
+    if isinstance(value, dict):
+        out = {}
+        for i, (key, item) in enumerate(value.items()):
+            if i >= 50 or budget <= 0:
+                out['...'] = '%d more' % (len(value) - i)
+                break
+            out[str(key)[:100]] = _clip(item, budget, depth + 1)
+            budget -= len(str(key)) + 8
+        return out
+    if isinstance(value, (list, tuple, set, frozenset)):
+        items = list(value) if not isinstance(value, (list, tuple)) else value
+        out = []
+        for i, item in enumerate(items):
+            if i >= 100 or budget <= 0:
+                out.append('... %d more' % (len(items) - i))
+                break
+            out.append(_clip(item, budget, depth + 1))
+            budget -= 8
+        return out
+    text = repr(value)
+    return text if len(text) <= budget else text[:budget] + '...'
+
+
+def args_summary(task, limit):
+    """(summary text or None, sensitive flag)."""
+    hidden = progress.sensitivity(task)
+    if hidden is True:
+        return None, True
+    if limit <= 0:
+        return None, False
+    kwargs = dict(task.kwargs or {})
+    kwargs.pop('task', None)   # a context task's own instance
+    for name in hidden or ():
+        if name in kwargs:
+            kwargs[name] = '********'
+    summary = {'args': _clip(list(task.args or ()), limit),
+               'kwargs': _clip(kwargs, limit)}
+    text = json.dumps(summary, default=repr, sort_keys=True)
+    if len(text) > limit:
+        text = text[:limit] + '...'
+    return text, bool(hidden)
+
+
+def result_json(value, limit):
+    """(JSON text, None) or (None, why it is not kept in the journal)."""
+    try:
+        text = json.dumps(value, default=repr)
+    except (TypeError, ValueError) as exc:
+        return None, 'not representable as JSON (%s)' % exc
+    if len(text) > limit:
+        return None, ('%d bytes as JSON, more than [journal] '
+                      'result_max_bytes (%d)' % (len(text), limit))
+    return text, None
+
+
+def error_fields(exc):
+    message = str(exc)
+    return {'error_type': type(exc).__name__,
+            'error_message': message[:ERROR_MAX_CHARS]}
+
+
+# --- the writer ----------------------------------------------------------------
+
+
+def ttl_of(storage):
+    """Seconds records live: Huey's result retention ([huey]
+    result_timeout)."""
+    return int(getattr(storage, '_expire_time', 604800))

@@ -1,0 +1,356 @@
+"""Writing the journal: Huey's SIGNAL_ENQUEUED and post_execute hook, and
+the delivery hooks (daemon/hooks.py).  Every change is staged on the
+storage, so it rides the round trip its writer makes anyway."""
+import json
+import sys
+import threading
+import time
+
+from huey import Huey
+
+from .. import progress
+from .layout import (DURATION_BUCKETS, ERROR_MAX_CHARS, EXECUTED, LOG_LENGTH,
+                     TERMINAL, TRIM_EVERY, args_summary, epoch, error_fields,
+                     result_json, text, ttl_of)
+from .scripts import GUARDED_ENQUEUE, GUARDED_REQUEUE, script_for
+
+
+class Journal:
+    """The journal of one Huey app: its Huey receivers and delivery hooks."""
+
+    def __init__(self, app):
+        self.app = app
+        self._stash = threading.local()
+        self._outcomes = 0
+
+    # settings, read at each call so a reconfigured app is followed
+
+    def _cfg(self):
+        return self.app.config
+
+    def _active(self, storage):
+        cfg = self._cfg()
+        return (cfg is not None and cfg.journal.enabled
+                and hasattr(storage, 'stage') and hasattr(storage, 'keys'))
+
+    def task_name(self, task):
+        return self.app._registry.task_to_string(type(task))
+
+    def _stage_change(self, storage, task_id, fields, event, drop=(),
+                      setnx=None, incr=None, extra=None, index=True,
+                      trim=True):
+        """Stage one state change of `task_id`: a fixed set of commands.
+        `index`: move it to the top of the listing index; `trim`: cut the
+        history to LOG_LENGTH (skipped where it cannot have grown much)."""
+        keys = storage.keys
+        key, log_key = keys.task(task_id), keys.task_log(task_id)
+        now = time.time()
+        mapping = {k: text(v) for k, v in fields.items() if v is not None}
+        mapping['updated'] = text(now)
+        event = dict(event, at=now)
+        event_text = json.dumps(event, default=repr, sort_keys=True)
+        ttl = ttl_of(storage)
+
+        def write(pipe):
+            if drop:
+                pipe.hdel(key, *drop)
+            for field, value in (setnx or {}).items():
+                pipe.hsetnx(key, field, text(value))
+            for field, amount in (incr or {}).items():
+                pipe.hincrby(key, field, amount)
+            pipe.hset(key, mapping=mapping)
+            pipe.expire(key, ttl)
+            pipe.rpush(log_key, event_text)
+            if trim:
+                pipe.ltrim(log_key, -LOG_LENGTH, -1)
+            pipe.expire(log_key, ttl)
+            if index:
+                pipe.zadd(keys.journal_recent, {task_id: now})
+            if extra is not None:
+                extra(pipe)
+        storage.stage(write)
+
+    @staticmethod
+    def _round_trip_follows():
+        """Staged commands ride the worker's round trips.  A hook called
+        where none follows (the consumer's main thread recovering a dead
+        worker's tasks) sends them itself: that thread runs no task."""
+        return progress.current() is not None
+
+    # producer: SIGNAL_ENQUEUED
+
+    def on_enqueued(self, signal, task, *args, **kwargs):
+        storage = self.app.storage   # configures a producer's app on first use
+        if not self._active(storage):
+            return
+        if progress.current_task_id() == task.id:
+            return  # the worker re-enqueues a retry: on_outcome records it
+        cfg = self._cfg()
+        now = time.time()
+        eta = epoch(task.eta)
+        state = 'scheduled' if eta is not None and eta > now else 'pending'
+        args_text, hidden = args_summary(task, cfg.journal.args_max_bytes)
+        fields = {'id': task.id, 'name': self.task_name(task),
+                  'queue': self.app.name, 'state': state,
+                  'retries_left': task.retries, 'eta': eta,
+                  'expires': epoch(task.expires_resolved),
+                  'args': args_text, 'args_sensitive': hidden or None}
+        event = {'state': state, **({'eta': eta} if eta else {})}
+        first = {'enqueued': now, 'retries_total': task.retries}
+        if _inside_huey_enqueue():
+            # The LPUSH follows in this thread: the record rides with it,
+            # in the same MULTI, so no worker can see the task first.
+            fields.update(first)
+            self._stage_change(storage, task.id, fields, event, trim=False)
+            return
+        # Emitted for a message already in the queue (the scheduler moving
+        # due or periodic tasks): a worker may have taken it already, so
+        # the record only fills what is missing and becomes pending only
+        # from scheduled or retrying; sent now, as no write of ours follows.
+        first.update((k, v) for k, v in fields.items() if v is not None)
+        first.pop('state', None)
+        self._stage_guarded_enqueue(storage, task.id, first, now)
+        if not storage.deferring:
+            storage.flush()
+
+    def _stage_guarded_enqueue(self, storage, task_id, fields, now):
+        keys = storage.keys
+        script = script_for(storage, GUARDED_ENQUEUE)
+        pairs = [x for k, v in fields.items() for x in (k, text(v))]
+        event = json.dumps({'state': 'pending', 'at': now})
+
+        def write(pipe):
+            script(keys=[keys.task(task_id), keys.task_log(task_id),
+                         keys.journal_recent],
+                   args=[text(now), ttl_of(storage), LOG_LENGTH, task_id,
+                         event] + pairs, client=pipe)
+        storage.stage(write)
+
+    # worker: Huey's post_execute (value and exception of the body)
+
+    def after_execute(self, task, value, exception):
+        self._stash.outcome = (task.id, value, exception)
+
+    def _take_outcome(self, task_id):
+        outcome = getattr(self._stash, 'outcome', None)
+        self._stash.outcome = None
+        if outcome is None or outcome[0] != task_id:
+            return None, None, False
+        return outcome[1], outcome[2], True
+
+    # worker: delivery hooks
+
+    def on_dequeued(self, storage, task, worker_info):
+        if not hasattr(storage, 'keys'):
+            return
+        cfg = self._cfg()
+        name = self.task_name(task)
+        # The task context serves current_delivery() even with the journal
+        # off; progress is then kept in memory only.
+        recording = self._active(storage)
+        progress.enter(progress.TaskContext(
+            storage, task.id, name, cfg.journal.progress_interval,
+            record=recording))
+        if not recording:
+            return
+        self._stash.outcome = None
+        eta = epoch(task.eta)
+        if eta is not None and eta > time.time():
+            return  # not due: Huey moves it to the schedule (outcome below)
+        now = time.time()
+        fields = {'id': task.id, 'name': name, 'queue': self.app.name,
+                  'state': 'running', 'started': now,
+                  'retries_left': task.retries,
+                  'host': worker_info.get('host'),
+                  'pid': worker_info.get('pid'),
+                  'consumer': worker_info.get('consumer'),
+                  'worker': worker_info.get('worker')}
+        # Fewest commands on the hot path: the listing index and history
+        # trim wait for the outcome; a record its producer did not write
+        # (journal off there) gets its times here, and no args.
+        self._stage_change(
+            storage, task.id, fields,
+            {'state': 'running', 'worker': '%s:%s/%s' % (
+                fields['host'], fields['pid'], fields['worker'])},
+            drop=progress.PROGRESS_FIELDS + ('finished', 'next_retry',
+                                             'duration'),
+            setnx={'enqueued': now, 'retries_total': task.retries},
+            incr={'attempt': 1}, index=False, trim=False)
+
+    def on_outcome(self, storage, task, state, duration):
+        if not self._active(storage):
+            progress.leave(task.id)
+            return
+        cfg = self._cfg()
+        name = self.task_name(task)
+        value, exception, ran = self._take_outcome(task.id)
+        # The worker names an outcome after Huey's last signal; the body's
+        # exception tells two cases apart that signal order blurs.
+        if ran and exception is not None:
+            if state == 'scheduled':
+                state = 'retrying'   # a retry with a delay goes to schedule
+            elif state == 'complete':
+                state = 'failed'     # e.g. a time-out, which emits no error
+        now = time.time()
+        fields = {'state': state, 'retries_left': task.retries}
+        drop = []
+        event = {'state': state}
+        if ran or state in EXECUTED:
+            fields['duration'] = round(duration, 6)
+            event['duration'] = round(duration, 6)
+        if state in TERMINAL:
+            fields['finished'] = now
+        if state in ('retrying', 'scheduled'):
+            eta = epoch(task.eta) or now
+            fields['next_retry' if state == 'retrying' else 'eta'] = eta
+            event['eta'] = eta
+        if exception is not None:
+            fields.update(error_fields(exception))
+            event['error'] = fields['error_type']
+        result_stored = False
+        if state == 'complete':
+            drop += ['error_type', 'error_message']
+            result_stored = value is not None or self.app.store_none
+            if ran and result_stored:
+                text, why = result_json(value, cfg.journal.result_max_bytes)
+                if text is not None:
+                    fields['result'] = text
+                else:
+                    fields['result_omitted'] = why
+        elif state == 'failed':
+            result_stored = self.app.results   # Huey stores the error
+        ctx = progress.leave(task.id)
+        if ctx is not None and ctx.dirty:
+            fields.update(ctx.progress_fields())
+        keys, ttl = storage.keys, ttl_of(storage)
+        index_max = cfg.journal.index_max
+        self._outcomes += 1
+        # Trimming the indexes now and then keeps them within bounds at a
+        # fraction of the cost (they overshoot by TRIM_EVERY at most).
+        trim = self._outcomes % TRIM_EVERY == 1
+
+        def account(pipe):
+            if result_stored:
+                pipe.zadd(keys.journal_results, {task.id: now})
+            if trim:
+                pipe.zremrangebyscore(keys.journal_results, '-inf', now - ttl)
+                pipe.zremrangebyscore(keys.journal_recent, '-inf', now - ttl)
+                pipe.zremrangebyrank(keys.journal_recent, 0, -index_max - 1)
+            self._count(pipe, keys, name, state,
+                        duration if 'duration' in fields else None)
+        self._stage_change(storage, task.id, fields, event, drop=drop,
+                           extra=account)
+
+    @staticmethod
+    def _count(pipe, keys, name, state, duration):
+        if state == 'scheduled':
+            return   # not due yet: no outcome to count
+        pipe.hincrby(keys.metrics_outcomes, '%s\t%s' % (name, state), 1)
+        if duration is None:
+            return
+        bucket = next(b for b in DURATION_BUCKETS if duration <= b)
+        pipe.hincrby(keys.metrics_durations, '%s\t%r' % (name, bucket), 1)
+        pipe.hincrbyfloat(keys.metrics_durations, '%s\tsum' % name,
+                          round(duration, 6))
+
+    def on_requeued(self, storage, messages, reason):
+        if not self._active(storage):
+            progress.leave()
+            return
+        rides = self._round_trip_follows()
+        staged = False
+        for raw in messages:
+            try:
+                task = self.app.deserialize_task(raw)
+            except Exception:
+                continue   # the worker sets undecodable messages aside
+            name = self.task_name(task)
+            ctx = progress.leave(task.id)
+            fields = {'state': 'pending', 'requeued_reason': reason,
+                      'requeued_at': time.time()}
+            if ctx is not None and ctx.dirty:
+                fields.update(ctx.progress_fields())
+            if rides:
+                # The worker's own transaction puts the message back: the
+                # record changes with it.  History: what happened, then
+                # where the task is now.
+                self._stage_change(storage, task.id, {'state': reason},
+                                   {'state': reason})
+                self._stage_change(storage, task.id, fields,
+                                   {'state': 'pending'},
+                                   incr={'requeues': 1})
+            else:
+                self._stage_guarded_requeue(storage, task.id, raw, fields,
+                                            reason)
+            keys = storage.keys
+            storage.stage(lambda pipe, n=name: pipe.hincrby(
+                keys.metrics_outcomes, '%s\t%s' % (n, reason), 1))
+            staged = True
+        if staged and not rides:
+            storage.flush()
+
+    def _stage_guarded_requeue(self, storage, task_id, raw, fields, reason):
+        """The consumer put the message back already (a dead worker's or
+        consumer's), so a worker may be running it again by now: the state
+        becomes pending only while the message still waits in the queue."""
+        keys = storage.keys
+        now = time.time()
+        script = script_for(storage, GUARDED_REQUEUE)
+        mapping = [x for k, v in fields.items() for x in (k, text(v))]
+        events = [json.dumps({'state': reason, 'at': now}),
+                  json.dumps({'state': 'pending', 'at': now})]
+
+        def write(pipe):
+            script(keys=[keys.task(task_id), keys.task_log(task_id),
+                         storage.queue_key, keys.journal_recent],
+                   args=[raw, text(now), ttl_of(storage), LOG_LENGTH,
+                         task_id] + events + [reason] + mapping,
+                   client=pipe)
+        storage.stage(write)
+
+    def on_dead_letter(self, storage, record):
+        task_id = record.get('task_id')
+        if not task_id or not self._active(storage):
+            return
+        rides = self._round_trip_follows()
+        progress.leave(task_id)
+        name = record.get('task_name') or ''
+        keys = storage.keys
+        fields = {'state': 'failed', 'finished': time.time(),
+                  'error_type': 'DeadLetter',
+                  'error_message': ('%s: %s' % (record.get('reason'),
+                                                record.get('detail')))[
+                                                    :ERROR_MAX_CHARS],
+                  'dead_letter': record.get('reason')}
+        self._stage_change(
+            storage, task_id, fields,
+            {'state': 'failed', 'dead_letter': record.get('reason')},
+            extra=lambda pipe: pipe.hincrby(
+                keys.metrics_outcomes, '%s\tfailed' % name, 1)
+            if name else None)
+        if not rides:
+            storage.flush()
+
+    # producer: a revoke requested through the endpoint or CLI
+
+    def stage_revoke_requested(self, storage, task_id):
+        self._stage_change(storage, task_id, {'revoke_requested': time.time()},
+                           {'state': 'revoke-requested'})
+
+
+_HUEY_ENQUEUE = Huey.enqueue.__code__
+
+
+def _inside_huey_enqueue():
+    """Whether Huey.enqueue emitted the signal being handled (it writes
+    the message right after).  Frames up: Signal.send, Huey._emit,
+    Huey.enqueue; if Huey ever calls differently the answer is False,
+    which costs a round trip, never a lost record."""
+    frame = sys._getframe(3)
+    for _ in range(4):
+        if frame is None:
+            return False
+        if frame.f_code is _HUEY_ENQUEUE:
+            return True
+        frame = frame.f_back
+    return False

@@ -1,0 +1,83 @@
+"""One MULTI/EXEC round trip for a redis-py pipeline, with less client work
+than Pipeline.execute.
+
+Every task costs the worker two transactions of 5 to 30 commands (the
+journal's writes, Huey's outcome, the ack).  redis-py's Pipeline.execute
+spends several microseconds of Python per command on bookkeeping the
+worker never needs (observability hooks, HIMPORT preparation, per-reply
+dispatch), which made the transactions the biggest cost of a no-op task
+(profile in docs/benchmarks.md).  Here the pipeline is only the recorder:
+its commands are packed and sent in one write with redis-py's own packer,
+and the replies read with its own parser, with the same results and
+errors as Pipeline.execute (response callbacks applied, the first error
+raised).  Anything unusual (scripts, WATCH, a non-transactional pipeline)
+is left to redis-py.
+"""
+from redis.exceptions import ExecAbortError, ResponseError, WatchError
+
+_MULTI = ('MULTI',)
+_EXEC = ('EXEC',)
+
+
+def execute(pipe):
+    """Run `pipe`'s commands in one MULTI/EXEC; their replies, as
+    pipe.execute() returns them.  The pipeline is reset afterwards."""
+    stack = pipe.command_stack
+    if not stack:
+        return []
+    if pipe.scripts or pipe.watching or not pipe.transaction \
+            or pipe.explicit_transaction or pipe.connection is not None:
+        return pipe.execute()
+    pool = pipe.connection_pool
+    conn = pool.get_connection()
+    try:
+        replies, errors = _exchange(pipe, conn, stack)
+    except BaseException:
+        # Replies may be left unread on the socket: never reuse it.
+        conn.disconnect()
+        raise
+    finally:
+        pool.release(conn)
+        pipe.reset()
+    if replies is None:
+        raise WatchError('Watched variable changed.')
+    for index, error in errors:
+        replies.insert(index, error)
+    if len(replies) != len(stack):
+        raise ResponseError('Wrong number of response items from pipeline '
+                            'execution')
+    pipe.raise_first_error(stack, replies)
+    callbacks = pipe.response_callbacks
+    out = []
+    for reply, (args, options) in zip(replies, stack):
+        callback = callbacks.get(args[0])
+        if callback is not None:
+            options.pop('keys', None)
+            reply = callback(reply, **options)
+        out.append(reply)
+    return out
+
+
+def _exchange(pipe, conn, stack):
+    conn.send_packed_command(conn.pack_commands(
+        [_MULTI] + [args for args, _ in stack] + [_EXEC]))
+    errors = []
+    # Every reply is read even after an error, so the connection stays in
+    # step; an error here means Redis refused a command before EXEC.
+    try:
+        conn.read_response()
+    except ResponseError as exc:
+        errors.append((0, exc))
+    for index, (args, _) in enumerate(stack):
+        try:
+            conn.read_response()
+        except ResponseError as exc:
+            pipe.annotate_exception(exc, index + 1, args)
+            errors.append((index, exc))
+    try:
+        replies = conn.read_response()
+    except ExecAbortError:
+        if errors:
+            raise errors[0][1]
+        raise
+    return replies, errors

@@ -1,0 +1,106 @@
+"""Helpers for the journal, status endpoint and CLI tests: waiting for a
+condition, talking HTTP to a real status-server, reading the journal."""
+import http.client
+import json
+import re
+import socket
+import time
+
+
+def wait_until(condition, timeout=20, interval=0.05, what='condition'):
+    """Poll `condition` until it returns something truthy; return that."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = condition()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError('timed out waiting for %s (last: %r)' % (what, last))
+
+
+def start_status_server(start_daemon, env, extra_args=(), name='status'):
+    """A real `huey-worker status-server` on a free port; returns
+    (daemon, port)."""
+    daemon = start_daemon(['status-server', '--port', '0'] + list(extra_args),
+                          env, name)
+    daemon.wait_for_output('status endpoint listening on')
+    port = int(re.search(r'listening on http://127\.0\.0\.1:(\d+)/',
+                         daemon.output()).group(1))
+    return daemon, port
+
+
+class Client:
+    def __init__(self, port, token=None):
+        self.port, self.token = port, token
+
+    def request(self, method, path, body=None, headers=None, auth=True):
+        conn = http.client.HTTPConnection('127.0.0.1', self.port, timeout=15)
+        headers = dict(headers or {})
+        if auth and self.token:
+            headers.setdefault('Authorization', 'Bearer %s' % self.token)
+        if body is not None and not isinstance(body, (bytes, str)):
+            body = json.dumps(body)
+            headers.setdefault('Content-Type', 'application/json')
+        try:
+            conn.request(method, path, body=body, headers=headers)
+            response = conn.getresponse()
+            data = response.read()
+            return response.status, dict(response.getheaders()), data
+        finally:
+            conn.close()
+
+    def json(self, method, path, body=None, **kwargs):
+        status, headers, data = self.request(method, path, body, **kwargs)
+        assert headers.get('Content-Type', '').startswith(
+            'application/json'), (status, headers, data)
+        return status, json.loads(data)
+
+    def get(self, path, **kwargs):
+        return self.json('GET', path, **kwargs)
+
+
+def raw_request(port, data, timeout=10, shut=True):
+    """Send raw bytes; return the whole answer (b'' if none)."""
+    with socket.create_connection(('127.0.0.1', port), timeout=timeout) as s:
+        s.sendall(data)
+        if shut:
+            s.shutdown(socket.SHUT_WR)
+        chunks = []
+        while True:
+            try:
+                chunk = s.recv(65536)
+            except ConnectionResetError:
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+    return b''.join(chunks)
+
+
+def status_of(answer):
+    match = re.match(rb'HTTP/1\.1 (\d{3}) ', answer)
+    return int(match.group(1)) if match else None
+
+
+def body_of(answer):
+    return answer.partition(b'\r\n\r\n')[2]
+
+
+def task_record(producer, task_id):
+    from daemon import journal
+    return journal.read_task(producer, producer.storage, task_id)
+
+
+def wait_for_state(producer, task_id, states, timeout=20):
+    states = (states,) if isinstance(states, str) else tuple(states)
+
+    def check():
+        record = task_record(producer, task_id)
+        return record if record and record['state'] in states else None
+    return wait_until(check, timeout, what='task %s to be %s' % (
+        task_id, '/'.join(states)))
+
+
+def history_states(record):
+    return [event['state'] for event in record.get('history', ())]
