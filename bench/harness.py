@@ -145,6 +145,23 @@ def pss_mib(pid):
                for p in process_tree(pid)) / 1024.0
 
 
+_TICKS = os.sysconf('SC_CLK_TCK')
+
+
+def cpu_seconds(pid):
+    """CPU time (user + system) used so far by a process and all its
+    living descendants."""
+    total = 0
+    for p in process_tree(pid):
+        try:
+            with open('/proc/%d/stat' % p) as fh:
+                fields = fh.read().rpartition(')')[2].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / _TICKS
+
+
 # --- processes under test -------------------------------------------------------
 
 class Contender:

@@ -16,6 +16,7 @@ import logging
 import multiprocessing
 import os
 import pstats
+import shutil
 import sys
 import tempfile
 import time
@@ -25,7 +26,7 @@ sys.path[:0] = [os.path.dirname(BENCH), BENCH]
 
 from daemon.devredis import EmbeddedRedis  # noqa: E402
 
-ROUNDS = 4
+ROUNDS = 8
 
 
 def suite_worker(app, cfg):
@@ -53,32 +54,51 @@ def plain_step(app):
 
 
 class SendCounter:
-    """Counts round trips: every packet redis-py sends is one."""
+    """Counts round trips (every packet redis-py sends is one) and the
+    commands in them (as sent: a Lua script is one)."""
 
     def __init__(self):
         import redis.connection
-        self.count = 0
+        self.count = self.commands = 0
         cls = redis.connection.AbstractConnection
-        original = cls.send_packed_command
+        send, one, many = (cls.send_packed_command, cls.send_command,
+                           cls.pack_commands)
 
-        def counted(conn, command, check_health=True):
+        def counted_send(conn, command, check_health=True):
             self.count += 1
-            return original(conn, command, check_health)
-        cls.send_packed_command = counted
+            return send(conn, command, check_health)
+
+        def counted_one(conn, *args, **kwargs):
+            self.commands += 1
+            return one(conn, *args, **kwargs)
+
+        def counted_many(conn, commands):
+            commands = list(commands)
+            if not getattr(self, 'inside_pack', False):
+                self.commands += len([c for c in commands
+                                      if c[0] not in ('MULTI', 'EXEC')])
+            return many(conn, commands)
+        cls.send_packed_command = counted_send
+        cls.send_command = counted_one
+        cls.pack_commands = counted_many
+        from daemon import transaction
+        pack = transaction._pack
+
+        def counted_pack(conn, commands):
+            self.commands += len([c for c in commands
+                                  if c[0] not in ('MULTI', 'EXEC')])
+            return pack(conn, commands)
+        transaction._pack = counted_pack
 
 
 def measure(step, fill, count, client, sends):
     fill(count)
-    client.config_resetstat()
-    sends.count = 0
+    sends.count = sends.commands = 0
     wall, cpu = time.perf_counter(), time.process_time()
     for _ in range(count):
         step()
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    trips = sends.count
-    stats = client.info('commandstats')
-    commands = sum(v['calls'] for k, v in stats.items()
-                   if k not in ('cmdstat_config|resetstat', 'cmdstat_info'))
+    trips, commands = sends.count, sends.commands
     return cpu / count * 1e6, wall / count * 1e6, commands / count, \
         trips / count
 
@@ -100,6 +120,7 @@ def main(argv=None):
         return run(args, server, workdir)
     finally:
         server.cleanup()
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def run(args, server, workdir):
@@ -113,10 +134,11 @@ def run(args, server, workdir):
     cfg = config.load(empty, environ={
         'HUEY_REDIS_URL': server.url,
         'HUEY_WORKER_LOGGING_TASK_EVENTS': 'false' if args.quiet else 'true',
-        'HUEY_WORKER_LOGGING_FILE': os.path.join(workdir, 'suite.log'),
         'HUEY_WORKER_JOURNAL_ENABLED': 'false' if args.no_journal
         else 'true'})
-    logs.setup(cfg, stderr=open(os.devnull, 'w'))
+    # One handler each, writing to a file, as both daemons' stderr is in
+    # the benchmark.
+    logs.setup(cfg, stderr=open(os.path.join(workdir, 'suite.log'), 'w'))
     # huey_consumer's own logger setup: INFO (or WARNING with -q) to a file.
     huey_handler = logging.FileHandler(os.path.join(workdir, 'plain.log'))
     huey_handler.setFormatter(logging.Formatter(
@@ -175,8 +197,8 @@ def run(args, server, workdir):
     print('per no-op task, %d x %d tasks each, logging: %s' % (
         ROUNDS, per_round, 'no per-task lines' if args.quiet
         else 'two INFO lines per task to a file'))
-    print('%-6s %10s %10s %10s %12s' % ('', 'cpu us', 'wall us', 'commands',
-                                        'round trips'))
+    print('%-6s %10s %10s %10s %12s' % ('', 'cpu us', 'wall us',
+                                        'commands', 'round trips'))
     for label, rows in results.items():
         rows.sort()
         cpu, wall, commands, trips = rows[len(rows) // 2]

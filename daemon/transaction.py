@@ -10,10 +10,27 @@ dispatch), which made the transactions the biggest cost of a no-op task
 its commands are packed and sent in one write with redis-py's own packer,
 and the replies read with its own parser, with the same results and
 errors as Pipeline.execute (response callbacks applied, the first error
-raised).  Anything unusual (scripts, WATCH, a non-transactional pipeline)
-is left to redis-py.
+raised).  Anything unusual (WATCH, a non-transactional pipeline) is left
+to redis-py.
+
+Lua scripts called on the pipeline (Script(..., client=pipe)) go as EVAL
+with their text rather than EVALSHA: redis-py would first ask SCRIPT
+EXISTS, one more round trip per transaction, and an EVALSHA the server
+has forgotten (a restart) would fail inside EXEC after the commands
+before it had run.  EVAL finds the compiled script by its hash all the
+same; the text costs a few hundred bytes on the wire.
+
+With hiredis installed, commands are packed by hiredis.pack_command
+directly, as redis-py itself does but without its per-command Python
+wrapper; anything it does not take goes through redis-py's packer.
 """
 from redis.exceptions import ExecAbortError, ResponseError, WatchError
+
+try:   # hiredis packs in C; redis-py's wrapper around it costs more
+    import hiredis
+    from redis.connection import HiredisRespSerializer
+except ImportError:
+    hiredis = HiredisRespSerializer = None
 
 _MULTI = ('MULTI',)
 _EXEC = ('EXEC',)
@@ -25,8 +42,8 @@ def execute(pipe):
     stack = pipe.command_stack
     if not stack:
         return []
-    if pipe.scripts or pipe.watching or not pipe.transaction \
-            or pipe.explicit_transaction or pipe.connection is not None:
+    if pipe.watching or not pipe.transaction or pipe.explicit_transaction \
+            or pipe.connection is not None:
         return pipe.execute()
     pool = pipe.connection_pool
     conn = pool.get_connection()
@@ -58,9 +75,33 @@ def execute(pipe):
     return out
 
 
+def _commands(pipe, stack):
+    if not pipe.scripts:
+        return [args for args, _ in stack]
+    texts = {script.sha: script.script for script in pipe.scripts}
+    out = []
+    for args, _ in stack:
+        if args[0] == 'EVALSHA' and args[1] in texts:
+            args = ('EVAL', texts[args[1]]) + tuple(args[2:])
+        out.append(args)
+    return out
+
+
+def _pack(conn, commands):
+    if hiredis is not None and isinstance(
+            getattr(conn, '_command_packer', None), HiredisRespSerializer):
+        try:
+            return [b''.join([hiredis.pack_command(
+                tuple(args[0].split()) + tuple(args[1:])
+                if ' ' in args[0] else args) for args in commands])]
+        except (TypeError, AttributeError):
+            pass   # e.g. a bytearray argument: redis-py converts it
+    return conn.pack_commands(commands)
+
+
 def _exchange(pipe, conn, stack):
-    conn.send_packed_command(conn.pack_commands(
-        [_MULTI] + [args for args, _ in stack] + [_EXEC]))
+    conn.send_packed_command(_pack(
+        conn, [_MULTI] + _commands(pipe, stack) + [_EXEC]))
     errors = []
     # Every reply is read even after an error, so the connection stays in
     # step; an error here means Redis refused a command before EXEC.

@@ -46,8 +46,13 @@ _receivers_installed = set()
 
 def _remember_signal(signal_name, task, *args, **kwargs):
     state = _SIGNAL_STATE.get(signal_name)
-    if state is not None:
-        _outcome.state = state
+    if state is None:
+        return
+    # A retry with a delay is announced as retrying, then scheduled: it is
+    # a retry all the same.
+    if state == 'scheduled' and getattr(_outcome, 'state', None) == 'retrying':
+        return
+    _outcome.state = state
 
 
 def install_outcome_receiver(app):

@@ -37,11 +37,19 @@ def test_producer_configures_itself_from_the_environment(monkeypatch,
 
 
 def test_signed_messages_run_when_keys_match(producer, base_env,
-                                             start_daemon, monkeypatch):
-    import sample_tasks
+                                             start_daemon):
     cfg = config.load(environ={'HUEY_REDIS_URL': base_env['HUEY_REDIS_URL'],
                                'HUEY_SECRET_KEY': 'shared-secret'})
+    unsigned = producer.config
     producer.configure(cfg)
+    try:
+        _run_signed(producer, base_env, start_daemon)
+    finally:
+        producer.configure(unsigned)  # the shared app: leave it as found
+
+
+def _run_signed(producer, base_env, start_daemon):
+    import sample_tasks
     daemon = start_daemon(['consumer', '--workers', '1'],
                           dict(base_env, HUEY_SECRET_KEY='shared-secret'))
     daemon.wait_for_output('consumer ready')

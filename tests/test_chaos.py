@@ -8,6 +8,8 @@ import random
 import signal
 import time
 
+from huey.serializer import Serializer
+
 from daemon.devredis import EmbeddedRedis
 
 TASKS = 600
@@ -112,7 +114,7 @@ def test_no_task_lost_under_kill_9_and_a_redis_restart(tmp_path, base_env,
 
         runs = {int(k): int(v) for k, v in
                 client.hgetall('test:chaos-runs').items()}
-        results = [huey.serializer.deserialize(v) for v in
+        results = [Serializer().deserialize(v) for v in
                    client.mget(['huey.r.huey.' + i for i in ids])]
         duplicates = sum(n - 1 for n in runs.values())
         print('\nchaos: %d tasks, %d completed, %d lost, %d duplicate runs; '

@@ -246,3 +246,39 @@ def test_outcome_written_after_redis_comes_back(tmp_path, base_env,
         assert daemon.wait() == 0
     finally:
         server.cleanup()
+
+
+def test_dead_letters_through_the_status_endpoint(producer, base_env,
+                                                  start_daemon):
+    from ops_helpers import Client, start_status_server
+    storage = producer.storage
+    storage.conn.lpush(storage.queue_key, b'garbage-1', b'garbage-2')
+    consumer = start_daemon(['consumer', '--workers', '1'], env_for(base_env))
+    wait_until(lambda: storage.conn.llen(producer.keys.dead) == 2,
+               message='two dead letters')
+    consumer.signal(signal.SIGTERM)
+    assert consumer.wait() == 0
+
+    env = dict(env_for(base_env), HUEY_STATUS_TOKEN='t0ken')
+    server, port = start_status_server(start_daemon, env)
+    client = Client(port, token='t0ken')
+    status, body = client.get('/dead-letters')
+    assert status == 200 and body['count'] == 2
+    assert {r['reason'] for r in body['dead_letters']} == {'undecodable'}
+    assert all('message' not in r for r in body['dead_letters'])
+    first, second = [r['id'] for r in body['dead_letters']]
+
+    assert client.get('/dead-letters?limit=0')[0] == 400
+    assert client.json('POST', '/dead-letters/purge', {'ids': [first]},
+                       auth=False)[0] == 401
+    assert client.json('POST', '/dead-letters/purge', {})[0] == 400
+    assert client.json('POST', '/dead-letters/purge',
+                       {'ids': [first], 'all': True})[0] == 400
+
+    assert client.json('POST', '/dead-letters/requeue', {'ids': [first]}) \
+        == (200, {'requeued': 1, 'ids': [first]})
+    assert storage.conn.llen(storage.queue_key) == 1
+    assert client.json('POST', '/dead-letters/purge', {'all': True}) == \
+        (200, {'purged': 1})
+    assert client.get('/dead-letters')[1]['count'] == 0
+    assert server.proc.poll() is None

@@ -10,7 +10,7 @@ from urllib.parse import parse_qsl
 
 import redis
 
-from .. import journal, overview, tasknames
+from .. import deadletters, journal, overview, tasknames
 from .httpserver import Response
 from .metrics import render_metrics
 
@@ -44,6 +44,9 @@ class Routes:
             (('GET',), r'/tasks/' + TASK_ID, self.task, False),
             (('POST',), r'/tasks/' + TASK_ID + r'/revoke', self.revoke, True),
             (('GET',), r'/api/collect/task/' + TASK_ID, self.seed_task, False),
+            (('GET',), r'/dead-letters', self.dead_letters, False),
+            (('POST',), r'/dead-letters/requeue', self.requeue_dead, True),
+            (('POST',), r'/dead-letters/purge', self.purge_dead, True),
         ]
         self.table = [(m, re.compile(p + r'\Z'), h, t)
                       for m, p, h, t in self.table]
@@ -121,9 +124,12 @@ class Routes:
         self._query(request, ())
         routes = ['GET /health', 'GET /health/live', 'GET /queue',
                   'GET /workers', 'GET /metrics', 'GET /tasks',
-                  'GET /tasks/<id>', 'GET /api/collect/task/<id>']
+                  'GET /tasks/<id>', 'GET /api/collect/task/<id>',
+                  'GET /dead-letters']
         if self.token:
-            routes += ['POST /tasks', 'POST /tasks/<id>/revoke']
+            routes += ['POST /tasks', 'POST /tasks/<id>/revoke',
+                       'POST /dead-letters/requeue',
+                       'POST /dead-letters/purge']
         return Response.json(200, {'service': 'huey-worker status',
                                    'routes': routes})
 
@@ -247,6 +253,58 @@ class Routes:
                                    'detail': 'the worker that takes it will '
                                              'skip it (state becomes '
                                              'revoked)'})
+
+
+    # -- dead letters ---------------------------------------------------------
+
+    def _dead_storage(self, params):
+        storage = overview.storage_for(self.app, params.get('queue'))
+        if storage is None:
+            raise BadRequest(404, 'unknown queue %r' % params.get('queue'))
+        return storage
+
+    def dead_letters(self, request):
+        params = self._query(request, ('limit', 'queue'))
+        try:
+            limit = int(params.get('limit', '100'))
+        except ValueError:
+            limit = -1
+        if not 1 <= limit <= 1000:
+            raise BadRequest(400, 'limit must be a whole number from 1 to '
+                                  '1000')
+        storage = self._dead_storage(params)
+        return Response.json(200, {
+            'queue': storage.name, 'count': deadletters.count(storage),
+            'dead_letters': deadletters.list_records(storage, limit)})
+
+    def _dead_selection(self, request):
+        """Body {"ids": [record or task ids]} or {"all": true}."""
+        body = _json_body(request)
+        if not isinstance(body, dict) or set(body) - {'ids', 'all', 'queue'}:
+            raise BadRequest(400, 'expected a JSON object with "ids" (a list '
+                                  'of dead-letter or task ids) or "all": true')
+        ids, select_all = body.get('ids'), body.get('all') is True
+        if select_all == (ids is not None):
+            raise BadRequest(400, 'give "ids" or "all": true, not both nor '
+                                  'neither')
+        if ids is not None and (not isinstance(ids, list) or not ids or not
+                                all(isinstance(i, str) for i in ids)):
+            raise BadRequest(400, '"ids" must be a non-empty list of strings')
+        storage = self._dead_storage({'queue': body.get('queue')})
+        return storage, None if select_all else set(ids)
+
+    def requeue_dead(self, request):
+        self._query(request, ())
+        storage, selectors = self._dead_selection(request)
+        records = deadletters.requeue(storage, selectors)
+        return Response.json(200, {'requeued': len(records), 'ids': [
+            r.get('id') for r in records]})
+
+    def purge_dead(self, request):
+        self._query(request, ())
+        storage, selectors = self._dead_selection(request)
+        return Response.json(200, {'purged': deadletters.purge(storage,
+                                                                selectors)})
 
 
 def revoke_task(app, storage, task_id):

@@ -1,0 +1,539 @@
+"""`make bench`: this suite against huey's own consumer, in one run, on one
+private Redis, printed as one table.
+
+    .venv/bin/python bench/run.py [--runs N] [--tasks N] [--quick]
+        [--only SECTION,...] [--markdown PATH]
+
+Sections: throughput (with start-up time, memory and CPU per task on the
+way), latency, enqueue, status, pdf, recovery.  Each figure is the median
+of --runs runs with their min and max; runs of the two consumers alternate
+so a busy machine slows both alike, and the ratios (taken run by run) are
+the figures to read first.  Targets (issue 8) are shown beside the rows
+they apply to; they are not asserted anywhere.
+"""
+import argparse
+import datetime
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+
+BENCH = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(BENCH)
+sys.path[:0] = [ROOT, BENCH]
+
+SECTIONS = ('throughput', 'latency', 'enqueue', 'status', 'pdf', 'recovery')
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(
+        description=__doc__.split('\n')[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--runs', type=int, default=3,
+                        help='runs per figure (default 3)')
+    parser.add_argument('--tasks', type=int, default=3000,
+                        help='no-op tasks per throughput run (default 3000)')
+    parser.add_argument('--latency-samples', type=int, default=300)
+    parser.add_argument('--enqueue-tasks', type=int, default=3000)
+    parser.add_argument('--records', type=int, default=100000,
+                        help='journal records held for the status endpoint '
+                             '(default 100000)')
+    parser.add_argument('--status-seconds', type=float, default=3.0)
+    parser.add_argument('--pdf-pages', type=int, default=200)
+    parser.add_argument('--recovery-timeout', type=float, default=2.0)
+    parser.add_argument('--modes', metavar='KIND:N,...',
+                        help='consumer modes for throughput and memory, e.g. '
+                             'thread:1,process:2 (default: thread 1, 4 and 16 '
+                             'and process with one worker per CPU)')
+    parser.add_argument('--only', default=','.join(SECTIONS),
+                        help='comma-separated sections (default: all)')
+    parser.add_argument('--quick', action='store_true',
+                        help='a tiny run that proves every part works; its '
+                             'figures mean little')
+    parser.add_argument('--markdown', metavar='PATH',
+                        help='also write the table as Markdown')
+    args = parser.parse_args(argv)
+    args.only = [s.strip() for s in args.only.split(',') if s.strip()]
+    unknown = sorted(set(args.only) - set(SECTIONS))
+    if unknown:
+        parser.error('unknown section(s) %s (known: %s)' % (
+            ', '.join(unknown), ', '.join(SECTIONS)))
+    if args.modes:
+        try:
+            args.modes = [(int(n), kind) for kind, _, n in (
+                m.strip().partition(':') for m in args.modes.split(','))
+                if kind in ('thread', 'process')]
+        except ValueError:
+            args.modes = None
+        if not args.modes:
+            parser.error('--modes: expected e.g. thread:4,process:2')
+    if args.quick:
+        args.runs, args.tasks, args.latency_samples = 1, 200, 20
+        args.enqueue_tasks, args.records, args.status_seconds = 200, 500, 0.5
+        args.pdf_pages = 5
+    return args
+
+
+class Bench:
+    def __init__(self, args, server, workdir):
+        from daemon import app as app_module, config
+        self.args, self.server, self.workdir = args, server, workdir
+        self.url = server.url
+        self.client = server.client()
+        empty = os.path.join(workdir, 'empty.ini')
+        open(empty, 'w').close()
+        self.cfg = config.load(empty, environ={'HUEY_REDIS_URL': self.url})
+        self.app = app_module.huey.configure(self.cfg)
+        import bench_tasks
+        import plain_tasks
+        self.tasks, self.plain_tasks = bench_tasks, plain_tasks
+        self.plain = plain_tasks.huey
+
+    # -- consumers -------------------------------------------------------------
+
+    def suite(self, workers, kind, **kwargs):
+        from harness import SuiteConsumer
+        return SuiteConsumer(workers, kind, self.url, self.workdir, **kwargs)
+
+    def plain_consumer(self, workers, kind, **kwargs):
+        from harness import PlainConsumer
+        return PlainConsumer(workers, kind, self.url, self.workdir, **kwargs)
+
+    def floor(self, workers, kind):
+        from harness import FloorConsumer
+        return FloorConsumer(workers, kind, self.url, self.workdir)
+
+    def modes(self):
+        if self.args.modes:
+            return self.args.modes
+        cpus = len(os.sched_getaffinity(0))
+        if self.args.quick:
+            return [(4, 'thread'), (cpus, 'process')]
+        return [(1, 'thread'), (4, 'thread'), (16, 'thread'), (cpus, 'process')]
+
+
+def throughput(bench, table, results):
+    from harness import Figure
+    from table import cell, ratio_cell
+    import throughput as tp
+    args, app, client = bench.args, bench.app, bench.client
+    tasks, plain_tasks, plain = bench.tasks, bench.plain_tasks, bench.plain
+
+    def warm_suite():
+        return app.storage.result_key(tasks.noop().id)
+
+    def warm_plain():
+        return plain.storage.result_key(plain_tasks.noop().id)
+
+    def warm_floor():
+        client.lpush('huey.redis.huey', b'warm')
+        return b'huey.r.huey.warm'
+
+    def batch_suite(n):
+        return tp.suite_batch(app, tasks.noop, n)
+
+    def batch_plain(n):
+        return tp.plain_batch(plain, plain_tasks.noop, n)
+
+    def batch_floor(n):
+        return tp.floor_batch(client, n)
+
+    variants = [('info', {}, {})]
+    if not args.quick:
+        variants.append(('quiet', {'task_events': False}, {'quiet': True}))
+    figures = {}
+    for workers, kind in bench.modes():
+        mode = '%s x%d' % (kind, workers)
+        contenders = []
+        for name, suite_kw, plain_kw in variants:
+            contenders.append((('suite', name), lambda kw=suite_kw: bench.suite(
+                workers, kind, **kw), warm_suite, batch_suite))
+            contenders.append((('plain', name), lambda kw=plain_kw:
+                               bench.plain_consumer(workers, kind, **kw),
+                               warm_plain, batch_plain))
+        contenders.append((('floor', 'info'), lambda: bench.floor(workers, kind),
+                           warm_floor, batch_floor))
+        for run in range(args.runs):
+            # Alternate the order so neither side always goes first.
+            order = contenders if run % 2 == 0 else contenders[::-1]
+            for key, make, warm, batch in order:
+                out = tp.run_once(client, make(), warm, batch, args.tasks)
+                for name, value in out.items():
+                    figures.setdefault((mode, key, name), Figure()).add(value)
+                progress('throughput %s %s/%s run %d: %.0f tasks/s' % (
+                    mode, key[0], key[1], run + 1, out['rate']))
+    results['throughput'] = figures
+
+    def get(mode, who, variant, name):
+        return figures.get((mode, (who, variant), name))
+
+    for name, header, suite_note, plain_note in (
+            ('info', 'Throughput, no-op tasks/s: both log two INFO lines per '
+                     'task to a file (suite [logging] task_events on, '
+                     'huey_consumer default)', None, None),
+            ('quiet', 'Throughput, no-op tasks/s: no per-task log lines '
+                      '(suite task_events = false, huey_consumer -q)',
+             None, None)):
+        if name not in [v[0] for v in variants]:
+            continue
+        table.section(header, ['mode', 'suite', 'huey_consumer', 'ratio',
+                               'redis-py floor', 'target'])
+        for workers, kind in bench.modes():
+            mode = '%s x%d' % (kind, workers)
+            suite_rate = get(mode, 'suite', name, 'rate')
+            plain_rate = get(mode, 'plain', name, 'rate')
+            table.row(mode, cell(suite_rate), cell(plain_rate),
+                      ratio_cell(suite_rate, plain_rate),
+                      cell(get(mode, 'floor', 'info', 'rate')), '>= 1.00x')
+        table.section('CPU per no-op task, microseconds (consumer process '
+                      'and its workers; %s)' % ('two INFO lines per task'
+                                                if name == 'info' else
+                                                'no per-task lines'),
+                      ['mode', 'suite', 'huey_consumer', 'ratio',
+                       'redis-py floor'])
+        for workers, kind in bench.modes():
+            mode = '%s x%d' % (kind, workers)
+            suite_cpu = get(mode, 'suite', name, 'cpu_us')
+            plain_cpu = get(mode, 'plain', name, 'cpu_us')
+            table.row(mode, cell(suite_cpu), cell(plain_cpu),
+                      ratio_cell(suite_cpu, plain_cpu),
+                      cell(get(mode, 'floor', 'info', 'cpu_us')))
+
+    table.section('Memory, MiB (thread mode: RSS of the process; process '
+                   'mode: PSS of the consumer and its workers)',
+                  ['mode', 'suite idle', 'huey idle', 'difference',
+                   'suite busy', 'huey busy', 'target'])
+    for workers, kind in bench.modes():
+        mode = '%s x%d' % (kind, workers)
+        what = 'rss' if kind == 'thread' else 'pss'
+        suite_idle = get(mode, 'suite', 'info', 'idle_' + what)
+        plain_idle = get(mode, 'plain', 'info', 'idle_' + what)
+        difference = Figure(a - b for a, b in zip(suite_idle.values,
+                                                  plain_idle.values))
+        table.row(mode, cell(suite_idle, '%.1f'), cell(plain_idle, '%.1f'),
+                  cell(difference, '%+.1f'),
+                  cell(get(mode, 'suite', 'info', 'busy_' + what), '%.1f'),
+                  cell(get(mode, 'plain', 'info', 'busy_' + what), '%.1f'),
+                  'idle thread RSS within 10 MiB' if kind == 'thread' else '')
+
+    table.section('Start-up, seconds from spawn', ['consumer', 'READY=1',
+                                                   'first task done',
+                                                   'target'])
+    for kind in ('thread', 'process'):
+        ready, first, first_plain = Figure(), Figure(), Figure()
+        for workers, k in bench.modes():
+            if k != kind:
+                continue
+            mode = '%s x%d' % (kind, workers)
+            for variant in [v[0] for v in variants]:
+                ready.values += get(mode, 'suite', variant, 'ready').values
+                first.values += get(mode, 'suite', variant,
+                                    'first_task').values
+                first_plain.values += get(mode, 'plain', variant,
+                                          'first_task').values
+        table.row('suite, %s mode' % kind, cell(ready, '%.2f'),
+                  cell(first, '%.2f'), 'READY <= 1 s')
+        table.row('huey_consumer, %s mode' % kind, '(no sd_notify)',
+                  cell(first_plain, '%.2f'), '')
+    builtin = Figure()
+    for _ in range(args.runs):
+        client.flushdb()
+        with bench.suite(4, 'thread', builtin=True).start(notify=True) as c:
+            builtin.add(c.wait_ready())
+    table.row('suite, thread x4, built-in tasks loaded (the default)',
+              cell(builtin, '%.2f'), '', 'READY <= 1 s')
+
+
+def latency(bench, table, results):
+    from harness import Figure
+    from table import cell
+    import latency as lat
+    args, client = bench.args, bench.client
+    senders = {
+        'suite': (lambda: bench.suite(4, 'thread'),
+                  lat.suite_sender(bench.app, bench.tasks.stamp)),
+        'plain': (lambda: bench.plain_consumer(4, 'thread'),
+                  lat.plain_sender(bench.plain, bench.plain_tasks.stamp)),
+    }
+    figures = {}
+    for run in range(args.runs):
+        order = ['suite', 'plain'] if run % 2 == 0 else ['plain', 'suite']
+        for who in order:
+            make, send = senders[who]
+            out = lat.run_once(client, make(), send, args.latency_samples,
+                               seed=run)
+            for name, value in out.items():
+                figures.setdefault((who, name), Figure()).add(value)
+            progress('latency %s run %d: p50 %.2f ms, p99 %.2f ms' % (
+                who, run + 1, out['p50'], out['p99']))
+    results['latency'] = figures
+    table.section('Pickup latency, ms: enqueue into an idle queue to task '
+                  'start (thread x4, %d probes per run)'
+                  % args.latency_samples,
+                  ['', 'suite', 'huey_consumer', 'target'])
+    table.row('p50', cell(figures[('suite', 'p50')], '%.2f'),
+              cell(figures[('plain', 'p50')], '%.2f'), '')
+    table.row('p99', cell(figures[('suite', 'p99')], '%.2f'),
+              cell(figures[('plain', 'p99')], '%.2f'), '<= 2 ms')
+
+
+def enqueue(bench, table, results):
+    from daemon import config
+    from harness import Figure
+    from table import cell, ratio_cell
+    import enqueue as enq
+    args, client, app = bench.args, bench.client, bench.app
+    no_journal = config.load(os.path.join(bench.workdir, 'empty.ini'),
+                             environ={'HUEY_REDIS_URL': bench.url,
+                                      'HUEY_WORKER_JOURNAL_ENABLED': 'false'})
+    figures = {'suite': Figure(), 'suite-nojournal': Figure(),
+               'plain': Figure()}
+    for run in range(args.runs):
+        app.configure(bench.cfg)
+        figures['suite'].add(enq.rate(client, bench.tasks.noop,
+                                      args.enqueue_tasks))
+        figures['plain'].add(enq.rate(client, bench.plain_tasks.noop,
+                                      args.enqueue_tasks))
+        app.configure(no_journal)
+        figures['suite-nojournal'].add(enq.rate(client, bench.tasks.noop,
+                                                args.enqueue_tasks))
+        app.configure(bench.cfg)
+        progress('enqueue run %d: suite %.0f/s, plain %.0f/s' % (
+            run + 1, figures['suite'].values[-1],
+            figures['plain'].values[-1]))
+    results['enqueue'] = figures
+    table.section('Enqueue rate, tasks/s from one producer (task() in a '
+                  'loop)', ['producer', 'tasks/s', 'ratio to huey'])
+    table.row('suite, journal on (the default)', cell(figures['suite']),
+              ratio_cell(figures['suite'], figures['plain']))
+    table.row('suite, journal off', cell(figures['suite-nojournal']),
+              ratio_cell(figures['suite-nojournal'], figures['plain']))
+    table.row('plain huey', cell(figures['plain']), '')
+
+
+def status(bench, table, results):
+    from daemon.devredis import free_port
+    from harness import Figure, StatusServer
+    from table import cell
+    import status_load
+    args, client = bench.args, bench.client
+    client.flushdb()
+    started = time.monotonic()
+    ids = status_load.fill_journal(bench.app, bench.tasks.noop, args.records)
+    progress('status: %d journal records written in %.1fs' % (
+        len(ids), time.monotonic() - started))
+    port = free_port()
+    routes = [('/health', ['/health']),
+              ('/tasks/<id>', ['/tasks/%s' % i for i in ids[::max(
+                  1, len(ids) // 5000)]]),
+              ('/metrics', ['/metrics'])]
+    figures = {}
+    # A live consumer, so /health and /metrics report a real one.
+    with bench.suite(1, 'thread', task_events=False).start(notify=True) \
+            as consumer, StatusServer(port, bench.url, bench.workdir).start(
+                notify=True) as server:
+        consumer.wait_ready()
+        server.wait_ready()
+        for run in range(args.runs):
+            for route, paths in routes:
+                out = status_load.load(('127.0.0.1', port), paths,
+                                       seconds=args.status_seconds,
+                                       seed=run * 10)
+                bad = {s: n for s, n in out['statuses'].items()
+                       if s != 200}
+                if bad:
+                    raise RuntimeError('%s answered %r; log: %s' % (
+                        route, bad, server.log_path))
+                for name in ('rps', 'p50', 'p99'):
+                    figures.setdefault((route, name), Figure()).add(out[name])
+                progress('status %s run %d: %.0f req/s, p99 %.1f ms' % (
+                    route, run + 1, out['rps'], out['p99']))
+    results['status'] = figures
+    table.section('Status endpoint with %d journal records held, 16 '
+                  'concurrent clients (2 processes x 8 threads, a new '
+                  'connection per request)' % len(ids),
+                  ['route', 'requests/s', 'p50 ms', 'p99 ms', 'target'])
+    for route, _ in routes:
+        table.row(route, cell(figures[(route, 'rps')]),
+                  cell(figures[(route, 'p50')], '%.1f'),
+                  cell(figures[(route, 'p99')], '%.1f'),
+                  '>= 2000/s, p99 <= 20 ms' if route == '/tasks/<id>'
+                  else '')
+
+
+def pdf(bench, table, results):
+    from harness import Figure
+    from table import cell, ratio_cell
+    try:
+        import pdf_extract
+        from daemon import config
+    except ImportError as exc:
+        table.section('PDF extraction', ['', ''])
+        table.row('bench/pdf_extract.py missing or broken', str(exc))
+        return
+    args = bench.args
+    runs = max(args.runs, 3) if not args.quick else 1
+    wall = {'direct': Figure(), 'suite': Figure()}
+    cpu = {'direct': Figure(), 'suite': Figure()}
+    with tempfile.TemporaryDirectory(prefix='bench-pdf-',
+                                     dir=bench.workdir) as tmp:
+        input_root = os.path.join(tmp, 'input')
+        os.makedirs(input_root)
+        path = os.path.join(input_root, 'bench.pdf')
+        pdf_extract.make_document(path, args.pdf_pages)
+        cfg = config.load(os.path.join(bench.workdir, 'empty.ini'),
+                          environ={}, overrides={
+                              'pdf.input_root': input_root,
+                              'pdf.output_root': os.path.join(tmp, 'output'),
+                              'pdf.max_pages': str(args.pdf_pages)})
+        contenders = [('direct', pdf_extract.direct, (path,)),
+                      ('suite', pdf_extract.suite, (cfg, 'bench.pdf'))]
+        for _, fn, fn_args in contenders:
+            fn(*fn_args)   # warm up
+        for run in range(runs * 3):
+            for label, fn, fn_args in contenders[::1 if run % 2 else -1]:
+                by_wall, by_cpu = pdf_extract.timed(fn, *fn_args)
+                wall[label].add(by_wall)
+                cpu[label].add(by_cpu)
+    results['pdf'] = {'wall': wall, 'cpu': cpu}
+    progress('pdf: direct %.0f, suite %.0f pages/s (cpu)' % (
+        cpu['direct'].median, cpu['suite'].median))
+    table.section('PDF text extraction, pages/s (%d-page document, '
+                  'bench/pdf_extract.py: pdf.extract\'s code against '
+                  'pymupdf directly)' % args.pdf_pages,
+                  ['clock', 'pymupdf direct', 'through the suite', 'ratio',
+                   'target'])
+    table.row('CPU time', cell(cpu['direct']), cell(cpu['suite']),
+              ratio_cell(cpu['suite'], cpu['direct']), '>= 0.95x')
+    table.row('wall clock', cell(wall['direct']), cell(wall['suite']),
+              ratio_cell(wall['suite'], wall['direct']), '')
+
+
+def recovery(bench, table, results):
+    from harness import Figure
+    from table import cell
+    import recovery as rec
+    args, client = bench.args, bench.client
+    extra = {'HUEY_WORKER_DELIVERY_HEARTBEAT_INTERVAL': '0.5',
+             'HUEY_WORKER_DELIVERY_RECOVERY_TIMEOUT':
+                 '%g' % args.recovery_timeout}
+
+    def make(identity):
+        return bench.suite(1, 'thread', identity=identity, extra_env=extra)
+
+    figures = {'restart': Figure(), 'rescue': Figure()}
+    lost = 0
+    watch = 1.0 if args.quick else 3.0
+    for run in range(args.runs):
+        figures['restart'].add(rec.suite_once(client, bench.app,
+                                              bench.tasks.hold, make, True))
+        figures['rescue'].add(rec.suite_once(client, bench.app,
+                                             bench.tasks.hold, make, False))
+        back = rec.plain_once(client, bench.plain, bench.plain_tasks.hold,
+                              lambda: bench.plain_consumer(1, 'thread'),
+                              watch=watch)
+        lost += back is None
+        progress('recovery run %d: restart %.2fs, other consumer %.2fs' % (
+            run + 1, figures['restart'].values[-1],
+            figures['rescue'].values[-1]))
+    results['recovery'] = figures
+    table.section('Crash recovery: kill -9 of a consumer running a task, to '
+                  'the task back in the queue, seconds',
+                  ['case', 'seconds'])
+    table.row('suite, restarted at once (same identity)',
+              cell(figures['restart'], '%.2f'))
+    table.row('suite, no restart: another consumer recovers it '
+              '(recovery_timeout %gs, heartbeat 0.5s)' % args.recovery_timeout,
+              cell(figures['rescue'], '%.2f'))
+    table.row('huey_consumer, restarted at once',
+              'lost in %d of %d runs (not back %gs after the restart)'
+              % (lost, args.runs, watch))
+
+
+def machine_lines(args):
+    import huey
+    import redis
+    from daemon.devredis import find_redis_server
+    import subprocess
+    cpu = '?'
+    try:
+        with open('/proc/cpuinfo') as fh:
+            for line in fh:
+                if line.startswith('model name'):
+                    cpu = line.split(':', 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    version = subprocess.run([find_redis_server(), '--version'],
+                             capture_output=True, text=True).stdout.split()
+    redis_version = next((w.split('=')[1] for w in version
+                          if w.startswith('v=')), '?')
+    try:
+        with open('/proc/loadavg') as fh:
+            load = fh.read().split()[0]
+    except OSError:
+        load = '?'
+    return ['huey-worker benchmark, %s' % datetime.datetime.now().strftime(
+                '%Y-%m-%d %H:%M'),
+            'machine: %d CPUs (%s), %s, Python %s, Redis %s, huey %s, '
+            'redis-py %s (hiredis %s); load average at start %s' % (
+                os.cpu_count(), cpu, platform.platform(terse=True),
+                platform.python_version(), redis_version, huey.__version__,
+                redis.__version__,
+                'yes' if redis.utils.HIREDIS_AVAILABLE else 'no', load),
+            'each figure: median of %d run(s) [min-max]; ratios run by run%s'
+            % (args.runs, '; QUICK RUN, figures mean little' if args.quick
+               else '')]
+
+
+def progress(text):
+    print('  ... ' + text, file=sys.stderr, flush=True)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    for name in list(os.environ):
+        if name.startswith(('HUEY_', 'REDIS_')):
+            del os.environ[name]   # the benchmark's settings only
+    from daemon.devredis import EmbeddedRedis
+    from table import Table
+    workdir = tempfile.mkdtemp(prefix='huey-worker-bench-')
+    server = EmbeddedRedis(os.path.join(workdir, 'redis'), persist=False)
+    server.start()
+    os.environ['BENCH_REDIS_URL'] = server.url
+    started = time.monotonic()
+    table = Table(machine_lines(args))
+    results = {}
+    failed = []
+    try:
+        bench = Bench(args, server, workdir)
+        for name in SECTIONS:
+            if name not in args.only:
+                continue
+            try:
+                globals()[name](bench, table, results)
+            except Exception as exc:
+                failed.append(name)
+                table.section('%s: FAILED' % name, ['error'])
+                table.row('%s: %s' % (type(exc).__name__, exc))
+                progress('%s failed: %s: %s' % (name, type(exc).__name__,
+                                                exc))
+    finally:
+        server.cleanup()
+    table.title.append('benchmark time: %.0fs' % (time.monotonic() - started))
+    sys.stdout.write(table.text())
+    if args.markdown:
+        with open(args.markdown, 'w') as fh:
+            fh.write(table.markdown())
+    if failed:
+        print('failed sections: %s (logs kept in %s)' % (
+            ', '.join(failed), workdir), file=sys.stderr)
+        return 1
+    shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
