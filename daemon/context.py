@@ -1,7 +1,9 @@
-"""What a running task may ask about itself.
+"""The task a worker is running, as the worker knows it.
 
 The worker sets this before the task body runs and clears it after; it is
 per thread (thread and greenlet workers) and per process (process workers).
+Tasks use the public API in daemon.journal (current_delivery,
+report_progress), which reads this.
 """
 import threading
 

@@ -24,6 +24,8 @@ import time
 
 import redis
 
+from . import context
+
 log = logging.getLogger('huey_worker.journal')
 
 # Journal fields the progress API writes.
@@ -186,9 +188,13 @@ def current_delivery():
     if ctx is None:
         return None
     if ctx.delivery is None:
-        value = ctx.storage.conn.hget(ctx.storage.keys.deliveries,
-                                      ctx.task_id)
-        ctx.delivery = int(value) if value is not None else 1
+        running = context.current_task()
+        if running is not None and running.id == ctx.task_id:
+            ctx.delivery = context.delivery_count()  # the worker knows it
+        else:
+            value = ctx.storage.conn.hget(ctx.storage.keys.deliveries,
+                                          ctx.task_id)
+            ctx.delivery = int(value) if value is not None else 1
     return ctx.delivery
 
 

@@ -5,7 +5,7 @@ import time
 
 import redis
 
-from daemon import context
+from daemon.journal import current_delivery
 from daemon.app import huey
 
 
@@ -15,7 +15,7 @@ def slow_counted(seconds, tag):
     delivery count this run saw."""
     huey.storage.conn.hincrby('test:runs', tag, 1)
     time.sleep(seconds)
-    return context.delivery_count()
+    return current_delivery()
 
 
 @huey.task()
