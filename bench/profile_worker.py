@@ -36,6 +36,7 @@ def suite_worker(app, cfg):
     worker = Worker(app, cfg, 0, slot, StopFlag(), 'profile', False)
     # What Worker.run sets up before its loop, without the loop.
     worker.storage = app.storage
+    worker.storage.pin_connection()
     worker.keys = worker.storage.keys
     worker.inflight_key = worker.keys.inflight('profile', 0)
     worker.delivery = delivery.Delivery(worker.storage)

@@ -15,18 +15,15 @@ import time
 
 import redis
 
-from . import __version__, cpus, delivery, logs, redisconn
+from . import __version__, cpus, delivery, redisconn
 from .app import hostname
 from .config import ConfigError
-from .exitcodes import EX_OK
+from .mainloop import MainLoop
 from .notify import Notifier
-from .signals import handled_signals, name as signal_name
+from .signals import name as signal_name
 from .worker import REDIS_ERRORS, Slot, StopFlag, Worker
 
 log = logging.getLogger('huey_worker.consumer')
-
-TICK = 0.5  # seconds between main-loop passes
-
 
 def consumer_identity(cfg):
     if cfg.consumer.identity:
@@ -34,7 +31,7 @@ def consumer_identity(cfg):
     return '%s:%s' % (hostname(), cfg.consumer.instance)
 
 
-class Consumer:
+class Consumer(MainLoop):
     def __init__(self, cfg, app, reload_config=None, notifier=None,
                  cpu_roots=None):
         if cfg.huey.immediate:
@@ -65,25 +62,6 @@ class Consumer:
         self._last_watchdog = 0.0
         self._queue_depth = None
         self._stuck = []
-
-    # -- run ---------------------------------------------------------------
-
-    def run(self):
-        with handled_signals() as flags:
-            self.flags = flags
-            if not self.initialize():
-                return EX_OK
-            while not flags.stop_requests:
-                if flags.reload:
-                    flags.reload = False
-                    self.reload()
-                if flags.reopen:
-                    flags.reopen = False
-                    self.reopen_logs()
-                self.loop()
-                flags.wait(TICK)
-            self.shutdown()
-        return EX_OK
 
     def initialize(self):
         cfg = self.cfg
@@ -176,8 +154,7 @@ class Consumer:
         os.execv(sys.executable, [sys.executable] + sys.orig_argv[1:])
 
     def reopen_logs(self):
-        logs.reopen()
-        log.info('SIGUSR1: log files reopened')
+        super().reopen_logs()
         if self.in_process:
             for index in range(self.count):
                 entry = self.workers[index]

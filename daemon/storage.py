@@ -65,7 +65,7 @@ class SuiteStorage(RedisExpireStorage):
         pipe = self.conn.pipeline(transaction=True)
         for command in pending + [c for c in extra if c is not None]:
             command(pipe)
-        results = transaction.execute(pipe)
+        results = transaction.execute(pipe, self._own_connection())
         pending.clear()
         return results
 
@@ -85,13 +85,42 @@ class SuiteStorage(RedisExpireStorage):
 
     _read = flush
 
+    # -- a worker's own connection ------------------------------------------
+
+    def pin_connection(self):
+        """Let this thread keep one connection for its round trips (the
+        worker's dequeue and transactions) instead of taking one from the
+        pool each time: the pool's checkout (a lock and a readiness poll)
+        cost as much as a command.  Taken on first use, so Redis being down
+        now is no error; threads that never ask use the pool as before."""
+        self._local.wants_own = True
+
+    def unpin_connection(self):
+        conn = getattr(self._local, 'own', None)
+        self._local.wants_own = False
+        self._local.own = None
+        if conn is not None:
+            self.pool.release(conn)
+
+    def _own_connection(self):
+        local = self._local
+        conn = getattr(local, 'own', None)
+        if conn is None and getattr(local, 'wants_own', False):
+            conn = local.own = self.pool.get_connection()
+        return conn
+
     # -- crash-safe dequeue -------------------------------------------------
 
     def dequeue_into(self, inflight_key, timeout):
         """Block up to `timeout` seconds for a message; it lands in
         `inflight_key` as well as being returned."""
-        return self.conn.brpoplpush(self.queue_key, inflight_key,
-                                    timeout=max(1, int(round(timeout))))
+        timeout = max(1, int(round(timeout)))
+        conn = self._own_connection()
+        if conn is None:
+            return self.conn.brpoplpush(self.queue_key, inflight_key,
+                                        timeout=timeout)
+        return transaction.command(conn, 'BRPOPLPUSH', self.queue_key,
+                                   inflight_key, timeout)
 
     # -- Huey's storage API, routed through the piggyback ------------------
 

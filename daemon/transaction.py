@@ -36,25 +36,29 @@ _MULTI = ('MULTI',)
 _EXEC = ('EXEC',)
 
 
-def execute(pipe):
+def execute(pipe, conn=None):
     """Run `pipe`'s commands in one MULTI/EXEC; their replies, as
-    pipe.execute() returns them.  The pipeline is reset afterwards."""
+    pipe.execute() returns them.  The pipeline is reset afterwards.
+    `conn`: a connection the caller keeps (else one from the pool)."""
     stack = pipe.command_stack
     if not stack:
         return []
     if pipe.watching or not pipe.transaction or pipe.explicit_transaction \
             or pipe.connection is not None:
         return pipe.execute()
-    pool = pipe.connection_pool
-    conn = pool.get_connection()
+    pool = pipe.connection_pool if conn is None else None
+    if pool is not None:
+        conn = pool.get_connection()
     try:
         replies, errors = _exchange(pipe, conn, stack)
     except BaseException:
-        # Replies may be left unread on the socket: never reuse it.
+        # Replies may be left unread on the socket: never reuse it as it
+        # is (a kept connection reconnects on its next command).
         conn.disconnect()
         raise
     finally:
-        pool.release(conn)
+        if pool is not None:
+            pool.release(conn)
         pipe.reset()
     if replies is None:
         raise WatchError('Watched variable changed.')
@@ -122,3 +126,13 @@ def _exchange(pipe, conn, stack):
             raise errors[0][1]
         raise
     return replies, errors
+
+
+def command(conn, *args):
+    """One command on a connection the caller keeps; its raw reply."""
+    try:
+        conn.send_command(*args)
+        return conn.read_response()
+    except BaseException:
+        conn.disconnect()
+        raise

@@ -12,6 +12,7 @@ The round trips of one task:
 """
 import ctypes
 import logging
+import multiprocessing
 import os
 import select
 import signal
@@ -73,20 +74,26 @@ class Slot(ctypes.Structure):
 
 
 class StopFlag:
-    """A flag that works across threads and forked processes alike (a pipe:
-    a dead process cannot leave it locked)."""
+    """A flag that works across threads and forked processes alike: a word
+    of shared memory to look at (workers look before every message, so no
+    system call), and a pipe to sleep on.  Neither can be left locked by a
+    dead process."""
 
     def __init__(self):
         self._r, self._w = os.pipe()
+        self._raised = multiprocessing.RawValue(ctypes.c_int, 0)
 
     def set(self):
-        if not self.is_set():
+        if not self._raised.value:
+            self._raised.value = 1
             os.write(self._w, b'x')
 
     def is_set(self):
-        return self.wait(0)
+        return bool(self._raised.value)
 
     def wait(self, timeout):
+        if self._raised.value:
+            return True
         try:
             ready, _, _ = select.select([self._r], [], [], max(0, timeout))
         except InterruptedError:
@@ -148,6 +155,7 @@ class Worker:
         if self.in_process:
             self._init_child()
         self.storage = self.app.storage
+        self.storage.pin_connection()
         self.keys = self.storage.keys
         self.inflight_key = self.keys.inflight(self.identity, self.index)
         self.delivery = delivery.Delivery(self.storage)
@@ -166,6 +174,7 @@ class Worker:
             pass
         finally:
             self.slot.busy = 0
+            self.storage.unpin_connection()
             self.shutdown()
 
     def initialize(self):

@@ -104,3 +104,33 @@ def wait_for_state(producer, task_id, states, timeout=20):
 
 def history_states(record):
     return [event['state'] for event in record.get('history', ())]
+
+
+class NotifySocket:
+    """What systemd would receive on NOTIFY_SOCKET."""
+
+    def __init__(self, path):
+        self.path = str(path)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(self.path)
+        self.sock.settimeout(0.2)
+        self.messages = []
+
+    def drain(self):
+        while True:
+            try:
+                data = self.sock.recv(65536)
+            except socket.timeout:
+                return self.messages
+            self.messages.append(data.decode())
+
+    def wait_for(self, needle, timeout=30):
+        def seen():
+            self.drain()
+            return [m for m in self.messages if needle in m]
+        return wait_until(seen, timeout, what='%r on NOTIFY_SOCKET '
+                                                 '(got %r)' % (needle,
+                                                               self.messages))
+
+    def close(self):
+        self.sock.close()

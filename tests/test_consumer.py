@@ -3,52 +3,13 @@ signals with tasks in flight, sd_notify on a real datagram socket, log
 reopening after a rename, Redis going away, config errors."""
 import os
 import signal
-import socket
 import time
 
 import pytest
 
+from ops_helpers import NotifySocket, wait_until
+
 from daemon.devredis import EmbeddedRedis
-
-
-def wait_until(predicate, timeout=30, interval=0.05, message='condition'):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError('timed out waiting for %s' % message)
-
-
-class NotifySocket:
-    """What systemd would receive on NOTIFY_SOCKET."""
-
-    def __init__(self, path):
-        self.path = str(path)
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(self.path)
-        self.sock.settimeout(0.2)
-        self.messages = []
-
-    def drain(self):
-        while True:
-            try:
-                data = self.sock.recv(65536)
-            except socket.timeout:
-                return self.messages
-            self.messages.append(data.decode())
-
-    def wait_for(self, needle, timeout=30):
-        def seen():
-            self.drain()
-            return [m for m in self.messages if needle in m]
-        return wait_until(seen, timeout, message='%r on NOTIFY_SOCKET '
-                                                 '(got %r)' % (needle,
-                                                               self.messages))
-
-    def close(self):
-        self.sock.close()
 
 
 @pytest.fixture
@@ -173,7 +134,7 @@ def test_sighup_reloads_the_config_in_place(producer, base_env, start_daemon,
     daemon.signal(signal.SIGHUP)
     daemon.wait_for_output('3 thread workers (set explicitly)')
     wait_until(lambda: daemon.output().count('consumer ready') == 2,
-               message='ready again')
+               what='ready again')
     assert marker.exists()
     assert result.get(blocking=True, timeout=5) == str(marker)
     assert daemon.proc.poll() is None  # same process, exec'd in place
@@ -195,16 +156,16 @@ def test_sigusr1_reopens_the_log_file_after_rotation(
     for r in before:
         r.get(blocking=True, timeout=20)
     wait_until(lambda: log_file.read_text().count('end sample_tasks.add') == 5,
-               message='5 end lines in the log file')
+               what='5 end lines in the log file')
     rotated = tmp_path / 'huey-worker.log.1'
     os.rename(log_file, rotated)
     daemon.signal(signal.SIGUSR1)
-    wait_until(log_file.exists, message='a new log file')
+    wait_until(log_file.exists, what='a new log file')
     after = [sample_tasks.add(i, 0) for i in range(5)]
     for r in after:
         r.get(blocking=True, timeout=20)
     wait_until(lambda: log_file.read_text().count('end sample_tasks.add') == 5,
-               message='5 end lines in the new file')
+               what='5 end lines in the new file')
     old_text, new_text = rotated.read_text(), log_file.read_text()
     for r in before:
         assert 'end sample_tasks.add %s' % r.id in old_text
@@ -232,7 +193,7 @@ def test_sd_notify_ready_status_watchdog_stopping_reloading(
     daemon.signal(signal.SIGHUP)
     notify_socket.wait_for('RELOADING=1')
     wait_until(lambda: len([m for m in notify_socket.drain()
-                            if 'READY=1' in m]) == 2, message='READY again')
+                            if 'READY=1' in m]) == 2, what='READY again')
     daemon.signal(signal.SIGTERM)
     notify_socket.wait_for('STOPPING=1')
     assert daemon.wait() == 0
@@ -248,7 +209,7 @@ def test_watchdog_is_not_fed_while_a_worker_is_stuck(
     notify_socket.wait_for('READY=1')
     notify_socket.wait_for('WATCHDOG=1')
     worker_pid = int(wait_until(lambda: _worker_pid(producer),
-                                message='worker pid in the heartbeat'))
+                                what='worker pid in the heartbeat'))
     assert worker_pid != daemon.pid
     os.kill(worker_pid, signal.SIGSTOP)  # alive, but no sign of life
     try:
@@ -318,7 +279,7 @@ def test_redis_lost_while_running_is_retried(tmp_path, base_env,
         _enqueue_add_message(client)
         wait_until(lambda: client.llen('huey.redis.huey') == 0
                    and 'end sample_tasks.add' in daemon.output(),
-                   message='task run after the outage')
+                   what='task run after the outage')
         assert 'Traceback' not in daemon.output()
         assert daemon.proc.poll() is None
         daemon.signal(signal.SIGTERM)
@@ -400,7 +361,7 @@ def test_bad_signature_and_unknown_task_go_to_dead_letters(
     storage.conn.lpush(storage.queue_key, forged)
     storage.conn.lpush(storage.queue_key, b'not a pickle at all')
     wait_until(lambda: storage.conn.llen(storage.keys.dead) == 2,
-               message='two dead letters')
+               what='two dead letters')
     records = [json.loads(r) for r in storage.conn.lrange(storage.keys.dead,
                                                           0, -1)]
     # With a secret set, an unsigned message fails the signature check too.
@@ -428,7 +389,7 @@ def test_unknown_task_goes_to_dead_letters_with_its_name(
     result = sample_tasks.add(1, 1)
     storage = producer.storage
     wait_until(lambda: storage.conn.llen(storage.keys.dead) == 1,
-               message='a dead letter')
+               what='a dead letter')
     record = json.loads(storage.conn.lindex(storage.keys.dead, 0))
     assert record['reason'] == 'unknown-task'
     assert 'sample_tasks.add not found' in record['detail']

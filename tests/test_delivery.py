@@ -12,7 +12,7 @@ import time
 import pytest
 
 from conftest import ROOT
-from test_consumer import wait_until
+from ops_helpers import wait_until
 
 MODULES = 'sample_tasks,delivery_tasks'
 
@@ -55,7 +55,7 @@ def test_killed_worker_process_task_runs_again(producer, tasks, base_env,
     daemon.wait_for_output('consumer ready')
     result = tasks.slow_counted(2, 'a')
     worker = wait_until(lambda: worker_running(producer, result.id),
-                        message='a worker running the task')
+                        what='a worker running the task')
     os.kill(worker['pid'], signal.SIGKILL)
     daemon.wait_for_output('died (killed by SIGKILL); restarting it')
     daemon.wait_for_output('1 task(s) of Worker-%d put back in the queue'
@@ -75,7 +75,7 @@ def test_killed_consumer_requeues_at_once_on_restart(producer, tasks,
     first.wait_for_output('consumer ready')
     result = tasks.slow_counted(1, 'b')
     wait_until(lambda: worker_running(producer, result.id),
-               message='the task running')
+               what='the task running')
     os.killpg(first.pid, signal.SIGKILL)
     first.wait()
     assert producer.storage.conn.llen(producer.storage.queue_key) == 0
@@ -93,7 +93,7 @@ def test_dead_consumer_is_recovered_by_another_one(producer, tasks, base_env,
     doomed.wait_for_output('consumer ready')
     result = tasks.slow_counted(1, 'c')
     wait_until(lambda: worker_running(producer, result.id),
-               message='the task running on the doomed consumer')
+               what='the task running on the doomed consumer')
     os.killpg(doomed.pid, signal.SIGKILL)
     doomed.wait()
     # Two living consumers race to recover it; the task runs exactly once
@@ -150,7 +150,7 @@ def test_poison_task_goes_to_dead_letters(producer, tasks, base_env,
     result = tasks.kill_my_worker()
     storage = producer.storage
     wait_until(lambda: storage.conn.llen(producer.keys.dead) == 1, 60,
-               message='the poison message in the dead letters')
+               what='the poison message in the dead letters')
     record = json.loads(storage.conn.lindex(producer.keys.dead, 0))
     assert record['reason'] == 'poison'
     assert record['task_id'] == result.id
@@ -182,7 +182,7 @@ def test_dead_letters_cli_lists_requeues_and_purges(producer, base_env,
     r1, r2 = sample_tasks.add(1, 2), sample_tasks.add(3, 4)
     storage.conn.lpush(storage.queue_key, b'garbage')
     wait_until(lambda: storage.conn.llen(producer.keys.dead) == 3,
-               message='three dead letters')
+               what='three dead letters')
     daemon.signal(signal.SIGTERM)
     assert daemon.wait() == 0
 
@@ -255,7 +255,7 @@ def test_dead_letters_through_the_status_endpoint(producer, base_env,
     storage.conn.lpush(storage.queue_key, b'garbage-1', b'garbage-2')
     consumer = start_daemon(['consumer', '--workers', '1'], env_for(base_env))
     wait_until(lambda: storage.conn.llen(producer.keys.dead) == 2,
-               message='two dead letters')
+               what='two dead letters')
     consumer.signal(signal.SIGTERM)
     assert consumer.wait() == 0
 

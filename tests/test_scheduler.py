@@ -7,7 +7,6 @@ import datetime
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -15,6 +14,8 @@ import time
 from collections import Counter
 
 import pytest
+
+from ops_helpers import NotifySocket, wait_until
 import redis
 from huey.exceptions import TaskException
 
@@ -32,16 +33,6 @@ def at(hhmmss):
     return datetime.datetime(2030, 1, 1, h, m, s, tzinfo=UTC).timestamp()
 
 
-def wait_until(predicate, timeout=30, interval=0.05, message='condition'):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError('timed out waiting for %s' % message)
-
-
 class ClockFile:
     """A clock file one scheduler reads its wall time from."""
 
@@ -54,31 +45,6 @@ class ClockFile:
         with open(tmp, 'w') as fh:
             fh.write(repr(float(now)))
         os.replace(tmp, self.path)
-
-
-class NotifySocket:
-    """What systemd would receive on NOTIFY_SOCKET."""
-
-    def __init__(self, path):
-        self.path = str(path)
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(self.path)
-        self.sock.settimeout(0.1)
-        self.messages = []
-
-    def wait_for(self, needle, timeout=30):
-        def seen():
-            try:
-                self.messages.append(self.sock.recv(65536).decode())
-            except socket.timeout:
-                pass
-            return [m for m in self.messages if needle in m]
-        return wait_until(seen, timeout, interval=0,
-                          message='%r on NOTIFY_SOCKET (got %r)'
-                                  % (needle, self.messages))
-
-    def close(self):
-        self.sock.close()
 
 
 class Cluster:
@@ -131,7 +97,7 @@ class Cluster:
 
     def wait_leader(self, daemon):
         wait_until(lambda: self.leader_pid() == daemon.pid, 20,
-                   message='pid %d to lead' % daemon.pid)
+                   what='pid %d to lead' % daemon.pid)
         daemon.wait_for_output('became leader')
 
     def info(self):
@@ -143,7 +109,7 @@ class Cluster:
             info = self.info()
             return info.get('last_evaluated') == slot and (
                 daemon is None or info.get('pid') == daemon.pid)
-        wait_until(done, 20, message='minute %s evaluated (info %r)'
+        wait_until(done, 20, what='minute %s evaluated (info %r)'
                    % (slot, self.info()))
 
     def slots(self):
@@ -217,18 +183,18 @@ def test_three_schedulers_sigkill_and_sigstop_every_slot_once(cluster):
 
     set_all(at('12:01:05'))
     cluster.wait_evaluated('2030-01-01T12:01Z', a)
-    wait_until(lambda: moved('12:00:30'), message='delayed tasks moved')
+    wait_until(lambda: moved('12:00:30'), what='delayed tasks moved')
 
     # The leader dies mid-minute: a standby takes over within the lease.
     a.signal(signal.SIGKILL)
     set_all(at('12:01:40'), b, c)
     wait_until(lambda: cluster.leader_pid() in (b.pid, c.pid), 20,
-               message='a standby to take over')
+               what='a standby to take over')
     second = b if cluster.leader_pid() == b.pid else c
     third = c if second is b else b
     second.wait_for_output('became leader')
     wait_until(lambda: cluster.info().get('pid') == second.pid)
-    wait_until(lambda: moved('12:01:30'), message='delayed tasks moved')
+    wait_until(lambda: moved('12:01:30'), what='delayed tasks moved')
     set_all(at('12:02:05'), second, third)
     cluster.wait_evaluated('2030-01-01T12:02Z', second)
 
@@ -252,7 +218,7 @@ def test_three_schedulers_sigkill_and_sigstop_every_slot_once(cluster):
     set_all(at('12:04:40'), second, third)
     cluster.wait_evaluated('2030-01-01T12:04Z', third)
     for when in delayed:
-        wait_until(lambda: moved(when), message='tasks due %s moved' % when)
+        wait_until(lambda: moved(when), what='tasks due %s moved' % when)
 
     cluster.assert_exactly_once(
         minutes(EVERY_MINUTE, '12:00', '12:01', '12:02', '12:03', '12:04')
@@ -401,7 +367,7 @@ def test_retrying_task_comes_back_through_the_schedule(
                 return retried.get() == 2
             except TaskException:
                 return False
-        wait_until(retry_succeeded, 30, message='the retry to succeed')
+        wait_until(retry_succeeded, 30, what='the retry to succeed')
         assert retry_log.read_text() == 'run\nrun\n'
         assert len(touched.read_text().splitlines()) == 1
         scheduler.wait_for_output('due delayed/retrying task(s)')

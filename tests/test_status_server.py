@@ -111,7 +111,8 @@ def test_reads_seed_shape_and_metrics(producer, env, start_daemon, tmp_path):
     status, body = client.get('/api/collect/task/nope')
     assert status == 404 and body['success'] is False
     # Without a token the write routes do not exist.
-    assert client.get('/')[1]['routes'][-1] == 'GET /api/collect/task/<id>'
+    assert not [r for r in client.get('/')[1]['routes']
+                if r.startswith('POST')]
     status, body = client.json('POST', '/tasks', {'task': 'add'})
     assert status == 405 and 'POST' not in body['allowed']
     assert client.json('POST', '/tasks/%s/revoke' % later.id)[0] == 404

@@ -1,6 +1,7 @@
 """What every subcommand shares: the --config/--set options, the flags the
 registry defines, and turning a ConfigError into exit code 78."""
 import functools
+import logging
 import sys
 
 import click
@@ -77,3 +78,20 @@ def exits_78_on_config_error(fn):
         except ConfigError as exc:
             fail_config(exc)
     return wrapper
+
+
+def prepare_daemon(params, before_logging=None):
+    """What every daemon command does first: load the config, set up
+    logging, log the config warnings, configure the shared app.  Returns
+    (cfg, app).  `before_logging(cfg)` runs first (gevent patching must
+    precede everything else)."""
+    from .. import app as app_module
+    from .. import logs
+    cfg = load_from(params)
+    if before_logging is not None:
+        before_logging(cfg)
+    logs.setup(cfg)
+    log = logging.getLogger('huey_worker')
+    for warning in cfg.warnings:
+        log.warning('%s', warning)
+    return cfg, app_module.configure(cfg)

@@ -1,17 +1,16 @@
 """`huey-worker consumer`: the consumer daemon."""
-import logging
 
 import click
 
-from .. import app as app_module
-from .. import logs
 from ..config import ConfigError
-from .common import config_options, exits_78_on_config_error, load_from
+from .common import (config_options, exits_78_on_config_error, load_from,
+                     prepare_daemon)
 
-log = logging.getLogger('huey_worker.consumer')
 
 
 def _enable_greenlets(cfg):
+    if cfg.consumer.worker_type != 'greenlet':
+        return
     try:
         from gevent import monkey
     except ImportError:
@@ -31,12 +30,6 @@ def command(**params):
     stop gracefully (twice: at once), SIGHUP reloads, SIGUSR1 reopens logs."""
     from ..consumer import Consumer
 
-    cfg = load_from(params)
-    if cfg.consumer.worker_type == 'greenlet':
-        _enable_greenlets(cfg)
-    logs.setup(cfg)
-    for warning in cfg.warnings:
-        log.warning('%s', warning)
-    app = app_module.configure(cfg)
+    cfg, app = prepare_daemon(params, before_logging=_enable_greenlets)
     consumer = Consumer(cfg, app, reload_config=lambda: load_from(params))
     raise SystemExit(consumer.run())

@@ -1,13 +1,10 @@
 """`huey-worker scheduler`: the scheduler daemon."""
-import logging
 
 import click
 
-from .. import app as app_module
-from .. import logs
-from .common import config_options, exits_78_on_config_error, load_from
+from .common import (config_options, exits_78_on_config_error, load_from,
+                     prepare_daemon)
 
-log = logging.getLogger('huey_worker.scheduler')
 
 
 @click.command('scheduler')
@@ -20,10 +17,6 @@ def command(**params):
     reopens logs."""
     from ..scheduler.service import Scheduler
 
-    cfg = load_from(params)
-    logs.setup(cfg)
-    for warning in cfg.warnings:
-        log.warning('%s', warning)
-    app = app_module.configure(cfg)
+    cfg, app = prepare_daemon(params)
     scheduler = Scheduler(cfg, app, reload_config=lambda: load_from(params))
     raise SystemExit(scheduler.run())

@@ -3,10 +3,9 @@ import logging
 
 import click
 
-from .. import app as app_module
-from .. import logs
 from ..exitcodes import EX_UNAVAILABLE
-from .common import config_options, exits_78_on_config_error, load_from
+from .common import (config_options, exits_78_on_config_error, load_from,
+                     prepare_daemon)
 
 log = logging.getLogger('huey_worker.status')
 
@@ -22,11 +21,7 @@ def command(**params):
     reloads, SIGUSR1 reopens logs.  Routes: docs/status-endpoint.md."""
     from ..status.server import PortInUse, StatusServer
 
-    cfg = load_from(params)
-    logs.setup(cfg)
-    for warning in cfg.warnings:
-        log.warning('%s', warning)
-    app = app_module.configure(cfg)
+    cfg, app = prepare_daemon(params)
     server = StatusServer(cfg, app, reload_config=lambda: load_from(params))
     try:
         code = server.run()

@@ -16,12 +16,12 @@ import sys
 import redis
 from huey import signals as huey_signals
 
-from .. import __version__, logs, redisconn
+from .. import __version__, redisconn
 from ..app import hostname, load_task_modules
 from ..config import ConfigError
-from ..exitcodes import EX_OK
+from ..mainloop import MainLoop
 from ..notify import Notifier
-from ..signals import handled_signals, name as signal_name
+from ..signals import name as signal_name
 from . import clock as clock_module
 from . import periodic
 from .delayed import DelayedMover
@@ -53,7 +53,7 @@ def scheduler_connection(cfg):
     return redis.Redis(connection_pool=pool)
 
 
-class Scheduler:
+class Scheduler(MainLoop):
     def __init__(self, cfg, app, reload_config=None, notifier=None,
                  clock=None):
         if cfg.huey.immediate:
@@ -91,26 +91,6 @@ class Scheduler:
         self._backoff = 0.2
         self._error_wait = 0.0
         self._last_watchdog = 0.0
-
-    # -- run ---------------------------------------------------------------
-
-    def run(self):
-        with handled_signals() as flags:
-            self.flags = flags
-            if not self.initialize():
-                return EX_OK
-            while not flags.stop_requests:
-                if flags.reload:
-                    flags.reload = False
-                    self.reload()
-                if flags.reopen:
-                    flags.reopen = False
-                    logs.reopen()
-                    log.info('SIGUSR1: log files reopened')
-                self.loop()
-                flags.wait(self.next_wait())
-            self.shutdown()
-        return EX_OK
 
     def initialize(self):
         cfg = self.cfg

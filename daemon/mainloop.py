@@ -1,0 +1,51 @@
+"""The shape every long-running daemon shares (as in Huey's consumer):
+initialize, then loop until told to stop, then shutdown.  Signal handlers
+only set flags (daemon/signals.py); this loop acts on them between passes."""
+import logging
+
+from . import logs
+from .exitcodes import EX_OK
+from .signals import handled_signals
+
+log = logging.getLogger('huey_worker.daemon')
+
+
+class MainLoop:
+    tick = 0.5   # seconds between passes, unless next_wait() says otherwise
+
+    def run(self):
+        with handled_signals() as flags:
+            self.flags = flags
+            if not self.initialize():
+                return EX_OK       # told to stop before it could start
+            while not flags.stop_requests:
+                if flags.reload:
+                    flags.reload = False
+                    self.reload()
+                if flags.reopen:
+                    flags.reopen = False
+                    self.reopen_logs()
+                self.loop()
+                flags.wait(self.next_wait())
+            self.shutdown()
+        return EX_OK
+
+    def initialize(self):
+        """Return False when stopped before being ready."""
+        return True
+
+    def loop(self):
+        raise NotImplementedError
+
+    def shutdown(self):
+        pass
+
+    def reload(self):
+        pass
+
+    def next_wait(self):
+        return self.tick
+
+    def reopen_logs(self):
+        logs.reopen()
+        log.info('SIGUSR1: log files reopened')
