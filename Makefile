@@ -13,8 +13,9 @@ dev: $(VENV)/.installed
 $(VENV)/.installed: setup.cfg pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 10))' || \
 	  { echo "huey-worker needs Python 3.10 or newer" >&2; exit 1; }
-	$(PYTHON) -m venv $(VENV) || { rm -rf $(VENV); $(PYTHON) -m venv --without-pip $(VENV) && \
-	  $(PYTHON) -m pip --python $(PY) install -q pip; } || \
+	$(PYTHON) -m venv $(VENV) 2>/dev/null || { rm -rf $(VENV) && \
+	  echo "no ensurepip here (python3-venv missing): bootstrapping pip from PyPI" && \
+	  $(PYTHON) -m venv --without-pip $(VENV) && $(PYTHON) deploy/bootstrap-pip.py $(PY); } || \
 	  { echo "cannot create a venv: install python3-venv (Debian/Ubuntu)" >&2; exit 1; }
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
