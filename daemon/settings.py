@@ -388,7 +388,7 @@ SETTINGS = (
     S('consumer', 'read_timeout', Number(0.1, 60), 1.0,
       'Seconds one blocking queue read waits before checking for stop.'),
     S('consumer', 'identity', Text(), '',
-      'Stable consumer identity (default: host name + queue + instance); a '
+      'Stable consumer identity (default: host name:instance, unique per queue); a '
       'restarted consumer with the same identity requeues its tasks at once.',
       env=('HUEY_CONSUMER_ID',)),
     S('consumer', 'instance', Text(), 'main',
