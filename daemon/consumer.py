@@ -264,11 +264,13 @@ class Consumer(MainLoop):
                 self.flags.wait(min(self.cfg.redis.retry_max_delay, 1.0))
         return None
 
+    def _inflight_keys(self):
+        return [self.keys.inflight(self.identity, i)
+                for i in range(self.count)]
+
     def _register_lists(self):
-        lists = [self.keys.inflight(self.identity, i)
-                 for i in range(self.count)]
         self.storage.conn.sadd(self.keys.consumer_lists(self.identity),
-                               *lists)
+                               *self._inflight_keys())
         return True
 
     def _redis_failed(self, exc):
@@ -324,6 +326,10 @@ class Consumer(MainLoop):
             pipe = self.storage.conn.pipeline(transaction=False)
             pipe.set(key, json.dumps(info), px=ttl_ms)
             pipe.zadd(self.keys.consumers, {self.identity: info['heartbeat']})
+            # Again each beat: a consumer that stalled past recovery_timeout
+            # was recovered (its index deleted) while still alive.
+            pipe.sadd(self.keys.consumer_lists(self.identity),
+                      *self._inflight_keys())
             pipe.llen(self.storage.queue_key)
             self._queue_depth = pipe.execute()[-1]
             self.delivery.recover_dead(self.cfg.delivery.recovery_timeout)

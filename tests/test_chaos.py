@@ -28,6 +28,26 @@ def in_flight(client, identity):
     return sum(client.llen(k) for k in lists)
 
 
+def where_missing(client, ids):
+    """Say where each task without a result is, for the failure message."""
+    missing = [i for i, v in zip(ids, client.mget(['huey.r.huey.' + i
+                                                   for i in ids])) if not v]
+    places = {'queue': client.lrange('huey.redis.huey', 0, -1),
+              'schedule': client.zrange('huey.schedule.huey', 0, -1),
+              'dead': client.lrange('hw:huey:dead', 0, -1)}
+    for key in client.scan_iter('hw:huey:inflight:*'):
+        places[key.decode()] = client.lrange(key, 0, -1)
+    report = []
+    for task_id in missing:
+        found = [name for name, items in places.items()
+                 if any(task_id.encode() in item for item in items)]
+        report.append('%s in %s' % (task_id, found or 'nowhere'))
+    indexes = {k.decode(): sorted(client.smembers(k)) for k in
+               client.scan_iter('hw:huey:inflight-lists:*')}
+    return '%d task(s) missing: %s; in-flight indexes: %s' % (
+        len(missing), '; '.join(report), indexes)
+
+
 def test_no_task_lost_under_kill_9_and_a_redis_restart(tmp_path, base_env,
                                                        start_daemon):
     import delivery_tasks
@@ -74,8 +94,7 @@ def test_no_task_lost_under_kill_9_and_a_redis_restart(tmp_path, base_env,
                                                for i in ids]) if v)
 
         while done() < TASKS:
-            assert time.monotonic() < deadline, 'tasks still missing: %d' % (
-                TASKS - done())
+            assert time.monotonic() < deadline, where_missing(client, ids)
             time.sleep(0.6)
             if delayed_restart and time.monotonic() >= delayed_restart[1]:
                 start(delayed_restart[0])
