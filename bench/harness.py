@@ -32,6 +32,16 @@ def wait_until(condition, timeout, what, interval=0.002):
         time.sleep(interval)
 
 
+def wait_redis_idle(client, timeout=30):
+    """Wait until Redis has no client blocked in a queue read.  A consumer
+    killed with SIGKILL leaves its blocking reads registered until Redis
+    notices the closed sockets; a message pushed before that is handed to
+    the dead process and lost (the at-most-once delivery of plain Huey), so
+    every run starts only once the last one's readers are gone."""
+    wait_until(lambda: client.info('clients')['blocked_clients'] == 0,
+               timeout, 'Redis without blocked clients', interval=0.01)
+
+
 # --- figures -------------------------------------------------------------------
 
 class Figure:
@@ -229,8 +239,11 @@ class Contender:
         if self.proc is not None:
             self.proc.wait(10)
 
-    def stop(self, timeout=15):
-        if self.alive():
+    def stop(self, graceful=False, timeout=15):
+        """End it: at once by default (what it leaves in Redis is flushed
+        before the next run, and a graceful stop waits out the workers'
+        queue reads), or with SIGTERM first."""
+        if graceful and self.alive():
             self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(timeout)

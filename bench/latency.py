@@ -10,7 +10,7 @@ for huey, its LPUSH.  Both sides run on this host, so one clock serves.
 import random
 import time
 
-from harness import percentile
+from harness import percentile, wait_redis_idle
 
 STAMPS = 'bench:stamps'
 
@@ -56,6 +56,7 @@ def sample(client, send, count, rng):
 
 
 def run_once(client, contender, send, count, seed):
+    wait_redis_idle(client)
     client.flushdb()   # our private server, started by this benchmark
     contender.start()
     try:

@@ -15,10 +15,9 @@ whoever moved it in the same step.  For the plain huey_consumer the same
 kill loses the task: the benchmark checks the queue and the task's result
 for a while after a restart and reports it lost if neither appears.
 """
-import signal
 import time
 
-from harness import wait_until
+from harness import wait_redis_idle, wait_until
 
 
 def _running_on(app, task_id, identity):
@@ -33,15 +32,24 @@ def _requeued_at(app, task_id):
     return float(value) if value is not None else None
 
 
+def _dead(consumer):
+    if consumer.alive():
+        return False
+    raise RuntimeError('the consumer exited (%s); its log: %s\n%s' % (
+        consumer.proc.returncode, consumer.log_path, consumer.output()[-2000:]))
+
+
 def suite_once(client, app, hold, make_consumer, restart):
     """Seconds from SIGKILL to the task back in the queue."""
+    wait_redis_idle(client)
     client.flushdb()   # our private server, started by this benchmark
     victim = make_consumer('bench-victim').start()
     rescuer = None
     try:
         task_id = hold(60).id
-        wait_until(lambda: _running_on(app, task_id, 'bench-victim'), 60,
-                   'task running on the victim', interval=0.01)
+        wait_until(lambda: _running_on(app, task_id, 'bench-victim') or
+                   _dead(victim), 60, 'task running on the victim',
+                   interval=0.01)
         if not restart:
             rescuer = make_consumer('bench-rescuer').start(notify=True)
             rescuer.wait_ready()
@@ -61,6 +69,7 @@ def suite_once(client, app, hold, make_consumer, restart):
 def plain_once(client, plain_app, hold, make_consumer, watch=3.0):
     """None when the task never comes back (watched `watch` seconds after
     the restart), else seconds to it being queued or run again."""
+    wait_redis_idle(client)
     client.flushdb()
     consumer = make_consumer().start()
     try:
@@ -69,9 +78,8 @@ def plain_once(client, plain_app, hold, make_consumer, watch=3.0):
         wait_until(lambda: storage.conn.llen(storage.queue_key) == 0 and
                    not storage.conn.exists(storage.result_key(result.id)),
                    60, 'task taken by the plain consumer', interval=0.01)
-        time.sleep(0.5)   # it is running now
+        time.sleep(0.2)   # taken: its body is running now
         killed = time.time()
-        consumer.proc.send_signal(signal.SIGKILL)
         consumer.kill()
         consumer = make_consumer().start()
         deadline = time.time() + watch

@@ -31,18 +31,20 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(
         description=__doc__.split('\n')[0],
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--runs', type=int, default=3,
-                        help='runs per figure (default 3)')
-    parser.add_argument('--tasks', type=int, default=3000,
-                        help='no-op tasks per throughput run (default 3000)')
+    parser.add_argument('--runs', type=int, default=5,
+                        help='runs per figure (default 5)')
+    parser.add_argument('--tasks', type=int, default=2500,
+                        help='no-op tasks per throughput run (default 2500)')
     parser.add_argument('--latency-samples', type=int, default=300)
     parser.add_argument('--enqueue-tasks', type=int, default=3000)
     parser.add_argument('--records', type=int, default=100000,
                         help='journal records held for the status endpoint '
                              '(default 100000)')
-    parser.add_argument('--status-seconds', type=float, default=3.0)
+    parser.add_argument('--status-seconds', type=float, default=2.0)
     parser.add_argument('--pdf-pages', type=int, default=200)
-    parser.add_argument('--recovery-timeout', type=float, default=2.0)
+    parser.add_argument('--recovery-timeout', type=float, default=2.0,
+                        help='[delivery] recovery_timeout of the crash '
+                             'recovery rows (heartbeat 0.5 s; default 2)')
     parser.add_argument('--modes', metavar='KIND:N,...',
                         help='consumer modes for throughput and memory, e.g. '
                              'thread:1,process:2 (default: thread 1, 4 and 16 '
@@ -69,10 +71,12 @@ def parse_args(argv):
             args.modes = None
         if not args.modes:
             parser.error('--modes: expected e.g. thread:4,process:2')
+    args.settle, args.lost_watch = 0.5, 2.0
     if args.quick:
         args.runs, args.tasks, args.latency_samples = 1, 200, 20
         args.enqueue_tasks, args.records, args.status_seconds = 200, 500, 0.5
-        args.pdf_pages = 5
+        args.pdf_pages, args.recovery_timeout = 5, 1.5
+        args.settle, args.lost_watch = 0.1, 1.0
     return args
 
 
@@ -153,13 +157,20 @@ def throughput(bench, table, results):
             contenders.append((('plain', name), lambda kw=plain_kw:
                                bench.plain_consumer(workers, kind, **kw),
                                warm_plain, batch_plain))
+        if not args.quick:
+            # What the journal costs: the same suite with it switched off.
+            contenders.append((('suite', 'nojournal'), lambda: bench.suite(
+                workers, kind, task_events=False, extra_env={
+                    'HUEY_WORKER_JOURNAL_ENABLED': 'false'}),
+                warm_suite, batch_suite))
         contenders.append((('floor', 'info'), lambda: bench.floor(workers, kind),
                            warm_floor, batch_floor))
         for run in range(args.runs):
             # Alternate the order so neither side always goes first.
             order = contenders if run % 2 == 0 else contenders[::-1]
             for key, make, warm, batch in order:
-                out = tp.run_once(client, make(), warm, batch, args.tasks)
+                out = tp.run_once(client, make(), warm, batch, args.tasks,
+                                  settle=args.settle)
                 for name, value in out.items():
                     figures.setdefault((mode, key, name), Figure()).add(value)
                 progress('throughput %s %s/%s run %d: %.0f tasks/s' % (
@@ -169,37 +180,47 @@ def throughput(bench, table, results):
     def get(mode, who, variant, name):
         return figures.get((mode, (who, variant), name))
 
-    for name, header, suite_note, plain_note in (
+    for name, header in (
             ('info', 'Throughput, no-op tasks/s: both log two INFO lines per '
                      'task to a file (suite [logging] task_events on, '
-                     'huey_consumer default)', None, None),
+                     'huey_consumer default); journal on (the default)'),
             ('quiet', 'Throughput, no-op tasks/s: no per-task log lines '
-                      '(suite task_events = false, huey_consumer -q)',
-             None, None)):
+                      '(suite task_events = false, huey_consumer -q); '
+                      'journal on, and off in the last columns')):
         if name not in [v[0] for v in variants]:
             continue
+        quiet = name == 'quiet'
         table.section(header, ['mode', 'suite', 'huey_consumer', 'ratio',
-                               'redis-py floor', 'target'])
+                               'redis-py floor', 'target'] +
+                      (['suite, journal off', 'ratio'] if quiet else []))
         for workers, kind in bench.modes():
             mode = '%s x%d' % (kind, workers)
             suite_rate = get(mode, 'suite', name, 'rate')
             plain_rate = get(mode, 'plain', name, 'rate')
+            bare = get(mode, 'suite', 'nojournal', 'rate')
             table.row(mode, cell(suite_rate), cell(plain_rate),
                       ratio_cell(suite_rate, plain_rate),
-                      cell(get(mode, 'floor', 'info', 'rate')), '>= 1.00x')
-        table.section('CPU per no-op task, microseconds (consumer process '
-                      'and its workers; %s)' % ('two INFO lines per task'
-                                                if name == 'info' else
-                                                'no per-task lines'),
+                      cell(get(mode, 'floor', 'info', 'rate')), '>= 1.00x',
+                      *([cell(bare), ratio_cell(bare, plain_rate)]
+                        if quiet else []))
+        table.section('CPU per no-op task, microseconds: the consumer process '
+                      'and its workers, and the Redis server (%s)' % (
+                          'no per-task lines' if quiet else
+                          'two INFO lines per task'),
                       ['mode', 'suite', 'huey_consumer', 'ratio',
-                       'redis-py floor'])
+                       'redis-py floor', 'Redis: suite', 'Redis: huey'] +
+                      (['suite, journal off'] if quiet else []))
         for workers, kind in bench.modes():
             mode = '%s x%d' % (kind, workers)
             suite_cpu = get(mode, 'suite', name, 'cpu_us')
             plain_cpu = get(mode, 'plain', name, 'cpu_us')
             table.row(mode, cell(suite_cpu), cell(plain_cpu),
                       ratio_cell(suite_cpu, plain_cpu),
-                      cell(get(mode, 'floor', 'info', 'cpu_us')))
+                      cell(get(mode, 'floor', 'info', 'cpu_us')),
+                      cell(get(mode, 'suite', name, 'redis_cpu_us')),
+                      cell(get(mode, 'plain', name, 'redis_cpu_us')),
+                      *([cell(get(mode, 'suite', 'nojournal', 'cpu_us'))]
+                        if quiet else []))
 
     table.section('Memory, MiB (thread mode: RSS of the process; process '
                    'mode: PSS of the consumer and its workers)',
@@ -348,12 +369,14 @@ def status(bench, table, results):
                         route, bad, server.log_path))
                 for name in ('rps', 'p50', 'p99'):
                     figures.setdefault((route, name), Figure()).add(out[name])
+                client_used = out['client']
                 progress('status %s run %d: %.0f req/s, p99 %.1f ms' % (
                     route, run + 1, out['rps'], out['p99']))
     results['status'] = figures
     table.section('Status endpoint with %d journal records held, 16 '
-                  'concurrent clients (2 processes x 8 threads, a new '
-                  'connection per request)' % len(ids),
+                  'concurrent clients (%s, a new connection per request)'
+                  % (len(ids), 'wrk -t2 -c16' if client_used == 'wrk' else
+                     'Python: 2 processes x 8 threads'),
                   ['route', 'requests/s', 'p50 ms', 'p99 ms', 'target'])
     for route, _ in routes:
         table.row(route, cell(figures[(route, 'rps')]),
@@ -425,7 +448,7 @@ def recovery(bench, table, results):
 
     figures = {'restart': Figure(), 'rescue': Figure()}
     lost = 0
-    watch = 1.0 if args.quick else 3.0
+    watch = args.lost_watch
     for run in range(args.runs):
         figures['restart'].add(rec.suite_once(client, bench.app,
                                               bench.tasks.hold, make, True))
@@ -512,8 +535,11 @@ def main(argv=None):
         for name in SECTIONS:
             if name not in args.only:
                 continue
+            section_started = time.monotonic()
             try:
                 globals()[name](bench, table, results)
+                progress('%s: %.0fs' % (name, time.monotonic() -
+                                        section_started))
             except Exception as exc:
                 failed.append(name)
                 table.section('%s: FAILED' % name, ['error'])

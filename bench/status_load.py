@@ -4,15 +4,21 @@ records held in Redis.
 The records are written through the journal's own hooks (the producer's
 enqueue, then on_dequeued and on_outcome as a worker calls them), staged
 and sent in MULTI blocks, so they are exactly what a run of that many
-tasks leaves.  The load comes from a few client processes with several
-threads each: one connection per request (the endpoint closes every
-connection after its answer), loopback only, for a fixed time; each
-request is timed from connect to the last byte.
+tasks leaves.  The load comes from wrk when it is installed (Debian: apt
+install wrk; it costs the 2-core machine least), else from a few Python
+client processes with several threads each.  Either way: 16 concurrent
+clients, loopback only, for a fixed time, one connection per request (the
+endpoint closes every connection after its answer); each request is timed
+from connect to the last byte.
 """
 import multiprocessing
 import os
 import random
+import re
+import shutil
 import socket
+import subprocess
+import tempfile
 import threading
 import time
 
@@ -97,9 +103,58 @@ def _client(address, paths, seconds, threads, start_at, out, seed):
 
 
 def load(address, paths, seconds=3.0, processes=2, threads=8, seed=1):
-    """Requests per second, p50 and p99 latency (ms) and the statuses seen,
-    with processes x threads clients asking for `paths` (picked at random
-    per request) during `seconds`."""
+    """Requests per second, p50 and p99 latency (ms), the statuses seen and
+    the client used, with processes x threads concurrent clients asking
+    for `paths` (picked at random per request) during `seconds`."""
+    if shutil.which('wrk'):
+        return wrk_load(address, paths, seconds, processes,
+                        processes * threads, seed)
+    return python_load(address, paths, seconds, processes, threads, seed)
+
+
+WRK_SCRIPT = """
+math.randomseed(%d)
+local paths = {%s}
+wrk.headers["Connection"] = "close"
+request = function()
+  return wrk.format("GET", paths[math.random(#paths)])
+end
+"""
+
+
+def wrk_load(address, paths, seconds, threads, connections, seed):
+    with tempfile.NamedTemporaryFile('w', suffix='.lua') as script:
+        script.write(WRK_SCRIPT % (seed, ', '.join(
+            '"%s"' % p.replace('"', '') for p in paths)))
+        script.flush()
+        out = subprocess.run(
+            ['wrk', '-t', str(threads), '-c', str(connections), '-d',
+             '%ds' % max(1, round(seconds)), '--latency', '-s', script.name,
+             'http://%s:%d' % address], capture_output=True, text=True,
+            timeout=seconds + 60).stdout
+    rps = re.search(r'Requests/sec:\s+([\d.]+)', out)
+    if rps is None:
+        raise RuntimeError('wrk said: %s' % out)
+    latency = {int(p): _ms(v, unit) for p, v, unit in re.findall(
+        r'^\s+(50|99)%\s+([\d.]+)(us|ms|s)\s*$', out, re.M)}
+    total = int(re.search(r'(\d+) requests in', out).group(1))
+    statuses = {200: total}
+    bad = re.search(r'Non-2xx or 3xx responses: (\d+)', out)
+    if bad:
+        statuses = {200: total - int(bad.group(1)), 'non-2xx': int(
+            bad.group(1))}
+    errors = re.search(r'Socket errors: (.*)', out)
+    if errors and sum(int(n) for n in re.findall(r'\d+', errors.group(1))):
+        statuses['socket errors'] = errors.group(1).strip()
+    return {'rps': float(rps.group(1)), 'p50': latency[50],
+            'p99': latency[99], 'statuses': statuses, 'client': 'wrk'}
+
+
+def _ms(value, unit):
+    return float(value) * {'us': 0.001, 'ms': 1.0, 's': 1000.0}[unit]
+
+
+def python_load(address, paths, seconds, processes, threads, seed):
     ctx = multiprocessing.get_context('fork')
     out = ctx.Queue()
     start_at = time.time() + 0.3
@@ -120,4 +175,4 @@ def load(address, paths, seconds=3.0, processes=2, threads=8, seed=1):
     return {'rps': len(results) / seconds,
             'p50': percentile(latencies, 0.5),
             'p99': percentile(latencies, 0.99),
-            'statuses': statuses}
+            'statuses': statuses, 'client': 'python'}

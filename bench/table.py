@@ -53,15 +53,19 @@ class Table:
         return '\n'.join(lines) + '\n'
 
     def markdown(self):
-        lines = [line for line in self.title]
+        lines = [line + '  ' for line in self.title]   # hard line breaks
         for section in self.sections:
             header = section['header']
-            lines += ['', '**%s**' % section['title'], '',
-                      '| ' + ' | '.join(header) + ' |',
+            lines += ['', '**%s**' % _md(section['title']), '',
+                      '| ' + ' | '.join(map(_md, header)) + ' |',
                       '|' + '|'.join(['---'] + ['--:'] * (len(header) - 1))
                       + '|']
             for row in section['rows']:
-                lines.append('| ' + ' | '.join(row) + ' |')
+                lines.append('| ' + ' | '.join(map(_md, row)) + ' |')
             if section['note']:
                 lines += ['', section['note']]
         return '\n'.join(lines) + '\n'
+
+
+def _md(text):
+    return text.replace('<', '&lt;').replace('|', '\\|')

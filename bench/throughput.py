@@ -15,7 +15,8 @@ import threading
 import time
 import uuid
 
-from harness import Timeout, cpu_seconds, pss_mib, rss_mib, wait_until
+from harness import (Timeout, cpu_seconds, pss_mib, rss_mib, wait_redis_idle,
+                     wait_until)
 
 STAGING = 'bench:staging'
 CHUNK = 500
@@ -120,9 +121,11 @@ class MemorySampler(threading.Thread):
         return self.rss, self.pss
 
 
-def run_once(client, contender, warmup, make_batch, count, timeout=300):
+def run_once(client, contender, warmup, make_batch, count, timeout=300,
+             settle=0.5):
     """One measured run; a dict of figures.  `warmup()` queues one task and
     returns its result key; `make_batch(count)` prepares the batch."""
+    wait_redis_idle(client)
     client.flushdb()   # our private server, started by this benchmark
     warm_key = warmup()
     notify = contender.label == 'suite'
@@ -138,13 +141,14 @@ def run_once(client, contender, warmup, make_batch, count, timeout=300):
                    (not contender.alive() and _died(contender)), 60,
                    'warm-up result', interval=0.001)
         out['first_task'] = time.monotonic() - contender.started
-        time.sleep(0.5)   # let start-up garbage settle before "idle"
+        time.sleep(settle)   # start-up done before "idle" is read
         out['idle_rss'] = rss_mib(contender.pid)
         out['idle_pss'] = pss_mib(contender.pid)
         batch = make_batch(count)
         sampler = MemorySampler(contender.pid)
         sampler.start()
         cpu_before = cpu_seconds(contender.pid)
+        redis_before = redis_cpu(client)
         started = batch.release()
         try:
             finished = batch.wait_done(max(1, contender.workers), timeout)
@@ -154,12 +158,19 @@ def run_once(client, contender, warmup, make_batch, count, timeout=300):
                                'log: %s' % (contender.label, count, timeout,
                                             contender.log_path))
         out['cpu_us'] = (cpu_seconds(contender.pid) - cpu_before) / count * 1e6
+        out['redis_cpu_us'] = (redis_cpu(client) - redis_before) / count * 1e6
         out['busy_rss'], out['busy_pss'] = sampler.finish()
         _check_all_done(batch, contender, count)
         out['rate'] = count / (finished - started)
     finally:
         contender.stop()
     return out
+
+
+def redis_cpu(client):
+    """CPU seconds the Redis server has used (its main thread and all)."""
+    info = client.info('cpu')
+    return info['used_cpu_sys'] + info['used_cpu_user']
 
 
 def _check_all_done(batch, contender, count):

@@ -9,6 +9,7 @@ import json
 import logging
 import multiprocessing
 import os
+import secrets
 import sys
 import threading
 import time
@@ -24,6 +25,11 @@ from .signals import name as signal_name
 from .worker import REDIS_ERRORS, Slot, StopFlag, Worker
 
 log = logging.getLogger('huey_worker.consumer')
+
+# Seconds after our start during which a killed predecessor's blocking read
+# may still be served by Redis into its old list; its lists stay indexed
+# (and swept each heartbeat) at least this long.
+LATE_READ_GRACE = 30
 
 def consumer_identity(cfg):
     if cfg.consumer.identity:
@@ -43,6 +49,8 @@ class Consumer(MainLoop):
         self.reload_config = reload_config
         self.notifier = notifier or Notifier()
         self.identity = consumer_identity(cfg)
+        # This start's own in-flight lists (see Keys.inflight).
+        self.incarnation = '%x-%s' % (int(time.time()), secrets.token_hex(3))
         self.storage = app.storage
         self.keys = self.storage.keys
         self.delivery = delivery.Delivery(self.storage)
@@ -171,7 +179,7 @@ class Consumer(MainLoop):
         slot.busy = 0
         slot.tick = time.monotonic()
         worker = Worker(self.app, self.cfg, index, slot, self.stop_flag,
-                        self.identity, self.in_process)
+                        self.identity, self.in_process, self.incarnation)
         name = 'Worker-%d' % index
         if self.in_process:
             runner = multiprocessing.get_context('fork').Process(
@@ -205,7 +213,8 @@ class Consumer(MainLoop):
                     code < 0 else 'exit code %s' % code
                 log.error('%s (pid %s) died (%s); restarting it', runner.name,
                           getattr(runner, 'pid', os.getpid()), how)
-                key = self.keys.inflight(self.identity, index)
+                key = self.keys.inflight(self.identity, index,
+                                         self.incarnation)
                 try:
                     moved = self.delivery.requeue_list(key, 'lost')
                     if moved:
@@ -265,8 +274,25 @@ class Consumer(MainLoop):
         return None
 
     def _inflight_keys(self):
-        return [self.keys.inflight(self.identity, i)
+        return [self.keys.inflight(self.identity, i, self.incarnation)
                 for i in range(self.count)]
+
+    def _sweep_predecessors(self):
+        """Requeue what landed in a previous incarnation's lists after our
+        start (a blocking read of the killed predecessor that Redis served
+        late), and forget those lists once empty."""
+        index = self.keys.consumer_lists(self.identity)
+        current = set(self._inflight_keys())
+        for key in self.storage.conn.smembers(index):
+            key = key.decode()
+            if key in current:
+                continue
+            moved = self.delivery.requeue_list(key, 'lost')
+            if moved:
+                log.warning('%d task(s) found in %s of a previous run put '
+                            'back in the queue', moved, key)
+            elif time.time() - self.started_at > LATE_READ_GRACE:
+                self.storage.conn.srem(index, key)
 
     def _register_lists(self):
         self.storage.conn.sadd(self.keys.consumer_lists(self.identity),
@@ -333,6 +359,7 @@ class Consumer(MainLoop):
             pipe.llen(self.storage.queue_key)
             self._queue_depth = pipe.execute()[-1]
             self.delivery.recover_dead(self.cfg.delivery.recovery_timeout)
+            self._sweep_predecessors()
             self._redis_ok()
         except REDIS_ERRORS as exc:
             self._redis_failed(exc)

@@ -30,9 +30,13 @@ class Keys:
         """Set of the in-flight list keys one consumer has used."""
         return '%sinflight-lists:%s' % (self.prefix, identity)
 
-    def inflight(self, identity, worker):
-        """The list holding the message one worker is running."""
-        return '%sinflight:%s:%s' % (self.prefix, identity, worker)
+    def inflight(self, identity, worker, incarnation):
+        """The list holding the message one worker is running.  Each start
+        of a consumer (incarnation) has lists of its own, so a queue read
+        still pending from a killed predecessor cannot land in a list the
+        successor uses; the successor sweeps its predecessors' lists."""
+        return '%sinflight:%s:%s:%s' % (self.prefix, identity, incarnation,
+                                         worker)
 
     def task(self, task_id):
         return '%stask:%s' % (self.prefix, task_id)

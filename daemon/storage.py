@@ -60,12 +60,20 @@ class SuiteStorage(RedisExpireStorage):
         return self.flush_all(last)[-1]
 
     def flush_all(self, *extra):
-        """Like flush, but returns the replies of every command sent."""
+        """Like flush, but returns the replies of every command sent (those
+        of the staged commands raw: nobody reads them, so redis-py's
+        response callbacks are spared; those of `extra` as redis-py gives
+        them)."""
         pending = self._pending()
+        extra = [c for c in extra if c is not None]
         pipe = self.conn.pipeline(transaction=True)
-        for command in pending + [c for c in extra if c is not None]:
+        for command in pending:
             command(pipe)
-        results = transaction.execute(pipe, self._own_connection())
+        staged = len(pipe.command_stack)
+        for command in extra:
+            command(pipe)
+        results = transaction.execute(pipe, self._own_connection(),
+                                      wanted=len(pipe.command_stack) - staged)
         pending.clear()
         return results
 
@@ -96,10 +104,14 @@ class SuiteStorage(RedisExpireStorage):
         self._local.wants_own = True
 
     def unpin_connection(self):
-        conn = getattr(self._local, 'own', None)
-        self._local.wants_own = False
-        self._local.own = None
+        local = self._local
+        conn = getattr(local, 'own', None)
+        local.wants_own = False
+        local.own = None
         if conn is not None:
+            if getattr(local, 'prefetch', None):
+                conn.disconnect()   # a reply is still on its way
+            local.prefetch = local.prefetched = None
             self.pool.release(conn)
 
     def _own_connection(self):
@@ -107,20 +119,63 @@ class SuiteStorage(RedisExpireStorage):
         conn = getattr(local, 'own', None)
         if conn is None and getattr(local, 'wants_own', False):
             conn = local.own = self.pool.get_connection()
+        if conn is not None and getattr(local, 'prefetch', None):
+            # A queue read is on its way on this connection: take its
+            # reply before anything else is sent (dequeue_into returns it).
+            local.prefetch = None
+            local.prefetched = (transaction.read(conn),)
         return conn
+
+    def flush_and_prefetch(self, inflight_key, timeout):
+        """Send what is staged in one MULTI/EXEC and, in the same write, the
+        next queue read: a worker's ack and its next dequeue share one
+        round trip.  The read's reply is for the next dequeue_into().
+        Without a connection of its own the thread just flushes.  On any
+        error the read may or may not have moved a message into
+        `inflight_key`; the staged commands are kept for a retry."""
+        conn = self._own_connection()
+        if conn is None:
+            return self.flush()
+        pending = self._pending()
+        pipe = self.conn.pipeline(transaction=True)
+        for command in pending:
+            command(pipe)
+        transaction.execute(pipe, conn, then=self._dequeue_command(
+            inflight_key, timeout), wanted=0)
+        pending.clear()
+        self._local.prefetch = inflight_key
+        return None
+
+    def prefetch_pending(self):
+        """Whether a queue read sent by flush_and_prefetch awaits its
+        reply (or holds one) on this thread."""
+        local = self._local
+        return bool(getattr(local, 'prefetch', None)
+                    or getattr(local, 'prefetched', None))
 
     # -- crash-safe dequeue -------------------------------------------------
 
     def dequeue_into(self, inflight_key, timeout):
         """Block up to `timeout` seconds for a message; it lands in
         `inflight_key` as well as being returned."""
-        timeout = max(1, int(round(timeout)))
+        local = self._local
+        if getattr(local, 'prefetch', None) == inflight_key:
+            local.prefetch = None
+            return transaction.read(local.own)
+        prefetched = getattr(local, 'prefetched', None)
+        if prefetched is not None:
+            local.prefetched = None
+            return prefetched[0]
         conn = self._own_connection()
         if conn is None:
             return self.conn.brpoplpush(self.queue_key, inflight_key,
-                                        timeout=timeout)
-        return transaction.command(conn, 'BRPOPLPUSH', self.queue_key,
-                                   inflight_key, timeout)
+                                        timeout=max(1, int(round(timeout))))
+        return transaction.command(conn, *self._dequeue_command(
+            inflight_key, timeout))
+
+    def _dequeue_command(self, inflight_key, timeout):
+        return ('BRPOPLPUSH', self.queue_key, inflight_key,
+                max(1, int(round(timeout))))
 
     # -- Huey's storage API, routed through the piggyback ------------------
 

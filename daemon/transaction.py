@@ -24,7 +24,8 @@ With hiredis installed, commands are packed by hiredis.pack_command
 directly, as redis-py itself does but without its per-command Python
 wrapper; anything it does not take goes through redis-py's packer.
 """
-from redis.exceptions import ExecAbortError, ResponseError, WatchError
+from redis.exceptions import (ConnectionError, ExecAbortError, ResponseError,
+                              WatchError)
 
 try:   # hiredis packs in C; redis-py's wrapper around it costs more
     import hiredis
@@ -36,21 +37,29 @@ _MULTI = ('MULTI',)
 _EXEC = ('EXEC',)
 
 
-def execute(pipe, conn=None):
+def execute(pipe, conn=None, then=None, wanted=None):
     """Run `pipe`'s commands in one MULTI/EXEC; their replies, as
     pipe.execute() returns them.  The pipeline is reset afterwards.
-    `conn`: a connection the caller keeps (else one from the pool)."""
+    `conn`: a connection the caller keeps (else one from the pool).
+    `then`: a command (argument tuple) sent right after EXEC in the same
+    write, on `conn`; its reply is left for the caller to read().
+    `wanted`: how many of the last replies the caller looks at; only those
+    go through redis-py's response callbacks (the others stay raw).  Any
+    error is raised all the same."""
     stack = pipe.command_stack
-    if not stack:
-        return []
-    if pipe.watching or not pipe.transaction or pipe.explicit_transaction \
-            or pipe.connection is not None:
-        return pipe.execute()
+    if then is not None and conn is None:
+        raise ValueError('a follow-up command needs a kept connection')
+    if not stack or pipe.watching or not pipe.transaction \
+            or pipe.explicit_transaction or pipe.connection is not None:
+        replies = pipe.execute() if stack else []
+        if then is not None:
+            send(conn, *then)
+        return replies
     pool = pipe.connection_pool if conn is None else None
     if pool is not None:
         conn = pool.get_connection()
     try:
-        replies, errors = _exchange(pipe, conn, stack)
+        replies, errors = _exchange(pipe, conn, stack, then)
     except BaseException:
         # Replies may be left unread on the socket: never reuse it as it
         # is (a kept connection reconnects on its next command).
@@ -60,6 +69,15 @@ def execute(pipe, conn=None):
         if pool is not None:
             pool.release(conn)
         pipe.reset()
+    try:
+        return _results(pipe, stack, replies, errors, wanted)
+    except BaseException:
+        if then is not None:
+            conn.disconnect()   # the follow-up's reply is still on its way
+        raise
+
+
+def _results(pipe, stack, replies, errors, wanted=None):
     if replies is None:
         raise WatchError('Watched variable changed.')
     for index, error in errors:
@@ -69,9 +87,15 @@ def execute(pipe, conn=None):
                             'execution')
     pipe.raise_first_error(stack, replies)
     callbacks = pipe.response_callbacks
-    out = []
-    for reply, (args, options) in zip(replies, stack):
-        callback = callbacks.get(args[0])
+    skip = 0 if wanted is None else max(0, len(stack) - wanted)
+    out = replies[:skip]
+    for reply, (args, options) in zip(replies[skip:], stack[skip:]):
+        # The callbacks' dict keeps upper-case names, as redis-py's
+        # command methods send them: skip its case-folding lookup.
+        name = args[0]
+        callback = dict.get(callbacks, name)
+        if callback is None and not name.isupper():
+            callback = callbacks.get(name)
         if callback is not None:
             options.pop('keys', None)
             reply = callback(reply, **options)
@@ -103,22 +127,22 @@ def _pack(conn, commands):
     return conn.pack_commands(commands)
 
 
-def _exchange(pipe, conn, stack):
+def _exchange(pipe, conn, stack, then=None):
     conn.send_packed_command(_pack(
-        conn, [_MULTI] + _commands(pipe, stack) + [_EXEC]))
+        conn, [_MULTI] + _commands(pipe, stack) + [_EXEC] +
+        ([then] if then is not None else [])))
     errors = []
     # Every reply is read even after an error, so the connection stays in
     # step; an error here means Redis refused a command before EXEC.
-    try:
-        conn.read_response()
-    except ResponseError as exc:
-        errors.append((0, exc))
+    read_queued = _queued_reader(conn)
+    error = read_queued()
+    if error is not None:
+        errors.append((0, error))
     for index, (args, _) in enumerate(stack):
-        try:
-            conn.read_response()
-        except ResponseError as exc:
-            pipe.annotate_exception(exc, index + 1, args)
-            errors.append((index, exc))
+        error = read_queued()
+        if error is not None:
+            pipe.annotate_exception(error, index + 1, args)
+            errors.append((index, error))
     try:
         replies = conn.read_response()
     except ExecAbortError:
@@ -128,10 +152,50 @@ def _exchange(pipe, conn, stack):
     return replies, errors
 
 
+def _queued_reader(conn):
+    """A function reading the next acknowledgement of a queued command
+    (+OK or +QUEUED): None, or the error Redis answered instead.  With
+    hiredis the parser is asked directly: redis-py's per-reply wrapper
+    (host name formatting, health-check bookkeeping) cost more than the
+    reply itself, and a transaction of the worker has 10 to 30 of them."""
+    parser = getattr(conn, '_parser', None)
+    if hiredis is None or not hasattr(parser, '_reader') or \
+            not hasattr(parser, 'read_from_socket'):
+        def read_queued():
+            try:
+                conn.read_response()
+            except ResponseError as exc:
+                return exc
+            return None
+        return read_queued
+
+    def read_queued():
+        try:
+            reply = parser.read_response()
+        except OSError as exc:   # redis-py's own wrapper would convert it
+            raise ConnectionError('Error while reading from Redis: %s' % (
+                exc,)) from exc
+        return reply if isinstance(reply, ResponseError) else None
+    return read_queued
+
+
 def command(conn, *args):
     """One command on a connection the caller keeps; its raw reply."""
+    send(conn, *args)
+    return read(conn)
+
+
+def send(conn, *args):
     try:
         conn.send_command(*args)
+    except BaseException:
+        conn.disconnect()
+        raise
+
+
+def read(conn):
+    """The next reply waiting on a kept connection."""
+    try:
         return conn.read_response()
     except BaseException:
         conn.disconnect()

@@ -9,6 +9,11 @@ The round trips of one task:
     message leaves the in-flight list).  The ack never goes before the
     outcome; if Redis is down the worker keeps retrying, and if it dies
     first the message is still in flight and runs again.
+While the consumer runs on, the next task's BRPOPLPUSH (1) goes in the same
+write as (3), so a task costs two round trips (huey's own consumer makes
+four); the worker keeps one connection of its own for them (see
+SuiteStorage.pin_connection and flush_and_prefetch, and docs/benchmarks.md
+for what each step cost).
 """
 import ctypes
 import logging
@@ -126,11 +131,38 @@ def alarm_timeout(seconds):
         signal.signal(signal.SIGALRM, previous)
 
 
+class AlarmTimeout:
+    """alarm_timeout for the process that is a worker for good: its SIGALRM
+    handler stays installed, so a task only arms and disarms the timer
+    (two system calls per task instead of four).  Put back if a task
+    replaced it."""
+
+    def __init__(self):
+        self.seconds = 0
+
+    def _expire(self, signum, frame):
+        raise TaskTimeout('timed out after %ss' % self.seconds)
+
+    def __call__(self, seconds):
+        self.seconds = seconds
+        if signal.getsignal(signal.SIGALRM) != self._expire:
+            signal.signal(signal.SIGALRM, self._expire)
+        return self
+
+    def __enter__(self):
+        signal.setitimer(signal.ITIMER_REAL, self.seconds)
+
+    def __exit__(self, *exc):
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        return False
+
+
 class Worker:
     def __init__(self, app, cfg, index, slot, stop_flag, identity,
-                 in_process):
+                 in_process, incarnation):
         self.app, self.cfg, self.index = app, cfg, index
         self.slot, self.stop_flag, self.identity = slot, stop_flag, identity
+        self.incarnation = incarnation
         self.in_process = in_process
         self.name = 'Worker-%d' % index
         self.task_count = 0
@@ -140,7 +172,9 @@ class Worker:
         self._interrupted = False
         self._reopen_logs = False
         self.recycled = False
-        self._orphan_check = False
+        # A new worker may inherit its in-flight list from a predecessor
+        # that died while Redis was unreachable: look there first.
+        self._orphan_check = True
         # Read once: the hot path runs per task, and the configuration of a
         # running worker never changes (a reload starts new workers).
         self.read_timeout = cfg.consumer.read_timeout
@@ -157,7 +191,8 @@ class Worker:
         self.storage = self.app.storage
         self.storage.pin_connection()
         self.keys = self.storage.keys
-        self.inflight_key = self.keys.inflight(self.identity, self.index)
+        self.inflight_key = self.keys.inflight(self.identity, self.index,
+                                               self.incarnation)
         self.delivery = delivery.Delivery(self.storage)
         self.worker_info = {'host': hostname(), 'pid': os.getpid(),
                             'consumer': self.identity, 'worker': self.index}
@@ -165,7 +200,10 @@ class Worker:
         self.slot.pid = os.getpid()
         try:
             self.initialize()
-            while not self.stop_flag.is_set():
+            # A queue read sent with the last ack is answered before
+            # stopping: a message it took is run, like any other.
+            while not self.stop_flag.is_set() or \
+                    self.storage.prefetch_pending():
                 self.loop()
         except WorkerRecycle:
             self.recycled = True
@@ -337,8 +375,11 @@ class Worker:
             storage.stage(lambda c: c.lrem(self.inflight_key, 1, raw))
             storage.stage(lambda c: c.hdel(self.keys.deliveries, task.id))
             hooks.call(hooks.on_outcome, storage, task, state, duration)
+        prefetch = state not in ('interrupted', 'error') and \
+            not self.stop_flag.is_set() and \
+            not (self.max_tasks and self.task_count >= self.max_tasks)
         try:
-            self._with_redis(storage.flush, give_up_on_stop=False)
+            self._ack(prefetch)
         except _Stopped:
             return
         if state == 'failed':
@@ -349,6 +390,27 @@ class Worker:
         if self.task_events:
             task_log.info('end %s %s %s %.3fs', self._name, task.id, state,
                           duration)
+
+    def _ack(self, prefetch):
+        """Send the outcome and the ack; with `prefetch`, the next queue
+        read goes in the same write (one round trip less per task).  If
+        that fails, the read may have moved a message into our in-flight
+        list with its reply lost: it is looked for there once Redis
+        answers, and the ack is retried alone."""
+        storage = self.storage
+        if prefetch:
+            try:
+                storage.flush_and_prefetch(self.inflight_key,
+                                           self.read_timeout)
+                self._redis_ok()
+                return
+            except REDIS_ERRORS as exc:
+                self._orphan_check = True
+                self._redis_failed(exc)
+            except BaseException:
+                self._orphan_check = True
+                raise
+        self._with_redis(storage.flush, give_up_on_stop=False)
 
     def _dead_letter(self, raw, exc):
         if isinstance(exc, HueyException) and 'not found' in str(exc):
@@ -443,7 +505,7 @@ class Worker:
         signal.signal(signal.SIGTERM, self._on_interrupt)
         signal.signal(signal.SIGUSR1, self._on_reopen)
         os.environ.pop('NOTIFY_SOCKET', None)  # only the main process speaks
-        self.app._timeout_handler = alarm_timeout
+        self.app._timeout_handler = AlarmTimeout()
 
     def _on_interrupt(self, signum, frame):
         # The parent sends SIGTERM when shutdown_timeout has run out: stop

@@ -119,7 +119,7 @@ def test_concurrent_recovery_moves_each_message_once(producer):
     from daemon.delivery import Delivery
     storage, keys = producer.storage, producer.keys
     conn = storage.conn
-    lists = [keys.inflight('ghost', i) for i in range(4)]
+    lists = [keys.inflight('ghost', i, 'gone') for i in range(4)]
     conn.sadd(keys.consumer_lists('ghost'), *lists)
     for i, key in enumerate(lists):
         conn.rpush(key, *[b'msg-%d-%d' % (i, j) for j in range(25)])
@@ -240,7 +240,8 @@ def test_outcome_written_after_redis_comes_back(tmp_path, base_env,
         assert client.hget('test:runs', 'outage') == b'1'
         assert client.exists('huey.r.huey.' + task.id)
         identity = client.zrange('hw:huey:consumers', 0, 0)[0].decode()
-        assert client.llen('hw:huey:inflight:%s:0' % identity) == 0
+        lists = client.smembers('hw:huey:inflight-lists:%s' % identity)
+        assert lists and not any(client.llen(k) for k in lists)
         assert client.llen('huey.redis.huey') == 0
         daemon.signal(signal.SIGTERM)
         assert daemon.wait() == 0
@@ -282,3 +283,29 @@ def test_dead_letters_through_the_status_endpoint(producer, base_env,
         (200, {'purged': 1})
     assert client.get('/dead-letters')[1]['count'] == 0
     assert server.proc.poll() is None
+
+
+def test_a_late_read_into_a_predecessors_list_is_swept(producer, base_env,
+                                                       start_daemon):
+    """A killed consumer's blocking read can still be served by Redis after
+    its successor started; the message lands in the predecessor's list, and
+    the successor puts it back within a heartbeat."""
+    import sample_tasks
+    keys, conn = producer.keys, producer.storage.conn
+    daemon = start_daemon(['consumer', '--workers', '1'], env_for(base_env))
+    daemon.wait_for_output('consumer ready')
+    identity = conn.zrange(keys.consumers, 0, 0)[0].decode()
+    stale = keys.inflight(identity, 0, 'killed-predecessor')
+    conn.sadd(keys.consumer_lists(identity), stale)
+    # What the late read does: the message moves from the queue into the
+    # predecessor's list (done here in one step, so no live worker races
+    # the test for it).
+    task = sample_tasks.add.s(40, 2)
+    conn.lpush(stale, producer.serialize_task(task))
+    from huey.api import Result
+    result = Result(producer, task)
+    assert result.get(blocking=True, timeout=20) == 42
+    daemon.wait_for_output('of a previous run put back in the queue')
+    assert conn.llen(stale) == 0
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait() == 0

@@ -1,0 +1,124 @@
+"""The worker's hot path as made faster in issue 8: its own connection
+and the queue read sent with each ack (daemon/storage.py) keep the
+connection in step whatever is sent next and take nothing from the queue
+that is not handed to the worker; a process worker's time limit keeps
+striking with its handler installed once (daemon/worker.py)."""
+import signal
+import time
+
+import pytest
+import redis
+from huey.exceptions import TaskTimeout
+
+from daemon.storage import SuiteStorage
+from daemon.worker import AlarmTimeout
+
+
+def storage_on(redis_url):
+    return SuiteStorage('prefetch', connection_pool=redis.ConnectionPool
+                        .from_url(redis_url))
+
+
+def test_the_read_sent_with_a_flush_answers_the_next_dequeue(redis_url):
+    storage = storage_on(redis_url)
+    storage.pin_connection()
+    storage.conn.lpush(storage.queue_key, b'm1')
+    storage.stage(lambda c: c.set('acked', 'yes'))
+    storage.flush_and_prefetch('inflight', 1)
+    assert storage.prefetch_pending()
+    assert storage.conn.get('acked') == b'yes'
+    assert storage.dequeue_into('inflight', 1) == b'm1'
+    assert not storage.prefetch_pending()
+    assert storage.conn.lrange('inflight', 0, -1) == [b'm1']
+    assert storage.conn.llen(storage.queue_key) == 0
+
+
+def test_another_command_first_keeps_the_connection_in_step(redis_url):
+    storage = storage_on(redis_url)
+    storage.pin_connection()
+    storage.conn.set('k', 'v')
+    storage.conn.lpush(storage.queue_key, b'm1')
+    storage.stage(lambda c: c.set('acked', 'yes'))
+    storage.flush_and_prefetch('inflight', 1)
+    # Anything sent on the worker's connection before its next dequeue
+    # must get its own reply, not the queue read's.
+    assert storage.flush_all(lambda c: c.get('k'))[-1] == b'v'
+    assert storage.dequeue_into('inflight', 1) == b'm1'
+    assert storage.dequeue_into('inflight', 1) is None   # empty: timed out
+
+
+def test_an_abandoned_read_takes_nothing_later(redis_url):
+    storage = storage_on(redis_url)
+    storage.pin_connection()
+    storage.stage(lambda c: c.set('acked', 'yes'))
+    storage.flush_and_prefetch('inflight', 2)    # waits on the empty queue
+    storage.unpin_connection()                   # e.g. the worker stops
+    other = redis.Redis.from_url(redis_url)
+    other.lpush(storage.queue_key, b'later')
+    time.sleep(2.5)   # past the read's own time-out
+    assert other.lrange(storage.queue_key, 0, -1) == [b'later']
+    assert other.llen('inflight') == 0
+    # The connection went back to the pool usable.
+    assert storage.conn.get('acked') == b'yes'
+
+
+def test_a_thread_without_its_own_connection_just_flushes(redis_url):
+    storage = storage_on(redis_url)
+    storage.conn.lpush(storage.queue_key, b'm1')
+    storage.stage(lambda c: c.set('acked', 'yes'))
+    storage.flush_and_prefetch('inflight', 1)
+    assert not storage.prefetch_pending()
+    assert storage.conn.get('acked') == b'yes'
+    assert storage.conn.llen(storage.queue_key) == 1
+    assert storage.dequeue_into('inflight', 1) == b'm1'
+
+
+def test_a_process_workers_time_limit_strikes_task_after_task():
+    previous = signal.getsignal(signal.SIGALRM)
+    pending = signal.getitimer(signal.ITIMER_REAL)   # pytest-timeout's
+    alarm = AlarmTimeout()
+    try:
+        with pytest.raises(TaskTimeout, match='0.05s'):
+            with alarm(0.05):
+                time.sleep(5)
+        with alarm(5):
+            pass                       # finished in time: nothing strikes
+        assert signal.getitimer(signal.ITIMER_REAL)[0] == 0
+        # A task that installs its own SIGALRM handler does not disarm
+        # the limit of the next one.
+        signal.signal(signal.SIGALRM, lambda *a: None)
+        with pytest.raises(TaskTimeout):
+            with alarm(0.05):
+                time.sleep(5)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        if pending[0]:
+            signal.setitimer(signal.ITIMER_REAL, *pending)
+
+
+def test_a_script_in_a_transaction_survives_a_flushed_script_cache(redis_url):
+    storage = storage_on(redis_url)
+    storage.pin_connection()
+    script = storage.conn.register_script(
+        "redis.call('SET', KEYS[1], ARGV[1]) return ARGV[1]")
+    storage.conn.script_flush()   # as after a Redis restart
+    replies = storage.flush_all(
+        lambda c: c.set('before', 1),
+        lambda c: script(keys=['k'], args=['v'], client=c),
+        lambda c: c.get('k'))
+    assert replies == [True, b'v', b'v']
+    assert storage.conn.get('before') == b'1'
+
+
+def test_command_errors_in_a_transaction_are_raised_like_redis_py(redis_url):
+    storage = storage_on(redis_url)
+    storage.pin_connection()
+    storage.conn.set('text', 'x')
+    with pytest.raises(redis.exceptions.ResponseError, match='HINCRBY'):
+        storage.flush_all(lambda c: c.set('a', 1),
+                          lambda c: c.hincrby('text', 'f', 1),
+                          lambda c: c.set('b', 2))
+    # Like MULTI/EXEC through redis-py: the other commands ran, and the
+    # connection is still in step.
+    assert storage.flush_all(lambda c: c.mget(['a', 'b']))[-1] == [b'1', b'2']
