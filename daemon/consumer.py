@@ -19,7 +19,7 @@ import redis
 from . import __version__, cpus, delivery, redisconn
 from .app import hostname
 from .config import ConfigError
-from .mainloop import MainLoop
+from .mainloop import MainLoop, reread_config
 from .notify import Notifier
 from .signals import name as signal_name
 from .worker import REDIS_ERRORS, Slot, StopFlag, Worker
@@ -64,8 +64,7 @@ class Consumer(MainLoop):
         self.started_at = time.time()
         self.restarts = 0
         self.recycled = 0
-        self.redis_down_since = None
-        self.redis_error = None
+        self.outage = redisconn.RedisOutage(cfg)
         self._last_beat = 0.0
         self._last_watchdog = 0.0
         self._queue_depth = None
@@ -145,15 +144,8 @@ class Consumer(MainLoop):
     # -- reload and log reopening -----------------------------------------
 
     def reload(self):
-        log.info('SIGHUP: re-reading the configuration')
-        try:
-            new_cfg = self.reload_config() if self.reload_config else self.cfg
-        except ConfigError as exc:
-            log.error('configuration not reloaded, keeping the current one: '
-                      '%s', exc)
+        if reread_config(self.reload_config, self.cfg) is None:
             return
-        for warning in new_cfg.warnings:
-            log.warning('%s', warning)
         self.notifier.reloading()
         self.shutdown(for_reload=True)
         logging.shutdown()
@@ -248,28 +240,26 @@ class Consumer(MainLoop):
     # -- Redis: heartbeat, recovery ---------------------------------------
 
     def _wait_for_redis(self):
-        delay = 0.2
         while not self.flags.stop_requests:
             try:
                 self.storage.conn.ping()
-                self._redis_ok()
+                self.outage.ok()
                 return True
             except REDIS_ERRORS + (redis.exceptions.ResponseError,) as exc:
-                self._redis_failed(exc)
+                self.outage.failed(exc)
                 self.notifier.status('waiting for Redis at %s: %s' % (
                     redisconn.describe(self.cfg), exc))
-                self.flags.wait(delay)
-                delay = min(delay * 2, self.cfg.redis.retry_max_delay)
+                self.flags.wait(self.outage.delay)
         return False
 
     def _with_redis_or_stop(self, operation):
         while not self.flags.stop_requests:
             try:
                 result = operation()
-                self._redis_ok()
+                self.outage.ok()
                 return result
             except REDIS_ERRORS as exc:
-                self._redis_failed(exc)
+                self.outage.failed(exc)
                 self.flags.wait(min(self.cfg.redis.retry_max_delay, 1.0))
         return None
 
@@ -298,20 +288,6 @@ class Consumer(MainLoop):
         self.storage.conn.sadd(self.keys.consumer_lists(self.identity),
                                *self._inflight_keys())
         return True
-
-    def _redis_failed(self, exc):
-        if self.redis_down_since is None:
-            self.redis_down_since = time.time()
-            log.warning('Redis unreachable at %s (%s); retrying with backoff',
-                        redisconn.describe(self.cfg), exc)
-        self.redis_error = str(exc)
-
-    def _redis_ok(self):
-        if self.redis_down_since is not None:
-            log.warning('Redis reachable again after %.1fs',
-                        time.time() - self.redis_down_since)
-        self.redis_down_since = None
-        self.redis_error = None
 
     def describe(self):
         now_wall, now_mono = time.time(), time.monotonic()
@@ -360,9 +336,9 @@ class Consumer(MainLoop):
             self._queue_depth = pipe.execute()[-1]
             self.delivery.recover_dead(self.cfg.delivery.recovery_timeout)
             self._sweep_predecessors()
-            self._redis_ok()
+            self.outage.ok()
         except REDIS_ERRORS as exc:
-            self._redis_failed(exc)
+            self.outage.failed(exc)
 
     def _requeue_own(self, reason):
         try:
@@ -395,11 +371,11 @@ class Consumer(MainLoop):
         text = '%d %s workers, %d busy, %d done, %d failed, queue %s' % (
             self.count, self.cfg.consumer.worker_type, busy, done, failed,
             '?' if self._queue_depth is None else self._queue_depth)
-        if self.redis_down_since is not None:
+        if self.outage.down:
             text += '; Redis unreachable since %s: %s' % (
                 time.strftime('%H:%M:%S',
-                              time.localtime(self.redis_down_since)),
-                self.redis_error)
+                              time.localtime(self.outage.since)),
+                self.outage.error)
         return text
 
     def stuck_workers(self):

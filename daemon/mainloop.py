@@ -4,6 +4,7 @@ only set flags (daemon/signals.py); this loop acts on them between passes."""
 import logging
 
 from . import logs
+from .config import ConfigError
 from .exitcodes import EX_OK
 from .signals import handled_signals
 
@@ -49,3 +50,22 @@ class MainLoop:
     def reopen_logs(self):
         logs.reopen()
         log.info('SIGUSR1: log files reopened')
+
+
+def reread_config(reload_config, current, check=None):
+    """SIGHUP's first step in every daemon: read the configuration again
+    (and run `check(new)` for daemon-specific validation).  Returns the new
+    Config, or None when it is invalid: the error is logged and the daemon
+    goes on with `current`."""
+    log.info('SIGHUP: re-reading the configuration')
+    try:
+        new = reload_config() if reload_config else current
+        if check is not None:
+            check(new)
+    except ConfigError as exc:
+        log.error('configuration not reloaded, keeping the current one: %s',
+                  exc)
+        return None
+    for warning in new.warnings:
+        log.warning('%s', warning)
+    return new

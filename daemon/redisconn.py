@@ -1,11 +1,16 @@
 """Redis connections built from [redis] settings: plain, TLS, unix socket or
 through Sentinel."""
+import logging
+import time
+
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 from redis.sentinel import Sentinel
 
 from .config import ConfigError
+
+log = logging.getLogger('huey_worker.redis')
 
 
 def _common_kwargs(cfg):
@@ -87,3 +92,38 @@ def _redact_url(url):
         return url
     user = creds.partition(':')[0]
     return '%s%s%s:***@%s' % (scheme, sep, user, host)
+
+
+class RedisOutage:
+    """One daemon's view of Redis being unreachable: one log line when it
+    goes, one when it comes back (never a line per retry), the error for
+    STATUS, and the backoff delay for the next try."""
+
+    FIRST_DELAY = 0.2
+
+    def __init__(self, cfg, clock=time.time):
+        self.cfg, self.clock = cfg, clock
+        self.since = None        # clock() when Redis was first missed
+        self.error = None
+        self.delay = self.FIRST_DELAY
+
+    @property
+    def down(self):
+        return self.since is not None
+
+    def failed(self, exc):
+        if self.since is None:
+            self.since = self.clock()
+            log.warning('Redis unreachable at %s (%s); retrying with backoff '
+                        'up to %gs', describe(self.cfg), exc,
+                        self.cfg.redis.retry_max_delay)
+        else:
+            self.delay = min(self.delay * 2, self.cfg.redis.retry_max_delay)
+        self.error = str(exc)
+
+    def ok(self):
+        if self.since is not None:
+            log.warning('Redis reachable again after %.1fs',
+                        self.clock() - self.since)
+        self.since = self.error = None
+        self.delay = self.FIRST_DELAY

@@ -19,7 +19,7 @@ from huey import signals as huey_signals
 from .. import __version__, redisconn
 from ..app import hostname, load_task_modules
 from ..config import ConfigError
-from ..mainloop import MainLoop
+from ..mainloop import MainLoop, reread_config
 from ..notify import Notifier
 from ..signals import name as signal_name
 from . import clock as clock_module
@@ -86,9 +86,7 @@ class Scheduler(MainLoop):
         self.next_attempt = 0.0   # boot clock: next standby attempt
         self.last_scan = None     # boot clock: last delayed scan
         self.seen_holder = None   # the leader last logged, as standby
-        self.redis_down_since = None
-        self.redis_error = None
-        self._backoff = 0.2
+        self.outage = redisconn.RedisOutage(cfg, clock=self.clock)
         self._error_wait = 0.0
         self._last_watchdog = 0.0
 
@@ -124,9 +122,9 @@ class Scheduler(MainLoop):
             self._keep_lease()
             if self.lease.held():
                 self._act()
-            self._redis_ok()
+            self.outage.ok()
         except REDIS_ERRORS as exc:
-            self._redis_failed(exc)
+            self.outage.failed(exc)
         except Exception:
             # A bug or a user's validate_datetime gone wrong: log it and go
             # on (the lease runs out if it persists); never die of it.
@@ -160,8 +158,8 @@ class Scheduler(MainLoop):
 
     def next_wait(self):
         now = clock_module.boot_clock()
-        if self.redis_down_since is not None:
-            waits = [self._backoff]
+        if self.outage.down:
+            waits = [self.outage.delay]
         else:
             waits = [self.cfg.scheduler.interval]
         if self.lease.held():
@@ -250,7 +248,7 @@ class Scheduler(MainLoop):
         self.next_attempt = 0.0
         log.warning('lease not renewed before its local deadline%s: stopped '
                     'acting as leader before it can run out in Redis',
-                    ' (Redis: %s)' % self.redis_error if self.redis_error
+                    ' (Redis: %s)' % self.outage.error if self.outage.error
                     else ' (this process was paused or too slow)')
 
     def _publish(self, **changes):
@@ -376,17 +374,11 @@ class Scheduler(MainLoop):
     # -- reload ------------------------------------------------------------
 
     def reload(self):
-        log.info('SIGHUP: re-reading the configuration')
-        try:
-            new_cfg = self.reload_config() if self.reload_config else self.cfg
-            load_task_modules(new_cfg, self.app)
-            periodic.config_entries(new_cfg, self.app)
-        except ConfigError as exc:
-            log.error('configuration not reloaded, keeping the current one: '
-                      '%s', exc)
+        def check(new):
+            load_task_modules(new, self.app)
+            periodic.config_entries(new, self.app)
+        if reread_config(self.reload_config, self.cfg, check) is None:
             return
-        for warning in new_cfg.warnings:
-            log.warning('%s', warning)
         self.notifier.reloading()
         try:
             if self.lease.release():
@@ -404,34 +396,13 @@ class Scheduler(MainLoop):
         while not self.flags.stop_requests:
             try:
                 self.conn.ping()
-                self._redis_ok()
+                self.outage.ok()
                 return True
             except REDIS_ERRORS as exc:
-                self._redis_failed(exc)
+                self.outage.failed(exc)
                 self.notifier.status(self.status_line())
-                self.flags.wait(self._backoff)
+                self.flags.wait(self.outage.delay)
         return False
-
-    def _redis_failed(self, exc):
-        if self.redis_down_since is None:
-            self.redis_down_since = self.clock()
-            log.warning('Redis unreachable at %s (%s); retrying with backoff '
-                        'up to %gs', redisconn.describe(self.cfg), exc,
-                        self.cfg.redis.retry_max_delay)
-        else:
-            self._backoff = min(self._backoff * 2,
-                                self.cfg.redis.retry_max_delay)
-        self.redis_error = str(exc)
-
-    def _redis_ok(self):
-        if self.redis_down_since is not None:
-            log.warning('Redis reachable again after %.1fs',
-                        self.clock() - self.redis_down_since)
-        self.redis_down_since = None
-        self.redis_error = None
-        self._backoff = 0.2
-
-    # -- systemd -----------------------------------------------------------
 
     def status_line(self):
         if self.lease.held():
@@ -448,9 +419,9 @@ class Scheduler(MainLoop):
                 text = 'standby; leader is %s' % holder
             else:
                 text = 'standby; no leader at the moment'
-        if self.redis_down_since is not None:
+        if self.outage.down:
             text += '; Redis unreachable since %s: %s' % (
-                _hhmmss(self.redis_down_since), self.redis_error)
+                _hhmmss(self.outage.since), self.outage.error)
         return text
 
     def _feed_watchdog(self):

@@ -9,6 +9,7 @@ import time
 from .. import logs
 from ..config import ConfigError
 from ..exitcodes import EX_OK
+from ..mainloop import reread_config
 from ..notify import Notifier
 from ..signals import handled_signals, name as signal_name
 from .httpserver import HttpServer
@@ -124,15 +125,9 @@ class StatusServer:
     def reload(self):
         """SIGHUP: new token, limits and Redis settings; the socket stays
         (a new bind or port needs a restart)."""
-        log.info('SIGHUP: re-reading the configuration')
-        try:
-            new = self.reload_config() if self.reload_config else self.cfg
-        except ConfigError as exc:
-            log.error('configuration not reloaded, keeping the current one: '
-                      '%s', exc)
+        new = reread_config(self.reload_config, self.cfg)
+        if new is None:
             return
-        for warning in new.warnings:
-            log.warning('%s', warning)
         self.notifier.reloading()
         if (new.status.bind, new.status.port) != (self.cfg.status.bind,
                                                   self.cfg.status.port):
