@@ -452,3 +452,29 @@ def test_bad_periodic_entries_exit_78_naming_the_line(
     assert needle in result.stderr
     assert '%s, line %d' % (ini, line) in result.stderr
     assert 'Traceback' not in result.stderr
+
+
+def test_status_endpoint_shows_the_leader_and_the_last_slot(cluster,
+                                                            start_daemon):
+    from ops_helpers import Client, start_status_server
+    from prometheus_client.parser import text_string_to_metric_families
+    leader = cluster.start(at('12:00:10'), 'leader')
+    cluster.wait_leader(leader)
+    cluster.wait_evaluated('2030-01-01T12:00Z', leader)
+    env = dict(cluster.base_env, HUEY_WORKER_CONFIG=str(cluster.ini),
+               HUEY_MODULES='sample_tasks,scheduler_tasks')
+    server, port = start_status_server(start_daemon, env)
+    client = Client(port)
+    status, body = client.get('/health')
+    scheduler = body['checks']['queues']['huey']['scheduler']
+    assert scheduler['leader_present'] and scheduler['pid'] == leader.pid
+    assert scheduler['last_slot'] == '2030-01-01T12:00Z'
+    _, _, text = client.request('GET', '/metrics')
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(text.decode())
+               for s in family.samples}
+    assert samples[('huey_worker_scheduler_last_slot_timestamp_seconds',
+                    (('queue', 'huey'),))] == at('12:00:00')
+    info = [labels for (name, labels), value in samples.items()
+            if name == 'huey_worker_scheduler_leader_info' and value == 1]
+    assert len(info) == 1 and ('pid', str(leader.pid)) in info[0]

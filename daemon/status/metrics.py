@@ -10,6 +10,7 @@ from prometheus_client.core import (CollectorRegistry, CounterMetricFamily,
                                     GaugeMetricFamily, HistogramMetricFamily)
 
 from .. import journal, overview
+from ..scheduler.periodic import parse_slot_name
 
 log = logging.getLogger('huey_worker.status')
 
@@ -52,6 +53,14 @@ class SuiteCollector:
                       ('consumers_live', 'Consumers with a fresh heartbeat.'),
                       ('scheduler_leader', '1 when a scheduler holds the '
                                            'leader lease.'))}
+        leader_info = GaugeMetricFamily(
+            'huey_worker_scheduler_leader_info',
+            'The scheduler leader now (value 1; which one in the labels).',
+            labels=['queue', 'leader', 'host', 'pid'])
+        last_slot = GaugeMetricFamily(
+            'huey_worker_scheduler_last_slot_timestamp_seconds',
+            'Start of the last periodic minute the scheduler leader '
+            'enqueued (Unix time).', labels=['queue'])
         workers = GaugeMetricFamily(
             'huey_worker_workers', 'Workers of live consumers by state.',
             labels=['queue', 'consumer', 'state'])
@@ -82,6 +91,13 @@ class SuiteCollector:
             scheduler = overview.scheduler_state(storage)
             gauges['scheduler_leader'].add_metric(
                 [name], 1 if scheduler['leader_present'] else 0)
+            if scheduler['leader_present']:
+                leader_info.add_metric([name, str(scheduler['leader']),
+                                        str(scheduler['host'] or ''),
+                                        str(scheduler['pid'] or '')], 1)
+            slot = parse_slot_name(scheduler['last_slot'])
+            if slot is not None:
+                last_slot.add_metric([name], slot)
             for consumer in overview.consumers(self.app, storage):
                 if not consumer['alive']:
                     continue
@@ -92,6 +108,8 @@ class SuiteCollector:
         yield tasks
         yield durations
         yield from gauges.values()
+        yield leader_info
+        yield last_slot
         yield workers
         yield restarts
 
