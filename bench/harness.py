@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 
 BENCH = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(BENCH)
@@ -342,3 +343,29 @@ class StatusServer(Contender):
                     'HUEY_MODULES': 'bench_tasks',
                     'HUEY_WORKER_TASKS_BUILTIN': 'false'})
         return env
+
+
+STAGING = 'bench:staging'   # where batches wait before they are released
+CHUNK = 500                 # staged writes sent per round trip
+
+
+@contextmanager
+def staged_enqueue(storage):
+    """Enqueue through the suite's producer path (journal records included)
+    into STAGING, with writes held back and sent CHUNK messages at a time;
+    yields the function to call after each message."""
+    queue_key = storage.queue_key
+    storage.queue_key = STAGING
+    storage.deferring = True
+    sent = [0]
+
+    def one_more():
+        sent[0] += 1
+        if sent[0] % CHUNK == 0:
+            storage.flush()
+    try:
+        yield one_more
+        storage.flush()
+    finally:
+        storage.deferring = False
+        storage.queue_key = queue_key

@@ -22,10 +22,7 @@ import tempfile
 import threading
 import time
 
-from harness import percentile
-
-STAGING = 'bench:staging'
-CHUNK = 500
+from harness import STAGING, percentile, staged_enqueue
 
 
 def fill_journal(app, task, count):
@@ -35,24 +32,17 @@ def fill_journal(app, task, count):
     writer = journal.install(app)
     worker = {'host': 'bench', 'pid': os.getpid(), 'consumer': 'bench',
               'worker': 0}
-    queue_key = storage.queue_key
     ids = []
-    storage.queue_key = STAGING   # the messages themselves are not wanted
-    storage.deferring = True
-    try:
-        for i in range(count):
+    # Only the journal records are wanted; the staged messages are dropped.
+    with staged_enqueue(storage) as one_more:
+        for _ in range(count):
             message = task.s()
             app.enqueue(message)
             writer.on_dequeued(storage, message, worker)
             writer.after_execute(message, 1, None)
             writer.on_outcome(storage, message, 'complete', 0.0005)
             ids.append(message.id)
-            if (i + 1) % CHUNK == 0:
-                storage.flush()
-        storage.flush()
-    finally:
-        storage.deferring = False
-        storage.queue_key = queue_key
+            one_more()
     storage.conn.delete(STAGING)
     return ids
 

@@ -15,11 +15,9 @@ import threading
 import time
 import uuid
 
-from harness import (Timeout, cpu_seconds, pss_mib, rss_mib, wait_redis_idle,
-                     wait_until)
+from harness import (CHUNK, STAGING, Timeout, cpu_seconds, pss_mib, rss_mib,
+                     staged_enqueue, wait_redis_idle, wait_until)
 
-STAGING = 'bench:staging'
-CHUNK = 500
 
 
 class Batch:
@@ -55,17 +53,10 @@ def suite_batch(app, task, count):
     storage = app.storage
     queue_key = storage.queue_key
     ids = []
-    storage.queue_key = STAGING
-    storage.deferring = True
-    try:
-        for i in range(count):
+    with staged_enqueue(storage) as one_more:
+        for _ in range(count):
             ids.append(task().id)
-            if (i + 1) % CHUNK == 0:
-                storage.flush()
-        storage.flush()
-    finally:
-        storage.deferring = False
-        storage.queue_key = queue_key
+            one_more()
     return Batch(storage.conn, queue_key,
                  [storage.result_key(i) for i in ids])
 

@@ -10,7 +10,8 @@ import signal
 import socket
 import subprocess
 import sys
-import time
+
+from ops_helpers import wait_until
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Kept between runs, outside the repo: Debian images and wheels.
@@ -29,16 +30,8 @@ install = load_installer()
 
 
 def wait_for(condition, timeout=30, interval=0.1, what='condition'):
-    """Poll until condition() is truthy; return its value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError('timed out after %ss waiting for %s'
-                                 % (timeout, what))
-        time.sleep(interval)
+    """ops_helpers.wait_until with the longer defaults installs need."""
+    return wait_until(condition, timeout, interval, what)
 
 
 def free_port():
