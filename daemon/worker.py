@@ -23,7 +23,6 @@ import select
 import signal
 import threading
 import time
-from contextlib import contextmanager
 
 import redis
 from huey import signals as S
@@ -117,25 +116,11 @@ class WorkerRecycle(Exception):
     pass
 
 
-@contextmanager
-def alarm_timeout(seconds):
-    """A hard time limit for process workers (SIGALRM in the worker)."""
-    def expire(signum, frame):
-        raise TaskTimeout('timed out after %ss' % seconds)
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
-
-
 class AlarmTimeout:
-    """alarm_timeout for the process that is a worker for good: its SIGALRM
-    handler stays installed, so a task only arms and disarms the timer
-    (two system calls per task instead of four).  Put back if a task
-    replaced it."""
+    """A hard time limit for process workers (SIGALRM in the worker).  The
+    process is a worker for good, so its SIGALRM handler stays installed
+    and a task only arms and disarms the timer (two system calls per task
+    instead of four); it is put back if a task replaced it."""
 
     def __init__(self):
         self.seconds = 0
