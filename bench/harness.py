@@ -266,7 +266,7 @@ class SuiteConsumer(Contender):
     """`huey-worker consumer` with the benchmark's task module."""
     label = 'suite'
 
-    def __init__(self, *args, task_events=True, level='info', identity=None,
+    def __init__(self, *args, task_events='end', level='info', identity=None,
                  extra_env=None, builtin=False, **kwargs):
         super().__init__(*args, **kwargs)
         self.task_events, self.level = task_events, level
@@ -287,8 +287,7 @@ class SuiteConsumer(Contender):
             'HUEY_MODULES': 'bench_tasks',
             'HUEY_WORKER_TASKS_BUILTIN': 'true' if self.builtin else 'false',
             'HUEY_WORKER_LOGGING_LEVEL': self.level,
-            'HUEY_WORKER_LOGGING_TASK_EVENTS':
-                'true' if self.task_events else 'false',
+            'HUEY_WORKER_LOGGING_TASK_EVENTS': self.task_events,
         })
         if self.identity:
             env['HUEY_CONSUMER_ID'] = self.identity

@@ -7,8 +7,9 @@ worker (cProfile with a CPU clock, so waiting on Redis does not count).
     .venv/bin/python bench/profile_worker.py [--tasks N] [--profile]
         [--quiet] [--pyinstrument]
 
---quiet compares without per-task log lines (suite task_events off, huey
-at WARNING); by default both log their two INFO lines per task to a file.
+--quiet compares without per-task log lines (suite task_events = none, huey
+at WARNING); by default both log two INFO lines per task to a file (suite
+task_events = both).
 """
 import argparse
 import cProfile
@@ -33,7 +34,7 @@ def suite_worker(app, cfg):
     from daemon import delivery
     from daemon.worker import Slot, StopFlag, Worker, install_outcome_receiver
     slot = multiprocessing.RawArray(Slot, 1)[0]
-    worker = Worker(app, cfg, 0, slot, StopFlag(), 'profile', False)
+    worker = Worker(app, cfg, 0, slot, StopFlag(), 'profile', False, 'bench')
     # What Worker.run sets up before its loop, without the loop.
     worker.storage = app.storage
     worker.storage.pin_connection()
@@ -142,7 +143,7 @@ def run(args, server, workdir):
     from daemon import app as app_module, config, logs
     cfg = config.load(empty, environ={
         'HUEY_REDIS_URL': server.url,
-        'HUEY_WORKER_LOGGING_TASK_EVENTS': 'false' if args.quiet else 'true',
+        'HUEY_WORKER_LOGGING_TASK_EVENTS': 'none' if args.quiet else 'both',
         'HUEY_WORKER_JOURNAL_ENABLED': 'false' if args.no_journal
         else 'true'})
     # One handler each, writing to a file, as both daemons' stderr is in
@@ -236,7 +237,10 @@ def run(args, server, workdir):
             for _ in range(args.tasks):
                 suite_step()
             profile.disable()
-            pstats.Stats(profile).sort_stats('tottime').print_stats(35)
+            stats = pstats.Stats(profile).sort_stats('tottime')
+            stats.print_stats(35)
+            if os.environ.get('BENCH_CALLERS'):
+                stats.print_callers(os.environ['BENCH_CALLERS'])
     return 0
 
 

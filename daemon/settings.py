@@ -412,8 +412,12 @@ SETTINGS = (
       'Also log to this file (reopened on SIGUSR1 and after rotation); '
       'empty: stderr only.', env=('HUEY_LOG_FILE',), cli='--log-file',
       sample='/var/log/huey-worker.log'),
-    S('logging', 'task_events', Boolean(), True,
-      'Log one line when a task starts and one when it ends.'),
+    S('logging', 'task_events', Choice('end', 'both', 'none', aliases={
+        **dict.fromkeys(Boolean.TRUE, 'both'),
+        **dict.fromkeys(Boolean.FALSE, 'none')}), 'end',
+      'Per-task log lines at INFO: end = one line when a task ends (name, '
+      'id, outcome, duration); both = also one when it starts; none.  '
+      'What each line costs: docs/benchmarks.md.'),
 
     # [journal]
     S('journal', 'enabled', Boolean(), True,

@@ -32,7 +32,12 @@ try:   # hiredis packs in C; redis-py's wrapper around it costs more
     from redis.connection import HiredisRespSerializer
 except ImportError:
     hiredis = HiredisRespSerializer = None
+try:   # what redis-py's hiredis reader answers while a reply is incomplete
+    from redis._parsers.hiredis import NOT_ENOUGH_DATA as _NOT_ENOUGH_DATA
+except ImportError:
+    _NOT_ENOUGH_DATA = None
 
+_ACKS = (bytes, str)   # +OK and +QUEUED, raw or decoded
 _MULTI = ('MULTI',)
 _EXEC = ('EXEC',)
 
@@ -85,7 +90,11 @@ def _results(pipe, stack, replies, errors, wanted=None):
     if len(replies) != len(stack):
         raise ResponseError('Wrong number of response items from pipeline '
                             'execution')
-    pipe.raise_first_error(stack, replies)
+    # Looked at by type first: a task's transactions have 10 to 30 replies
+    # and an error among them is rare.
+    if errors or any(issubclass(kind, ResponseError)
+                     for kind in set(map(type, replies))):
+        pipe.raise_first_error(stack, replies)
     callbacks = pipe.response_callbacks
     skip = 0 if wanted is None else max(0, len(stack) - wanted)
     out = replies[:skip]
@@ -131,18 +140,15 @@ def _exchange(pipe, conn, stack, then=None):
     conn.send_packed_command(_pack(
         conn, [_MULTI] + _commands(pipe, stack) + [_EXEC] +
         ([then] if then is not None else [])))
-    errors = []
     # Every reply is read even after an error, so the connection stays in
     # step; an error here means Redis refused a command before EXEC.
-    read_queued = _queued_reader(conn)
-    error = read_queued()
-    if error is not None:
-        errors.append((0, error))
-    for index, (args, _) in enumerate(stack):
-        error = read_queued()
-        if error is not None:
-            pipe.annotate_exception(error, index + 1, args)
-            errors.append((index, error))
+    errors = []
+    for index, error in _queued_errors(conn, 1 + len(stack)):
+        if index == 0:
+            errors.append((0, error))
+        else:
+            pipe.annotate_exception(error, index, stack[index - 1][0])
+            errors.append((index - 1, error))
     try:
         replies = conn.read_response()
     except ExecAbortError:
@@ -152,31 +158,46 @@ def _exchange(pipe, conn, stack, then=None):
     return replies, errors
 
 
-def _queued_reader(conn):
-    """A function reading the next acknowledgement of a queued command
-    (+OK or +QUEUED): None, or the error Redis answered instead.  With
-    hiredis the parser is asked directly: redis-py's per-reply wrapper
-    (host name formatting, health-check bookkeeping) cost more than the
-    reply itself, and a transaction of the worker has 10 to 30 of them."""
+def _queued_errors(conn, count):
+    """Read `count` acknowledgements of queued commands (+OK or +QUEUED);
+    the (position, error) of those Redis refused.  With hiredis the reader
+    is asked directly, in one loop: redis-py's per-reply wrapper (timeouts,
+    push messages, health-check bookkeeping) cost more than the reply
+    itself, and a transaction of the worker has 10 to 30 of them."""
     parser = getattr(conn, '_parser', None)
-    if hiredis is None or not hasattr(parser, '_reader') or \
+    reader = getattr(parser, '_reader', None)
+    if _NOT_ENOUGH_DATA is None or reader is None or \
             not hasattr(parser, 'read_from_socket'):
-        def read_queued():
-            try:
-                conn.read_response()
-            except ResponseError as exc:
-                return exc
-            return None
-        return read_queued
+        return _queued_errors_slow(conn, count)
+    errors = []
+    index = 0
+    gets = reader.gets
+    try:
+        while index < count:
+            reply = gets()
+            if type(reply) not in _ACKS:
+                if reply is _NOT_ENOUGH_DATA:
+                    parser.read_from_socket()
+                    continue
+                if isinstance(reply, ConnectionError):
+                    raise reply
+                if isinstance(reply, ResponseError):
+                    errors.append((index, reply))
+            index += 1
+    except OSError as exc:   # redis-py's own wrapper would convert it
+        raise ConnectionError('Error while reading from Redis: %s' % (
+            exc,)) from exc
+    return errors
 
-    def read_queued():
+
+def _queued_errors_slow(conn, count):
+    errors = []
+    for index in range(count):
         try:
-            reply = parser.read_response()
-        except OSError as exc:   # redis-py's own wrapper would convert it
-            raise ConnectionError('Error while reading from Redis: %s' % (
-                exc,)) from exc
-        return reply if isinstance(reply, ResponseError) else None
-    return read_queued
+            conn.read_response()
+        except ResponseError as exc:
+            errors.append((index, exc))
+    return errors
 
 
 def command(conn, *args):

@@ -166,7 +166,8 @@ class Worker:
         self.max_tasks = cfg.consumer.max_tasks
         self.default_timeout = cfg.tasks.timeout
         self.max_deliveries = cfg.delivery.max_deliveries
-        self.task_events = cfg.logging.task_events
+        self.log_start = cfg.logging.task_events == 'both'
+        self.log_end = cfg.logging.task_events != 'none'
 
     # -- lifecycle (initialize / loop / shutdown, as in Huey) --------------
 
@@ -275,9 +276,8 @@ class Worker:
         revoke_keys = app._revoke_keys(task)
         try:
             results = self._with_redis(lambda: storage.flush_all(
-                lambda c: c.hincrby(self.keys.deliveries, task.id, 1),
-                lambda c: c.mget([storage.result_key(k)
-                                  for k in revoke_keys])))
+                ('HINCRBY', self.keys.deliveries, task.id, 1),
+                ('MGET', *[storage.result_key(k) for k in revoke_keys])))
         except _Stopped:
             return
         deliveries, revoke_values = results[-2], results[-1]
@@ -302,7 +302,7 @@ class Worker:
         slot.task_started = time.monotonic()
         slot.task_timeout = float(task.timeout or 0)
         slot.busy = 1
-        if self.task_events:
+        if self.log_start:
             task_log.info('start %s %s', name, task.id)
 
     def _run(self, task):
@@ -353,12 +353,12 @@ class Worker:
         slot.busy = 0
         if state in ('interrupted', 'error'):
             storage.discard_pending()
-            storage.stage(lambda c: c.lrem(self.inflight_key, 1, raw))
-            storage.stage(lambda c: c.rpush(storage.queue_key, raw))
+            storage.stage_command('LREM', self.inflight_key, 1, raw)
+            storage.stage_command('RPUSH', storage.queue_key, raw)
             hooks.call(hooks.on_requeued, storage, [raw], 'interrupted')
         else:
-            storage.stage(lambda c: c.lrem(self.inflight_key, 1, raw))
-            storage.stage(lambda c: c.hdel(self.keys.deliveries, task.id))
+            storage.stage_command('LREM', self.inflight_key, 1, raw)
+            storage.stage_command('HDEL', self.keys.deliveries, task.id)
             hooks.call(hooks.on_outcome, storage, task, state, duration)
         prefetch = state not in ('interrupted', 'error') and \
             not self.stop_flag.is_set() and \
@@ -372,7 +372,7 @@ class Worker:
         elif state in ('complete', 'retrying', 'revoked', 'expired',
                        'canceled', 'scheduled'):
             slot.done += 1
-        if self.task_events:
+        if self.log_end:
             task_log.info('end %s %s %s %.3fs', self._name, task.id, state,
                           duration)
 

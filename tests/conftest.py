@@ -52,6 +52,8 @@ def base_env(redis_url, tmp_path):
         'HUEY_WORKER_TASKS_BUILTIN': 'false',
         'HUEY_MODULES': 'sample_tasks',
         'PYTHONUNBUFFERED': '1',
+        # Tests wait for a task's 'start' line; the default logs its end only.
+        'HUEY_WORKER_LOGGING_TASK_EVENTS': 'both',
     })
     return env
 

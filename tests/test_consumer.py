@@ -33,8 +33,10 @@ def pending(app):
 def test_tasks_run_and_results_are_kept(producer, base_env, start_daemon,
                                         worker_type):
     import sample_tasks
+    env = dict(base_env)
+    del env['HUEY_WORKER_LOGGING_TASK_EVENTS']   # the default: end lines
     daemon = start_daemon(['consumer', '--workers', '2', '--worker-type',
-                           worker_type], base_env)
+                           worker_type], env)
     daemon.wait_for_output('consumer ready')
     results = [sample_tasks.add(i, 1) for i in range(20)]
     assert [r.get(blocking=True, timeout=20) for r in results] == \
@@ -44,10 +46,30 @@ def test_tasks_run_and_results_are_kept(producer, base_env, start_daemon,
     ttl = producer.storage.conn.ttl(producer.storage.result_key(results[0].id))
     assert 0 < ttl <= 604800
     out = daemon.output()
-    assert 'start sample_tasks.add %s' % results[0].id in out
     assert 'end sample_tasks.add %s complete' % results[0].id in out
+    assert 'start sample_tasks.add' not in out
     daemon.signal(signal.SIGTERM)
     assert daemon.wait() == 0
+
+
+@pytest.mark.parametrize('setting, start, end', [
+    ('both', True, True), ('none', False, False),
+    ('false', False, False), ('end', False, True)])
+def test_task_event_lines_follow_the_setting(producer, base_env, start_daemon,
+                                             setting, start, end):
+    import sample_tasks
+    daemon = start_daemon(['consumer', '--workers', '1'], consumer_env(
+        base_env, HUEY_WORKER_LOGGING_TASK_EVENTS=setting))
+    daemon.wait_for_output('consumer ready')
+    results = [sample_tasks.add(i, 1) for i in range(3)]
+    assert [r.get(blocking=True, timeout=20) for r in results] == [1, 2, 3]
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait() == 0
+    out = daemon.output()
+    for result in results:
+        assert (('start sample_tasks.add %s' % result.id) in out) is start
+        assert (('end sample_tasks.add %s complete' % result.id)
+                in out) is end
 
 
 @pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT])

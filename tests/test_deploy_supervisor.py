@@ -43,6 +43,7 @@ def suite(tmp_path, redis_url):
         '[consumer]', 'workers = 2',
         '[logging]', 'file = %s' % os.path.join(layout.logdir,
                                                  'huey-worker.log'),
+        'task_events = both',
         '[status]', 'port = %d' % port, '']))
     assert os.path.exists(supervisord.blocks)
     env = {k: v for k, v in os.environ.items()

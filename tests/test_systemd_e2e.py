@@ -348,8 +348,10 @@ def test_deployment_in_a_booted_debian(machine, tmp_path, capsys):
     os.makedirs(machine.path(TASKS_DIR))
     shutil.copy(os.path.join(ROOT, 'tests', 'sample_tasks.py'),
                 machine.path(TASKS_DIR))
+    # 'start' lines tell the test a task began (the default logs ends only).
     write(machine, '/etc/huey-worker/conf.d/50-e2e.ini',
-          '[tasks]\nmodules = sample_tasks\npython_path = %s\n' % TASKS_DIR)
+          '[tasks]\nmodules = sample_tasks\npython_path = %s\n'
+          '[logging]\ntask_events = both\n' % TASKS_DIR)
 
     # -- start -------------------------------------------------------------
     machine.run('systemctl daemon-reload && systemctl enable --now '

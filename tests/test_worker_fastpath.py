@@ -122,3 +122,39 @@ def test_command_errors_in_a_transaction_are_raised_like_redis_py(redis_url):
     # Like MULTI/EXEC through redis-py: the other commands ran, and the
     # connection is still in step.
     assert storage.flush_all(lambda c: c.mget(['a', 'b']))[-1] == [b'1', b'2']
+
+
+@pytest.mark.parametrize('decode', [False, True])
+def test_staged_argument_tuples_go_as_redis_py_would_send_them(redis_url,
+                                                              decode):
+    storage = SuiteStorage('raw', connection_pool=redis.ConnectionPool
+                           .from_url(redis_url, decode_responses=decode))
+    storage.pin_connection()
+    storage.stage_command('HSET', 'rec', 'when', 1795379904.3978827,
+                          'count', 7, 'name', 'x')
+    storage.stage_commands([('RPUSH', 'log', b'\x00raw'),
+                            ('HINCRBYFLOAT', 'rec', 'sum', 1e-05)])
+    replies = storage.flush_all(('HGETALL', 'rec'), ('LRANGE', 'log', 0, -1))
+    record, log = replies[-2], replies[-1]
+    if decode:
+        assert record == {'when': '1795379904.3978827', 'count': '7',
+                          'name': 'x', 'sum': '0.00001'}
+    else:
+        assert record[b'when'] == b'1795379904.3978827'
+        assert log == [b'\x00raw']
+    assert not storage.has_pending()
+
+
+def test_a_command_refused_before_exec_aborts_the_transaction(redis_url):
+    storage = storage_on(redis_url)
+    storage.pin_connection()
+    storage.stage_command('SET', 'a', 1)
+    storage.stage_command('SET', 'b')            # wrong number of arguments
+    storage.stage_command('SET', 'c', 3)
+    with pytest.raises(redis.exceptions.ResponseError, match="'set'"):
+        storage.flush()
+    assert storage.has_pending()    # kept for the caller to decide
+    storage.discard_pending()
+    # Redis discarded the whole transaction; the connection is in step.
+    assert storage.flush_all(('MGET', 'a', 'b', 'c'))[-1] == [None] * 3
+    assert storage.flush_all(('SET', 'a', 1), ('GET', 'a')) == [True, b'1']

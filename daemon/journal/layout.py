@@ -37,6 +37,24 @@ def text(value):
     return str(value)
 
 
+_PACKABLE = frozenset((str, bytes, int, float))
+
+
+def encode(value):
+    """`value` as a Redis argument: str, bytes, int and float go as they
+    are (floats as repr, like text()); anything else as text()."""
+    return value if type(value) in _PACKABLE else text(value)
+
+
+def field_pairs(fields):
+    """HSET's field/value arguments for `fields`, leaving out None."""
+    out = []
+    for name, value in fields.items():
+        if value is not None:
+            out += (name, value if type(value) in _PACKABLE else text(value))
+    return out
+
+
 def epoch(value):
     """Huey's naive UTC datetimes (utc=True) as epoch seconds."""
     if value is None:

@@ -1,6 +1,7 @@
 """Writing the journal: Huey's SIGNAL_ENQUEUED and post_execute hook, and
 the delivery hooks (daemon/hooks.py).  Every change is staged on the
 storage, so it rides the round trip its writer makes anyway."""
+import collections
 import json
 import sys
 import threading
@@ -10,9 +11,18 @@ from huey import Huey
 
 from .. import progress
 from .layout import (DURATION_BUCKETS, ERROR_MAX_CHARS, EXECUTED, LOG_LENGTH,
-                     TERMINAL, TRIM_EVERY, args_summary, epoch, error_fields,
-                     result_json, text, ttl_of)
+                     TERMINAL, TRIM_EVERY, args_summary, encode, epoch,
+                     error_fields, field_pairs, result_json, text, ttl_of)
 from .scripts import GUARDED_ENQUEUE, GUARDED_REQUEUE, script_for
+
+
+# One encoder made once: json.dumps with an argument builds a new one each
+# call, a third of the cost of a small event.
+_event_json = json.JSONEncoder(default=repr).encode
+
+_Settings = collections.namedtuple(
+    '_Settings', 'enabled progress_interval args_max_bytes result_max_bytes '
+    'index_max')
 
 
 class Journal:
@@ -22,15 +32,25 @@ class Journal:
         self.app = app
         self._stash = threading.local()
         self._outcomes = 0
+        self._cached_settings = None
 
-    # settings, read at each call so a reconfigured app is followed
+    # settings: the [journal] section of the app's current configuration,
+    # looked up again whenever the app is reconfigured
 
-    def _cfg(self):
-        return self.app.config
+    def _settings(self):
+        cfg = self.app.config
+        cached = self._cached_settings
+        if cached is None or cached[0] is not cfg:
+            section = cfg.journal if cfg is not None else None
+            cached = self._cached_settings = (cfg, section and _Settings(
+                section.enabled, section.progress_interval,
+                section.args_max_bytes, section.result_max_bytes,
+                section.index_max))
+        return cached[1]
 
     def _active(self, storage):
-        cfg = self._cfg()
-        return (cfg is not None and cfg.journal.enabled
+        settings = self._settings()
+        return (settings is not None and settings.enabled
                 and hasattr(storage, 'stage') and hasattr(storage, 'keys'))
 
     def task_name(self, task):
@@ -38,37 +58,39 @@ class Journal:
 
     def _stage_change(self, storage, task_id, fields, event, drop=(),
                       setnx=None, incr=None, extra=None, index=True,
-                      trim=True):
+                      trim=True, expire=True, pairs=()):
         """Stage one state change of `task_id`: a fixed set of commands.
+        `pairs`: more field/value arguments for the HSET, ready encoded;
         `index`: move it to the top of the listing index; `trim`: cut the
-        history to LOG_LENGTH (skipped where it cannot have grown much)."""
+        history to LOG_LENGTH (skipped where it cannot have grown much);
+        `expire`: renew the record's time to live (skipped where a later
+        change of the same delivery renews it anyway)."""
         keys = storage.keys
         key, log_key = keys.task(task_id), keys.task_log(task_id)
         now = time.time()
-        mapping = {k: text(v) for k, v in fields.items() if v is not None}
-        mapping['updated'] = text(now)
-        event = dict(event, at=now)
-        event_text = json.dumps(event, default=repr, sort_keys=True)
-        ttl = ttl_of(storage)
-
-        def write(pipe):
-            if drop:
-                pipe.hdel(key, *drop)
-            for field, value in (setnx or {}).items():
-                pipe.hsetnx(key, field, text(value))
-            for field, amount in (incr or {}).items():
-                pipe.hincrby(key, field, amount)
-            pipe.hset(key, mapping=mapping)
-            pipe.expire(key, ttl)
-            pipe.rpush(log_key, event_text)
-            if trim:
-                pipe.ltrim(log_key, -LOG_LENGTH, -1)
-            pipe.expire(log_key, ttl)
-            if index:
-                pipe.zadd(keys.journal_recent, {task_id: now})
-            if extra is not None:
-                extra(pipe)
-        storage.stage(write)
+        commands = []
+        if drop:
+            commands.append(('HDEL', key) + tuple(drop))
+        if setnx:
+            commands += [('HSETNX', key, field, encode(value))
+                         for field, value in setnx.items()]
+        if incr:
+            commands += [('HINCRBY', key, field, amount)
+                         for field, amount in incr.items()]
+        commands.append(('HSET', key, 'updated', now, *pairs,
+                         *field_pairs(fields)))
+        event['at'] = now
+        commands.append(('RPUSH', log_key, _event_json(event)))
+        if trim:
+            commands.append(('LTRIM', log_key, -LOG_LENGTH, -1))
+        if expire:
+            ttl = ttl_of(storage)
+            commands += [('EXPIRE', key, ttl), ('EXPIRE', log_key, ttl)]
+        if index:
+            commands.append(('ZADD', keys.journal_recent, now, task_id))
+        if extra is not None:
+            extra(commands.append)
+        storage.stage_commands(commands)
 
     @staticmethod
     def _round_trip_follows():
@@ -85,11 +107,11 @@ class Journal:
             return
         if progress.current_task_id() == task.id:
             return  # the worker re-enqueues a retry: on_outcome records it
-        cfg = self._cfg()
         now = time.time()
         eta = epoch(task.eta)
         state = 'scheduled' if eta is not None and eta > now else 'pending'
-        args_text, hidden = args_summary(task, cfg.journal.args_max_bytes)
+        args_text, hidden = args_summary(task,
+                                         self._settings().args_max_bytes)
         fields = {'id': task.id, 'name': self.task_name(task),
                   'queue': self.app.name, 'state': state,
                   'retries_left': task.retries, 'eta': eta,
@@ -143,45 +165,55 @@ class Journal:
     def on_dequeued(self, storage, task, worker_info):
         if not hasattr(storage, 'keys'):
             return
-        cfg = self._cfg()
         name = self.task_name(task)
         # The task context serves current_delivery() even with the journal
         # off; progress is then kept in memory only.
         recording = self._active(storage)
         progress.enter(progress.TaskContext(
-            storage, task.id, name, cfg.journal.progress_interval,
+            storage, task.id, name, self._settings().progress_interval,
             record=recording))
         if not recording:
             return
         self._stash.outcome = None
-        eta = epoch(task.eta)
-        if eta is not None and eta > time.time():
-            return  # not due: Huey moves it to the schedule (outcome below)
         now = time.time()
-        fields = {'id': task.id, 'name': name, 'queue': self.app.name,
-                  'state': 'running', 'started': now,
-                  'retries_left': task.retries,
-                  'host': worker_info.get('host'),
-                  'pid': worker_info.get('pid'),
-                  'consumer': worker_info.get('consumer'),
-                  'worker': worker_info.get('worker')}
-        # Fewest commands on the hot path: the listing index and history
-        # trim wait for the outcome; a record its producer did not write
-        # (journal off there) gets its times here, and no args.
+        if task.eta is not None and epoch(task.eta) > now:
+            return  # not due: Huey moves it to the schedule (outcome below)
+        pairs, label = self._worker_fields(worker_info)
+        # Fewest commands on the hot path: the listing index, history trim
+        # and time to live wait for the outcome (or the requeue of a
+        # delivery that never gets one); a record its producer did not
+        # write (journal off there) gets its times here, and no args.
         self._stage_change(
-            storage, task.id, fields,
-            {'state': 'running', 'worker': '%s:%s/%s' % (
-                fields['host'], fields['pid'], fields['worker'])},
-            drop=progress.PROGRESS_FIELDS + ('finished', 'next_retry',
-                                             'duration'),
+            storage, task.id,
+            {'id': task.id, 'name': name, 'state': 'running',
+             'started': now, 'retries_left': task.retries},
+            {'state': 'running', 'worker': label},
+            drop=RUNNING_DROPS,
             setnx={'enqueued': now, 'retries_total': task.retries},
-            incr={'attempt': 1}, index=False, trim=False)
+            incr={'attempt': 1}, index=False, trim=False, expire=False,
+            pairs=pairs)
+
+    def _worker_fields(self, worker_info):
+        """The record's fields naming the worker, and its label in the
+        history: the same for every task a worker runs, so made once."""
+        cached = getattr(self._stash, 'worker', None)
+        if cached is None or cached[0] is not worker_info:
+            pairs = tuple(field_pairs(
+                {'queue': self.app.name, 'host': worker_info.get('host'),
+                 'pid': worker_info.get('pid'),
+                 'consumer': worker_info.get('consumer'),
+                 'worker': worker_info.get('worker')}))
+            label = '%s:%s/%s' % (worker_info.get('host'),
+                                  worker_info.get('pid'),
+                                  worker_info.get('worker'))
+            cached = self._stash.worker = (worker_info, pairs, label)
+        return cached[1], cached[2]
 
     def on_outcome(self, storage, task, state, duration):
         if not self._active(storage):
             progress.leave(task.id)
             return
-        cfg = self._cfg()
+        settings = self._settings()
         name = self.task_name(task)
         value, exception, ran = self._take_outcome(task.id)
         # The worker names an outcome after Huey's last signal; the body's
@@ -193,7 +225,6 @@ class Journal:
                 state = 'failed'     # e.g. a time-out, which emits no error
         now = time.time()
         fields = {'state': state, 'retries_left': task.retries}
-        drop = []
         event = {'state': state}
         if ran or state in EXECUTED:
             fields['duration'] = round(duration, 6)
@@ -209,10 +240,10 @@ class Journal:
             event['error'] = fields['error_type']
         result_stored = False
         if state == 'complete':
-            drop += ['error_type', 'error_message']
             result_stored = value is not None or self.app.store_none
             if ran and result_stored:
-                text, why = result_json(value, cfg.journal.result_max_bytes)
+                text, why = result_json(value,
+                                        settings.result_max_bytes)
                 if text is not None:
                     fields['result'] = text
                 else:
@@ -223,35 +254,38 @@ class Journal:
         if ctx is not None and ctx.dirty:
             fields.update(ctx.progress_fields())
         keys, ttl = storage.keys, ttl_of(storage)
-        index_max = cfg.journal.index_max
+        index_max = settings.index_max
         self._outcomes += 1
         # Trimming the indexes now and then keeps them within bounds at a
         # fraction of the cost (they overshoot by TRIM_EVERY at most).
         trim = self._outcomes % TRIM_EVERY == 1
 
-        def account(pipe):
+        def account(add):
             if result_stored:
-                pipe.zadd(keys.journal_results, {task.id: now})
+                add(('ZADD', keys.journal_results, now, task.id))
             if trim:
-                pipe.zremrangebyscore(keys.journal_results, '-inf', now - ttl)
-                pipe.zremrangebyscore(keys.journal_recent, '-inf', now - ttl)
-                pipe.zremrangebyrank(keys.journal_recent, 0, -index_max - 1)
-            self._count(pipe, keys, name, state,
+                add(('ZREMRANGEBYSCORE', keys.journal_results, '-inf',
+                     now - ttl))
+                add(('ZREMRANGEBYSCORE', keys.journal_recent, '-inf',
+                     now - ttl))
+                add(('ZREMRANGEBYRANK', keys.journal_recent, 0,
+                     -index_max - 1))
+            self._count(add, keys, name, state,
                         duration if 'duration' in fields else None)
-        self._stage_change(storage, task.id, fields, event, drop=drop,
-                           extra=account)
+        self._stage_change(storage, task.id, fields, event, extra=account)
 
     @staticmethod
-    def _count(pipe, keys, name, state, duration):
+    def _count(add, keys, name, state, duration):
         if state == 'scheduled':
             return   # not due yet: no outcome to count
-        pipe.hincrby(keys.metrics_outcomes, '%s\t%s' % (name, state), 1)
+        add(('HINCRBY', keys.metrics_outcomes, '%s\t%s' % (name, state), 1))
         if duration is None:
             return
         bucket = next(b for b in DURATION_BUCKETS if duration <= b)
-        pipe.hincrby(keys.metrics_durations, '%s\t%r' % (name, bucket), 1)
-        pipe.hincrbyfloat(keys.metrics_durations, '%s\tsum' % name,
-                          round(duration, 6))
+        add(('HINCRBY', keys.metrics_durations, '%s\t%r' % (name, bucket),
+             1))
+        add(('HINCRBYFLOAT', keys.metrics_durations, '%s\tsum' % name,
+             round(duration, 6)))
 
     def on_requeued(self, storage, messages, reason):
         if not self._active(storage):
@@ -283,8 +317,8 @@ class Journal:
                 self._stage_guarded_requeue(storage, task.id, raw, fields,
                                             reason)
             keys = storage.keys
-            storage.stage(lambda pipe, n=name: pipe.hincrby(
-                keys.metrics_outcomes, '%s\t%s' % (n, reason), 1))
+            storage.stage_command('HINCRBY', keys.metrics_outcomes,
+                                  '%s\t%s' % (name, reason), 1)
             staged = True
         if staged and not rides:
             storage.flush()
@@ -325,8 +359,8 @@ class Journal:
         self._stage_change(
             storage, task_id, fields,
             {'state': 'failed', 'dead_letter': record.get('reason')},
-            extra=lambda pipe: pipe.hincrby(
-                keys.metrics_outcomes, '%s\tfailed' % name, 1)
+            extra=lambda add: add((
+                'HINCRBY', keys.metrics_outcomes, '%s\tfailed' % name, 1))
             if name else None)
         if not rides:
             storage.flush()
@@ -337,6 +371,11 @@ class Journal:
         self._stage_change(storage, task_id, {'revoke_requested': time.time()},
                            {'state': 'revoke-requested'})
 
+
+# What a new delivery clears: what the last attempt left (its progress, end
+# and error).  The history keeps the error; the record shows this attempt.
+RUNNING_DROPS = progress.PROGRESS_FIELDS + (
+    'finished', 'next_retry', 'duration', 'error_type', 'error_message')
 
 _HUEY_ENQUEUE = Huey.enqueue.__code__
 
