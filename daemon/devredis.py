@@ -67,6 +67,7 @@ class EmbeddedRedis:
         return 'redis://127.0.0.1:%d/0' % self.port
 
     def client(self, **kwargs):
+        kwargs.setdefault('protocol', 2)   # any Redis, 5 included
         return redis.Redis(host='127.0.0.1', port=self.port, **kwargs)
 
     def start(self, timeout=10):

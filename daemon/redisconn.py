@@ -26,6 +26,10 @@ def _common_kwargs(cfg):
         # reply was lost would take a second message.  The daemons retry
         # whole operations themselves, with backoff and a log line.
         'retry': Retry(NoBackoff(), 0),
+        # RESP2, what Huey is written against: redis-py 8 otherwise opens
+        # each connection with HELLO 3, which Redis before 6.0 refuses.  A
+        # `protocol=3` in [redis] url still wins.
+        'protocol': 2,
     }
     if r.username:
         kwargs['username'] = r.username
@@ -53,7 +57,8 @@ def connection_pool(cfg):
     kwargs = _common_kwargs(cfg)
     if r.sentinels:
         sentinel_kwargs = {'socket_connect_timeout': r.connect_timeout,
-                           'socket_timeout': r.connect_timeout}
+                           'socket_timeout': r.connect_timeout,
+                           'protocol': 2}
         if r.sentinel_password:
             sentinel_kwargs['password'] = r.sentinel_password
         hosts = [(w.rpartition(':')[0], int(w.rpartition(':')[2]))

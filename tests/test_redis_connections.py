@@ -20,7 +20,8 @@ class Server:
             [find_redis_server()] + args + ['--dir', directory, '--save', '',
                                             '--appendonly', 'no'],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = redis.Redis(socket_connect_timeout=0.3, **client_kwargs)
+        client = redis.Redis(socket_connect_timeout=0.3, protocol=2,
+                             **client_kwargs)
         deadline = time.monotonic() + 15
         while True:
             try:

@@ -51,7 +51,7 @@ def test_run_starts_everything_and_ctrl_c_stops_everything(tmp_path):
         import redis
         import sample_tasks
         from daemon.app import huey
-        client = redis.Redis.from_url(redis_url)
+        client = redis.Redis.from_url(redis_url, protocol=2)
         task = sample_tasks.add.s(2, 2)
         client.lpush('huey.redis.huey', huey.serialize_task(task))
         while not client.exists('huey.r.huey.' + task.id):

@@ -54,7 +54,7 @@ class Cluster:
                  producer):
         self.base_env, self.start_daemon = base_env, start_daemon
         self.tmp_path = tmp_path
-        self.redis = redis.Redis.from_url(redis_url)
+        self.redis = redis.Redis.from_url(redis_url, protocol=2)
         self.app = producer
         self.keys = producer.storage.keys
         self.ini = tmp_path / 'scheduler.ini'

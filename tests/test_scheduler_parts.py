@@ -34,7 +34,7 @@ class FakeClock:
 
 @pytest.fixture
 def conn(redis_url):
-    client = redis.Redis.from_url(redis_url)
+    client = redis.Redis.from_url(redis_url, protocol=2)
     yield client
     client.close()
 

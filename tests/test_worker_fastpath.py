@@ -16,7 +16,7 @@ from daemon.worker import AlarmTimeout
 
 def storage_on(redis_url):
     return SuiteStorage('prefetch', connection_pool=redis.ConnectionPool
-                        .from_url(redis_url))
+                        .from_url(redis_url, protocol=2))
 
 
 def test_the_read_sent_with_a_flush_answers_the_next_dequeue(redis_url):
@@ -53,7 +53,7 @@ def test_an_abandoned_read_takes_nothing_later(redis_url):
     storage.stage(lambda c: c.set('acked', 'yes'))
     storage.flush_and_prefetch('inflight', 2)    # waits on the empty queue
     storage.unpin_connection()                   # e.g. the worker stops
-    other = redis.Redis.from_url(redis_url)
+    other = redis.Redis.from_url(redis_url, protocol=2)
     other.lpush(storage.queue_key, b'later')
     time.sleep(2.5)   # past the read's own time-out
     assert other.lrange(storage.queue_key, 0, -1) == [b'later']
@@ -128,7 +128,8 @@ def test_command_errors_in_a_transaction_are_raised_like_redis_py(redis_url):
 def test_staged_argument_tuples_go_as_redis_py_would_send_them(redis_url,
                                                               decode):
     storage = SuiteStorage('raw', connection_pool=redis.ConnectionPool
-                           .from_url(redis_url, decode_responses=decode))
+                           .from_url(redis_url, decode_responses=decode,
+                                     protocol=2))
     storage.pin_connection()
     storage.stage_command('HSET', 'rec', 'when', 1795379904.3978827,
                           'count', 7, 'name', 'x')
