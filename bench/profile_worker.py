@@ -92,13 +92,13 @@ class SendCounter:
         cls.send_command = counted_one
         cls.pack_commands = counted_many
         from daemon import transaction
-        pack = transaction._pack
+        pack = transaction.pack
 
         def counted_pack(conn, commands):
             self.commands += len([c for c in commands
                                   if c[0] not in ('MULTI', 'EXEC')])
             return pack(conn, commands)
-        transaction._pack = counted_pack
+        transaction.pack = counted_pack
 
 
 def measure(step, fill, count, client, sends):

@@ -37,7 +37,7 @@ def find_redis_server():
     return path
 
 
-def _die_with_parent():
+def die_with_parent():
     """In the child before exec: a private Redis must not outlive the
     process that started it, even when that one is killed with SIGKILL."""
     try:
@@ -85,7 +85,7 @@ class EmbeddedRedis:
                                         stdout=subprocess.DEVNULL,
                                         stderr=subprocess.DEVNULL,
                                         start_new_session=True,
-                                        preexec_fn=_die_with_parent)
+                                        preexec_fn=die_with_parent)
         deadline = time.monotonic() + timeout
         client = self.client(socket_connect_timeout=0.2)
         while True:

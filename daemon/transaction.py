@@ -124,7 +124,8 @@ def _commands(pipe, stack):
     return out
 
 
-def _pack(conn, commands):
+def pack(conn, commands):
+    """`commands` (argument tuples) packed for one send_packed_command."""
     if hiredis is not None and isinstance(
             getattr(conn, '_command_packer', None), HiredisRespSerializer):
         try:
@@ -137,7 +138,7 @@ def _pack(conn, commands):
 
 
 def _exchange(pipe, conn, stack, then=None):
-    conn.send_packed_command(_pack(
+    conn.send_packed_command(pack(
         conn, [_MULTI] + _commands(pipe, stack) + [_EXEC] +
         ([then] if then is not None else [])))
     # Every reply is read even after an error, so the connection stays in

@@ -9,7 +9,7 @@ import time
 import pytest
 import redis
 
-from daemon.devredis import find_redis_server, free_port
+from daemon.devredis import die_with_parent, find_redis_server, free_port
 
 
 class Server:
@@ -19,18 +19,24 @@ class Server:
         self.proc = subprocess.Popen(
             [find_redis_server()] + args + ['--dir', directory, '--save', '',
                                             '--appendonly', 'no'],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            preexec_fn=die_with_parent)
         client = redis.Redis(socket_connect_timeout=0.3, protocol=2,
                              **client_kwargs)
         deadline = time.monotonic() + 15
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.exceptions.RedisError:
-                assert self.proc.poll() is None, 'redis-server exited'
-                assert time.monotonic() < deadline, 'redis-server not ready'
-                time.sleep(0.05)
+        try:
+            while True:
+                try:
+                    client.ping()
+                    break
+                except redis.exceptions.RedisError:
+                    assert self.proc.poll() is None, 'redis-server exited'
+                    assert time.monotonic() < deadline, \
+                        'redis-server not ready'
+                    time.sleep(0.05)
+        except BaseException:
+            self.stop()   # not handed to the fixture yet: stop it here
+            raise
         self.client = client
 
     def stop(self):
