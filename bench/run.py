@@ -144,9 +144,11 @@ def throughput(bench, table, results):
     def batch_floor(n):
         return tp.floor_batch(client, n)
 
+    # 'info': each consumer's default logging (the suite: one line per task,
+    # at its end; huey_consumer: two); 'quiet': no per-task lines.
     variants = [('info', {}, {})]
     if not args.quick:
-        variants.append(('quiet', {'task_events': False}, {'quiet': True}))
+        variants.append(('quiet', {'task_events': 'none'}, {'quiet': True}))
     figures = {}
     for workers, kind in bench.modes():
         mode = '%s x%d' % (kind, workers)
@@ -158,9 +160,12 @@ def throughput(bench, table, results):
                                bench.plain_consumer(workers, kind, **kw),
                                warm_plain, batch_plain))
         if not args.quick:
+            # The suite logging as much as huey_consumer does.
+            contenders.append((('suite', 'both'), lambda: bench.suite(
+                workers, kind, task_events='both'), warm_suite, batch_suite))
             # What the journal costs: the same suite with it switched off.
             contenders.append((('suite', 'nojournal'), lambda: bench.suite(
-                workers, kind, task_events=False, extra_env={
+                workers, kind, task_events='none', extra_env={
                     'HUEY_WORKER_JOURNAL_ENABLED': 'false'}),
                 warm_suite, batch_suite))
         contenders.append((('floor', 'info'), lambda: bench.floor(workers, kind),
@@ -181,35 +186,40 @@ def throughput(bench, table, results):
         return figures.get((mode, (who, variant), name))
 
     for name, header in (
-            ('info', 'Throughput, no-op tasks/s: both log two INFO lines per '
-                     'task to a file (suite [logging] task_events on, '
-                     'huey_consumer default); journal on (the default)'),
+            ('info', 'Throughput, no-op tasks/s: default logging to a file '
+                     '(suite: one INFO line per task, [logging] task_events '
+                     '= end; huey_consumer: two), and in the last columns '
+                     'the suite with two (task_events = both); journal on '
+                     '(the default)'),
             ('quiet', 'Throughput, no-op tasks/s: no per-task log lines '
-                      '(suite task_events = false, huey_consumer -q); '
+                      '(suite task_events = none, huey_consumer -q); '
                       'journal on, and off in the last columns')):
         if name not in [v[0] for v in variants]:
             continue
         quiet = name == 'quiet'
         table.section(header, ['mode', 'suite', 'huey_consumer', 'ratio',
                                'redis-py floor', 'target'] +
-                      (['suite, journal off', 'ratio'] if quiet else []))
+                      (['suite, journal off', 'ratio'] if quiet else
+                       ['suite, two lines', 'ratio']))
         for workers, kind in bench.modes():
             mode = '%s x%d' % (kind, workers)
             suite_rate = get(mode, 'suite', name, 'rate')
             plain_rate = get(mode, 'plain', name, 'rate')
-            bare = get(mode, 'suite', 'nojournal', 'rate')
+            other = get(mode, 'suite', 'nojournal' if quiet else 'both',
+                        'rate')
             table.row(mode, cell(suite_rate), cell(plain_rate),
                       ratio_cell(suite_rate, plain_rate),
                       cell(get(mode, 'floor', 'info', 'rate')), '>= 1.00x',
-                      *([cell(bare), ratio_cell(bare, plain_rate)]
-                        if quiet else []))
+                      *([cell(other), ratio_cell(other, plain_rate)]
+                        if other is not None else []))
         table.section('CPU per no-op task, microseconds: the consumer process '
                       'and its workers, and the Redis server (%s)' % (
                           'no per-task lines' if quiet else
-                          'two INFO lines per task'),
+                          'default logging'),
                       ['mode', 'suite', 'huey_consumer', 'ratio',
                        'redis-py floor', 'Redis: suite', 'Redis: huey'] +
-                      (['suite, journal off'] if quiet else []))
+                      (['suite, journal off'] if quiet else
+                       ['suite, two lines']))
         for workers, kind in bench.modes():
             mode = '%s x%d' % (kind, workers)
             suite_cpu = get(mode, 'suite', name, 'cpu_us')
@@ -219,8 +229,9 @@ def throughput(bench, table, results):
                       cell(get(mode, 'floor', 'info', 'cpu_us')),
                       cell(get(mode, 'suite', name, 'redis_cpu_us')),
                       cell(get(mode, 'plain', name, 'redis_cpu_us')),
-                      *([cell(get(mode, 'suite', 'nojournal', 'cpu_us'))]
-                        if quiet else []))
+                      *([cell(get(mode, 'suite', 'nojournal' if quiet
+                                  else 'both', 'cpu_us'))]
+                        if not args.quick else []))
 
     table.section('Memory, MiB (thread mode: RSS of the process; process '
                    'mode: PSS of the consumer and its workers)',
@@ -346,22 +357,26 @@ def status(bench, table, results):
     progress('status: %d journal records written in %.1fs' % (
         len(ids), time.monotonic() - started))
     port = free_port()
-    routes = [('/health', ['/health']),
-              ('/tasks/<id>', ['/tasks/%s' % i for i in ids[::max(
-                  1, len(ids) // 5000)]]),
-              ('/metrics', ['/metrics'])]
+    task_paths = ['/tasks/%s' % i for i in ids[::max(1, len(ids) // 5000)]]
+    # (row, paths, keep-alive): the target is for a new connection per
+    # request (a web app polling with requests.get); the kept-alive row is
+    # what requests.Session and Prometheus see.
+    routes = [('/health', ['/health'], False),
+              ('/tasks/<id>', task_paths, False),
+              ('/metrics', ['/metrics'], False),
+              ('/tasks/<id>, kept alive', task_paths, True)]
     figures = {}
     # A live consumer, so /health and /metrics report a real one.
-    with bench.suite(1, 'thread', task_events=False).start(notify=True) \
+    with bench.suite(1, 'thread', task_events='none').start(notify=True) \
             as consumer, StatusServer(port, bench.url, bench.workdir).start(
                 notify=True) as server:
         consumer.wait_ready()
         server.wait_ready()
         for run in range(args.runs):
-            for route, paths in routes:
+            for route, paths, keep_alive in routes:
                 out = status_load.load(('127.0.0.1', port), paths,
                                        seconds=args.status_seconds,
-                                       seed=run * 10)
+                                       seed=run * 10, keep_alive=keep_alive)
                 bad = {s: n for s, n in out['statuses'].items()
                        if s != 200}
                 if bad:
@@ -374,11 +389,12 @@ def status(bench, table, results):
                     route, run + 1, out['rps'], out['p99']))
     results['status'] = figures
     table.section('Status endpoint with %d journal records held, 16 '
-                  'concurrent clients (%s, a new connection per request)'
+                  'concurrent clients (%s, a new connection per request '
+                  'unless kept alive)'
                   % (len(ids), 'wrk -t2 -c16' if client_used == 'wrk' else
                      'Python: 2 processes x 8 threads'),
                   ['route', 'requests/s', 'p50 ms', 'p99 ms', 'target'])
-    for route, _ in routes:
+    for route, _, _ in routes:
         table.row(route, cell(figures[(route, 'rps')]),
                   cell(figures[(route, 'p50')], '%.1f'),
                   cell(figures[(route, 'p99')], '%.1f'),

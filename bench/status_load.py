@@ -7,9 +7,11 @@ and sent in MULTI blocks, so they are exactly what a run of that many
 tasks leaves.  The load comes from wrk when it is installed (Debian: apt
 install wrk; it costs the 2-core machine least), else from a few Python
 client processes with several threads each.  Either way: 16 concurrent
-clients, loopback only, for a fixed time, one connection per request (the
-endpoint closes every connection after its answer); each request is timed
-from connect to the last byte.
+clients, loopback only, for a fixed time, one connection per request
+(`Connection: close`, as a web app polling with plain requests.get does),
+or with keep_alive=True one connection per client reused for all its
+requests (as requests.Session and Prometheus do); each request is timed
+from connect (or, kept alive, from sending) to the last byte.
 """
 import multiprocessing
 import os
@@ -47,9 +49,11 @@ def fill_journal(app, task, count):
     return ids
 
 
-def _request(address, path):
+def _request(address, path, keep_alive=False):
     return ('GET %s HTTP/1.1\r\nHost: %s:%d\r\nUser-Agent: huey-worker-bench'
-            '\r\n\r\n' % (path, address[0], address[1])).encode()
+            '\r\n%s\r\n' % (path, address[0], address[1],
+                              '' if keep_alive else 'Connection: close\r\n')
+            ).encode()
 
 
 def _one(address, request):
@@ -69,18 +73,51 @@ def _one(address, request):
     return int(data[9:12] or 0), time.perf_counter() - started
 
 
-def _client(address, paths, seconds, threads, start_at, out, seed):
-    requests = [_request(address, p) for p in paths]
+class _Kept:
+    """(status, seconds) of requests on one connection, reused."""
+
+    def __init__(self, address):
+        self.address, self.file = address, None
+
+    def __call__(self, request):
+        started = time.perf_counter()
+        if self.file is None:
+            self.sock = socket.create_connection(self.address, timeout=30)
+            self.file = self.sock.makefile('rb')
+        self.sock.sendall(request)
+        status = int(self.file.readline()[9:12] or 0)
+        length, close = 0, False
+        while True:
+            line = self.file.readline().lower()
+            if line in (b'\r\n', b''):
+                break
+            if line.startswith(b'content-length:'):
+                length = int(line[15:])
+            elif line.startswith(b'connection:') and b'close' in line:
+                close = True
+        self.file.read(length)
+        if close:   # the server's per-connection cap: open another
+            self.file.close()
+            self.sock.close()
+            self.file = None
+        return status, time.perf_counter() - started
+
+
+def _client(address, paths, seconds, threads, start_at, out, seed,
+            keep_alive=False):
+    requests = [_request(address, p, keep_alive) for p in paths]
     results = []
     lock = threading.Lock()
 
     def loop(index):
         local, pick = [], random.Random(seed * 1000 + index)
+        send = _Kept(address) if keep_alive else (
+            lambda request: _one(address, request))
         while time.time() < start_at:
             time.sleep(0.001)
         stop_at = start_at + seconds
         while time.time() < stop_at:
-            local.append(_one(address, pick.choice(requests)))
+            local.append(send(pick.choice(requests)))
         with lock:
             results.extend(local)
     runners = [threading.Thread(target=loop, args=(i,))
@@ -92,30 +129,35 @@ def _client(address, paths, seconds, threads, start_at, out, seed):
     out.put(results)
 
 
-def load(address, paths, seconds=3.0, processes=2, threads=8, seed=1):
+def load(address, paths, seconds=3.0, processes=2, threads=8, seed=1,
+         keep_alive=False):
     """Requests per second, p50 and p99 latency (ms), the statuses seen and
     the client used, with processes x threads concurrent clients asking
-    for `paths` (picked at random per request) during `seconds`."""
+    for `paths` (picked at random per request) during `seconds`, each
+    request on a new connection, or with `keep_alive` on one per client."""
     if shutil.which('wrk'):
         return wrk_load(address, paths, seconds, processes,
-                        processes * threads, seed)
-    return python_load(address, paths, seconds, processes, threads, seed)
+                        processes * threads, seed, keep_alive)
+    return python_load(address, paths, seconds, processes, threads, seed,
+                       keep_alive)
 
 
 WRK_SCRIPT = """
 math.randomseed(%d)
 local paths = {%s}
-wrk.headers["Connection"] = "close"
+%s
 request = function()
   return wrk.format("GET", paths[math.random(#paths)])
 end
 """
 
 
-def wrk_load(address, paths, seconds, threads, connections, seed):
+def wrk_load(address, paths, seconds, threads, connections, seed,
+             keep_alive=False):
     with tempfile.NamedTemporaryFile('w', suffix='.lua') as script:
         script.write(WRK_SCRIPT % (seed, ', '.join(
-            '"%s"' % p.replace('"', '') for p in paths)))
+            '"%s"' % p.replace('"', '') for p in paths),
+            '' if keep_alive else 'wrk.headers["Connection"] = "close"'))
         script.flush()
         out = subprocess.run(
             ['wrk', '-t', str(threads), '-c', str(connections), '-d',
@@ -144,12 +186,14 @@ def _ms(value, unit):
     return float(value) * {'us': 0.001, 'ms': 1.0, 's': 1000.0}[unit]
 
 
-def python_load(address, paths, seconds, processes, threads, seed):
+def python_load(address, paths, seconds, processes, threads, seed,
+                keep_alive=False):
     ctx = multiprocessing.get_context('fork')
     out = ctx.Queue()
     start_at = time.time() + 0.3
     clients = [ctx.Process(target=_client, args=(
-        address, paths, seconds, threads, start_at, out, seed + i))
+        address, paths, seconds, threads, start_at, out, seed + i,
+        keep_alive))
         for i in range(processes)]
     for client in clients:
         client.start()

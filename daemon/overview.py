@@ -11,12 +11,14 @@ import json
 import redis
 
 from . import journal
+from .journal import reads
 from .storage import SuiteStorage
 
 MAX_CONSUMERS = 1000
 REDIS_ERRORS = (redis.exceptions.RedisError, OSError)
 
 _extra_storages = {}
+_listed = {}
 
 
 def queue_storages(app):
@@ -24,6 +26,11 @@ def queue_storages(app):
     all on the app's connection pool."""
     cfg = app.config
     main = app.storage
+    # Asked for on every request of the status endpoint: worked out again
+    # only when the configuration (SIGHUP) or the storage changes.
+    listed = _listed.get(id(app))
+    if listed is not None and listed[0] is cfg and listed[1] is main:
+        return listed[2]
     out = [(main.name, main)]
     for name in getattr(cfg.status, 'queues', ()) or ():
         key = (id(main.pool), name)
@@ -34,6 +41,8 @@ def queue_storages(app):
                 connection_pool=main.pool)
         if storage.name not in [n for n, _ in out]:
             out.append((storage.name, storage))
+    out = tuple(out)
+    _listed[id(app)] = (cfg, main, out)
     return out
 
 
@@ -53,18 +62,67 @@ def find_task(app, task_id):
     return None, None
 
 
+# --- one queue, in two round trips --------------------------------------------
+
+def snapshot(app, storage, counts=False, scheduler=False, metrics=False):
+    """What the reports need of one queue: its consumers, and on request
+    its counts, its scheduler, its outcome and duration counters.  All in
+    one round trip, plus one for the consumers' records (their names come
+    with the first): every report here used to take four to nine, each a
+    redis-py command with its own Python cost."""
+    keys = storage.keys
+    commands = [('ZREVRANGE', keys.consumers, 0, MAX_CONSUMERS - 1,
+                  'WITHSCORES')]
+    if counts:
+        commands += [('LLEN', storage.queue_key),
+                     ('ZCARD', storage.schedule_key),
+                     ('LLEN', keys.dead),
+                     reads.results_held_command(storage)]
+    if scheduler:
+        commands += [('GET', keys.scheduler_lease),
+                     ('PTTL', keys.scheduler_lease),
+                     ('GET', keys.scheduler_info)]
+    if metrics:
+        commands += [('HGETALL', keys.metrics_outcomes),
+                     ('HGETALL', keys.metrics_durations)]
+    answers = iter(reads.replies(storage.pool, commands))
+    out = {'beats': _scored(next(answers))}
+    if counts:
+        out['pending'], out['scheduled'], out['dead'], out['results_held'] \
+            = (int(next(answers)) for _ in range(4))
+    if scheduler:
+        out['scheduler'] = _scheduler(next(answers), next(answers),
+                                      next(answers))
+    if metrics:
+        out['outcomes'] = reads.parse_outcome_counts(next(answers))
+        out['durations'] = reads.parse_duration_stats(next(answers))
+    out['consumers'] = _consumers(storage, out.pop('beats'))
+    return out
+
+
+def _scored(raw):
+    """ZRANGE ... WITHSCORES as [(member, score)], from RESP2 (flat) or
+    RESP3 (pairs)."""
+    if raw and isinstance(raw[0], (list, tuple)):
+        return [(member, float(score)) for member, score in raw]
+    return [(raw[i], float(raw[i + 1])) for i in range(0, len(raw), 2)]
+
+
 # --- consumers -----------------------------------------------------------------
 
 def consumers(app, storage):
     """The consumers that heartbeat on `storage`'s queue, newest beat first,
     each marked alive or not."""
-    keys = storage.keys
-    beats = storage.conn.zrevrange(keys.consumers, 0, MAX_CONSUMERS - 1,
-                                   withscores=True)
+    return snapshot(app, storage)['consumers']
+
+
+def _consumers(storage, beats):
     if not beats:
         return []
+    keys = storage.keys
     identities = [i.decode() if isinstance(i, bytes) else i for i, _ in beats]
-    records = storage.conn.mget([keys.consumer(i) for i in identities])
+    records = reads.replies(storage.pool, [
+        ('MGET',) + tuple(keys.consumer(i) for i in identities)])[0]
     out = []
     for identity, (_, score), raw in zip(identities, beats, records):
         info = {}
@@ -119,26 +177,25 @@ def workers_report(app):
 
 # --- queues --------------------------------------------------------------------
 
+def queue_entry(snap):
+    """One queue of queue_report() from its snapshot(counts=True)."""
+    live = [c for c in snap['consumers'] if c['alive']]
+    return {
+        'pending': snap['pending'], 'scheduled': snap['scheduled'],
+        'running': sum(c['busy'] for c in live),
+        'results_held': snap['results_held'],
+        'dead_letters': snap['dead'],
+        'consumers': len(live),
+        'workers': sum(len(c['workers']) for c in live),
+        'idle_workers': sum(c['idle'] for c in live)}
+
+
 def queue_report(app):
     """GET /queue and `huey-worker status`: per queue, what waits, runs,
     is held and was set aside."""
-    queues = {}
-    for name, storage in queue_storages(app):
-        pipe = storage.conn.pipeline(transaction=False)
-        pipe.llen(storage.queue_key)
-        pipe.zcard(storage.schedule_key)
-        pipe.llen(storage.keys.dead)
-        pending, scheduled, dead = pipe.execute()
-        live = [c for c in consumers(app, storage) if c['alive']]
-        queues[name] = {
-            'pending': pending, 'scheduled': scheduled,
-            'running': sum(c['busy'] for c in live),
-            'results_held': journal.results_held(storage),
-            'dead_letters': dead,
-            'consumers': len(live),
-            'workers': sum(len(c['workers']) for c in live),
-            'idle_workers': sum(c['idle'] for c in live)}
-    return {'queues': queues}
+    return {'queues': {
+        name: queue_entry(snapshot(app, storage, counts=True))
+        for name, storage in queue_storages(app)}}
 
 
 # --- scheduler -----------------------------------------------------------------
@@ -148,11 +205,12 @@ def scheduler_state(storage):
     when neither the lease nor the info key exists: no scheduler has run
     on this queue (or its info was deleted), which is not a fault."""
     keys = storage.keys
-    pipe = storage.conn.pipeline(transaction=False)
-    pipe.get(keys.scheduler_lease)
-    pipe.pttl(keys.scheduler_lease)
-    pipe.get(keys.scheduler_info)
-    lease, lease_ms, raw_info = pipe.execute()
+    return _scheduler(*reads.replies(storage.pool, (
+        ('GET', keys.scheduler_lease), ('PTTL', keys.scheduler_lease),
+        ('GET', keys.scheduler_info))))
+
+
+def _scheduler(lease, lease_ms, raw_info):
     info = {}
     if raw_info is not None:
         try:
@@ -164,7 +222,8 @@ def scheduler_state(storage):
         'deployed': deployed,
         'leader_present': lease is not None,
         'leader': info.get('leader') or (lease.decode('utf-8', 'replace')
-                                         if lease is not None else None),
+                                         if isinstance(lease, bytes)
+                                         else lease),
         'host': info.get('host'), 'pid': info.get('pid'),
         'since': info.get('since'), 'last_slot': info.get('last_slot'),
         'lease_remaining': lease_ms / 1000.0 if lease_ms and lease_ms > 0
@@ -179,17 +238,20 @@ def health_report(app):
     leader."""
     reasons = []
     checks = {'redis': {'ok': True}}
-    try:
-        app.storage.conn.ping()
-    except REDIS_ERRORS as exc:
-        checks['redis'] = {'ok': False, 'error': str(exc)}
-        reasons.append('Redis unreachable: %s' % exc)
-        return False, {'status': 'unhealthy', 'live': True, 'ready': False,
-                       'checks': checks, 'reasons': reasons}
     queues = {}
     for name, storage in queue_storages(app):
-        live = [c for c in consumers(app, storage) if c['alive']]
-        scheduler = scheduler_state(storage)
+        try:
+            snap = snapshot(app, storage, scheduler=True)
+        except REDIS_ERRORS as exc:
+            if queues:
+                raise   # Redis answered for the first queue
+            checks['redis'] = {'ok': False, 'error': str(exc)}
+            reasons.append('Redis unreachable: %s' % exc)
+            return False, {'status': 'unhealthy', 'live': True,
+                           'ready': False, 'checks': checks,
+                           'reasons': reasons}
+        live = [c for c in snap['consumers'] if c['alive']]
+        scheduler = snap['scheduler']
         entry = {'consumers': {'ok': bool(live), 'live': len(live)},
                  'scheduler': {'ok': not scheduler['deployed']
                                or scheduler['leader_present'],

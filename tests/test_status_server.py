@@ -1,9 +1,12 @@
 """The status endpoint as a real daemon over real HTTP, reading a real Redis
 fed by real consumers: routes and shapes, auth, health rules, metrics
-parsed with prometheus-client, limits, a fuzz pass, socket activation."""
+parsed with prometheus-client, limits, request framing, a fuzz pass,
+kept-alive connections, a Redis restart, socket activation."""
+import http.client
 import json
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -316,6 +319,17 @@ def _fuzz_request(rng, port):
     return data
 
 
+def first_body(answer, head=False):
+    """The body of the first answer in `answer`.  The connection may carry
+    more: it stays open after a complete request (HTTP/1.1), so bytes
+    sent past a request's end are read as the next request."""
+    head_part, _, rest = answer.partition(b'\r\n\r\n')
+    if head:
+        return b''
+    length = re.search(rb'\r\nContent-Length: (\d+)\r\n', head_part + b'\r\n')
+    return rest[:int(length.group(1))]
+
+
 def test_bad_requests_limits_and_fuzz(producer, env, start_daemon):
     env = dict(env, HUEY_STATUS_TOKEN='fuzz-token',
                HUEY_WORKER_STATUS_MAX_BODY_BYTES='2000',
@@ -344,6 +358,52 @@ def test_bad_requests_limits_and_fuzz(producer, env, start_daemon):
     status, headers, _ = client.request('OPTIONS', '/queue')
     assert status == 405 and headers['Allow'] == 'GET, HEAD'
 
+    # Framing: where a request ends is never guessed.
+    post = (b'POST /tasks HTTP/1.1\r\nHost: x\r\n'
+            b'Authorization: Bearer fuzz-token\r\n')
+    for request, expected in [
+            (post + b'Transfer-Encoding: chunked\r\n\r\n5\r\n{"tas\r\n'
+                    b'D;x=y\r\nk": "nosuch"}\r\n0\r\nTrailer: 1\r\n\r\n', 404),
+            (post + b'Transfer-Encoding: chunked\r\n\r\n3\r\nabcX', 400),
+            # A chunk not followed by CRLF (h11 before 0.16 let it pass).
+            (b'GET /health/live HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: '
+             b'chunked\r\n\r\n3\r\nabcXY0\r\n\r\n', 400),
+            (post + b'Transfer-Encoding: chunked\r\n\r\n800\r\n' +
+             b'x' * 0x800, 413),
+            (post + b'Content-Length: 3\r\nTransfer-Encoding: chunked\r\n'
+                    b'\r\n3\r\nabc\r\n0\r\n\r\n', 400),
+            # Refused by the server, not by the route (h11 would read it
+            # as chunked, and this one would then be a 200).
+            (b'GET /health/live HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n'
+             b'Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n', 400),
+            (post + b'Transfer-Encoding: gzip\r\n\r\n', 501),
+            (post + b'Content-Length: 3\r\nContent-Length: 4\r\n\r\nabcd',
+             400),
+            (post + b'Content-Length: ' + b'9' * 5000 + b'\r\n\r\n', 400),
+            (b'GET /health/live HTTP/1.1\r\n\r\n', 400),   # no Host
+            (b'GET /health/live HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n',
+             400),
+            # obs-fold: h11 joins the folded line to the field value, the
+            # other choice RFC 9112 5.2 allows besides a 400.
+            (b'GET /health/live HTTP/1.1\r\nHost: x\r\nX: a\r\n b\r\n\r\n',
+             200),
+            (b'GET /health/live HTTP/2.0\r\nHost: x\r\n\r\n', 505),
+            (b'GET /health/live HTTP/1.1\nHost: x\n\n', 200),   # bare LF
+            # h11 does not skip an empty line before the request line.
+            (b'\r\nGET /health/live HTTP/1.1\r\nHost: x\r\n\r\n', 400)]:
+        answer = raw_request(port, request)
+        assert status_of(answer) == expected, (request[:200], answer)
+    with socket.create_connection(('127.0.0.1', port), timeout=10) as s:
+        s.sendall(post + b'Content-Length: 18\r\nExpect: 100-continue\r\n'
+                         b'\r\n')
+        assert s.recv(100) == b'HTTP/1.1 100 Continue\r\n\r\n'
+        s.sendall(b'{"task": "nosuch"}')
+        assert status_of(s.recv(65536)) == 404
+    with socket.create_connection(('127.0.0.1', port), timeout=10) as s:
+        s.sendall(post + b'Content-Length: 5000\r\nExpect: 100-continue'
+                         b'\r\n\r\n')
+        assert status_of(s.recv(65536)) == 413   # and no 100 first
+
     rng = random.Random(20261122)
     seen = {}
     for _ in range(300):
@@ -352,8 +412,9 @@ def test_bad_requests_limits_and_fuzz(producer, env, start_daemon):
         status = status_of(answer)
         assert status is not None and 200 <= status < 500, (request[:300],
                                                             answer[:300])
-        if status != 200 and body_of(answer):   # HEAD answers have none
-            assert 'error' in json.loads(body_of(answer))
+        body = first_body(answer, head=request.startswith(b'HEAD '))
+        if status != 200 and body:
+            assert 'error' in json.loads(body)
         seen[status] = seen.get(status, 0) + 1
     assert {200, 400, 401, 404, 405} <= set(seen), seen
     assert server.proc.poll() is None
@@ -452,3 +513,206 @@ def test_sighup_reloads_the_token(producer, env, start_daemon):
                                                   'args': [1, 2]})
     assert status == 202
     assert wait_for_state(producer, body['task_id'], 'pending')
+
+
+# -- persistent connections ---------------------------------------------------
+
+class Conn:
+    """A client connection kept open across requests."""
+
+    def __init__(self, port):
+        self.sock = socket.create_connection(('127.0.0.1', port), timeout=10)
+        self.file = self.sock.makefile('rb')
+
+    def send(self, data):
+        self.sock.sendall(data)
+
+    def answer(self, head=False):
+        """(status, headers, body) of the next answer; None when the server
+        closed the connection instead."""
+        line = self.file.readline()
+        if not line:
+            return None
+        headers = {}
+        while True:
+            header = self.file.readline().decode('latin-1').rstrip('\r\n')
+            if not header:
+                break
+            name, _, value = header.partition(': ')
+            headers[name] = value
+        body = b'' if head else self.file.read(int(headers['Content-Length']))
+        return int(line.split()[1]), headers, body
+
+    def get(self, path, extra=b''):
+        self.send(b'GET %s HTTP/1.1\r\nHost: x\r\n%s\r\n' % (path.encode(),
+                                                                extra))
+        return self.answer()
+
+    def closed_by_server(self):
+        try:
+            return self.file.read(1) == b''
+        except ConnectionResetError:
+            return True
+
+    def close(self):
+        self.file.close()
+        self.sock.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def test_keep_alive_serves_many_requests_on_one_connection(producer, env,
+                                                          start_daemon):
+    server, port = start_status_server(start_daemon, env)
+    pending = sample_tasks.add(1, 2)   # no consumer: it stays pending
+    wait_for_state(producer, pending.id, 'pending')
+    with Conn(port) as c:
+        status, headers, body = c.get('/health/live')
+        assert status == 200 and headers['Connection'] == 'keep-alive'
+        assert 'timeout=' in headers['Keep-Alive']
+        status, _, body = c.get('/tasks/%s' % pending.id)
+        assert status == 200 and json.loads(body)['state'] == 'pending'
+        assert c.get('/tasks/nope')[0] == 404
+        assert c.get('/queue?bogus=1')[0] == 400
+        c.send(b'HEAD /queue HTTP/1.1\r\nHost: x\r\n\r\n')
+        status, headers, body = c.answer(head=True)
+        assert status == 200 and int(headers['Content-Length']) > 0
+        # Requests sent together (pipelined): answers in order.
+        c.send(b'GET /tasks/nope HTTP/1.1\r\nHost: x\r\n\r\n'
+               b'GET /health/live HTTP/1.1\r\nHost: x\r\n\r\n'
+               b'GET /tasks/%s HTTP/1.1\r\nHost: x\r\n\r\n'
+               % pending.id.encode())
+        assert [c.answer()[0] for _ in range(3)] == [404, 200, 200]
+        # A body read to its end leaves the connection usable.
+        c.send(b'POST /health/live HTTP/1.1\r\nHost: x\r\n'
+               b'Content-Length: 3\r\n\r\nabc')
+        assert c.answer()[0] == 405
+        c.send(b'POST /health/live HTTP/1.1\r\nHost: x\r\n'
+               b'Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n')
+        assert c.answer()[0] == 405
+        assert c.get('/health/live')[0] == 200
+        # Connection: close is honoured.
+        status, headers, _ = c.get('/health/live', b'Connection: close\r\n')
+        assert status == 200 and headers['Connection'] == 'close'
+        assert c.closed_by_server()
+
+    # The per-connection cap: the last answer it allows says close.
+    with Conn(port) as c:
+        for n in range(1, 1000):
+            status, headers, _ = c.get('/health/live')
+            assert status == 200
+            if headers['Connection'] == 'close':
+                break
+        assert n == 100 and c.closed_by_server()
+
+    # HTTP/1.0 closes, even with Connection: keep-alive (h11 keeps no
+    # HTTP/1.0 connection alive).
+    with Conn(port) as c:
+        c.send(b'GET /health/live HTTP/1.0\r\n\r\n')
+        assert c.answer()[1]['Connection'] == 'close'
+        assert c.closed_by_server()
+    with Conn(port) as c:
+        c.send(b'GET /health/live HTTP/1.0\r\nConnection: keep-alive\r\n\r\n')
+        assert c.answer()[1]['Connection'] == 'close'
+        assert c.closed_by_server()
+    # A malformed request ends its connection (where would the next
+    # one start?).
+    with Conn(port) as c:
+        c.send(b'GET /health/live HTTP/1.1\r\nHost: x\r\n'
+               b'Content-Length: zz\r\n\r\n')
+        assert c.answer()[0] == 400 and c.closed_by_server()
+    # Python's http.client (and requests.Session) reuse the connection.
+    conn = http.client.HTTPConnection('127.0.0.1', port, timeout=10)
+    try:
+        conn.request('GET', '/health/live')
+        conn.getresponse().read()
+        first = conn.sock
+        conn.request('GET', '/queue')
+        assert conn.getresponse().status == 200 and conn.sock is first
+    finally:
+        conn.close()
+    assert 'Traceback' not in server.output()
+
+
+def test_keep_alive_idle_timeout_and_slow_clients(env, start_daemon):
+    env = dict(env, HUEY_WORKER_STATUS_REQUEST_TIMEOUT='1.5')
+    server, port = start_status_server(start_daemon, env)
+    with Conn(port) as idle, Conn(port) as slow:
+        assert idle.get('/health/live')[0] == 200
+        assert slow.get('/health/live')[0] == 200
+        # A kept-alive client that starts its next request and stalls
+        # holds no thread: everyone else is answered meanwhile.
+        slow.send(b'GET /health/live HTTP/1.1\r\nHo')
+        started = time.monotonic()
+        for path in ('/health/live', '/queue', '/tasks/nope'):
+            with Conn(port) as other:
+                assert other.get(path)[0] in (200, 404)
+        assert time.monotonic() - started < 1.0
+        # The stalled request gets its 408 once request_timeout is over;
+        # the idle connection is closed without an answer.
+        status, headers, body = slow.answer()
+        assert status == 408 and json.loads(body)['status'] == 408
+        assert headers['Connection'] == 'close'
+        assert idle.answer() is None
+        assert 1.0 < time.monotonic() - started < 5.0
+    assert server.proc.poll() is None
+
+
+def test_idle_kept_alive_connections_make_room(env, start_daemon):
+    """All connection slots held by idle kept-alive clients: a new client
+    is still served, and the longest idle one is closed for it."""
+    env = dict(env, HUEY_WORKER_STATUS_REQUEST_TIMEOUT='60')
+    server, port = start_status_server(start_daemon, env)
+    held = []
+    try:
+        for _ in range(256):   # httpserver.MAX_CONNECTIONS
+            held.append(Conn(port))
+            assert held[-1].get('/health/live')[0] == 200
+        newcomers = [Conn(port) for _ in range(3)]
+        held += newcomers
+        for c in newcomers:   # each takes the slot of an idle one
+            assert c.get('/health/live')[0] == 200
+        assert all(c.closed_by_server() for c in held[:3])
+        assert held[3].get('/health/live')[0] == 200
+    finally:
+        for c in held:
+            c.close()
+
+
+def test_redis_restart_and_outage_seen_by_kept_connections(tmp_path, env,
+                                                          start_daemon):
+    """The handler threads keep a Redis connection each: a restart of Redis
+    costs no request an error, an outage is a 503 (liveness still 200),
+    and service comes back with Redis."""
+    from daemon.devredis import EmbeddedRedis
+    redis_server = EmbeddedRedis(str(tmp_path / 'redis'),
+                                 persist=False).start()
+
+    def crash_redis():   # quicker than a clean shutdown, and harsher
+        redis_server.process.kill()
+        redis_server.process.wait()
+        redis_server.process = None
+    try:
+        env = dict(env, HUEY_REDIS_URL=redis_server.url,
+                   HUEY_WORKER_REDIS_CONNECT_TIMEOUT='0.2')
+        server, port = start_status_server(start_daemon, env)
+        with Conn(port) as c:
+            for _ in range(40):   # so every handler thread has connected
+                assert c.get('/tasks/nope')[0] == 404
+            crash_redis()
+            redis_server.start()
+            for path in ['/tasks/nope'] * 20 + ['/queue', '/workers']:
+                assert c.get(path)[0] in (200, 404), path
+            crash_redis()
+            assert c.get('/tasks/nope')[0] == 503
+            assert c.get('/health')[0] == 503
+            assert c.get('/health/live')[0] == 200
+            redis_server.start()
+            assert c.get('/tasks/nope')[0] == 404
+        assert 'Traceback' not in server.output()
+    finally:
+        redis_server.cleanup()

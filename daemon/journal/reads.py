@@ -2,10 +2,15 @@
 task's record (never deleting anything), recent tasks from the index, and
 the counters behind /metrics."""
 import json
+import os
+import threading
 import time
 
 from huey.utils import Error
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
 
+from .. import transaction
 from .layout import (ERROR_MAX_CHARS, FLOAT_FIELDS, INT_FIELDS, JSON_FIELDS,
                      NUMBER_FIELDS, TERMINAL, result_json, ttl_of)
 
@@ -19,32 +24,48 @@ def _decode_number(text):
     return text
 
 
+def _decode_float(text):
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def _decode_int(text):
+    try:
+        return int(float(text))
+    except ValueError:
+        return None
+
+
+def _decode_json(text):
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+# Field name -> decoder; the first set listed wins for a name in several.
+_DECODERS = {}
+for _fields, _decoder in ((JSON_FIELDS, _decode_json),
+                          (NUMBER_FIELDS, _decode_number),
+                          (INT_FIELDS, _decode_int),
+                          (FLOAT_FIELDS, _decode_float)):
+    _DECODERS.update(dict.fromkeys(_fields, _decoder))
+del _fields, _decoder
+
+
 def decode_record(raw):
     """Redis hash (bytes) -> typed dict."""
     out = {}
+    decoder_of = _DECODERS.get
     for key, value in raw.items():
-        key = key.decode() if isinstance(key, bytes) else key
-        value = value.decode('utf-8', 'replace') if isinstance(
-            value, bytes) else value
-        if key in FLOAT_FIELDS:
-            try:
-                out[key] = float(value)
-            except ValueError:
-                out[key] = None
-        elif key in INT_FIELDS:
-            try:
-                out[key] = int(float(value))
-            except ValueError:
-                out[key] = None
-        elif key in NUMBER_FIELDS:
-            out[key] = _decode_number(value)
-        elif key in JSON_FIELDS:
-            try:
-                out[key] = json.loads(value)
-            except ValueError:
-                out[key] = value
-        else:
-            out[key] = value
+        if type(key) is bytes:
+            key = key.decode()
+        if type(value) is bytes:
+            value = value.decode('utf-8', 'replace')
+        decoder = decoder_of(key)
+        out[key] = value if decoder is None else decoder(value)
     return out
 
 
@@ -104,16 +125,27 @@ def shape(record, history=None):
 def _decode_history(items):
     """Oldest first, by time: writers on different hosts may append
     slightly out of order."""
-    out = []
-    for item in items:
-        try:
-            event = json.loads(item)
-        except ValueError:
-            continue
-        if isinstance(event, dict):
-            out.append(event)
-    out.sort(key=lambda e: e.get('at') or 0)
+    try:
+        # One parse for the whole list; item by item if any is bad.
+        events = json.loads(b'[' + b','.join(items) + b']' if items and
+                            type(items[0]) is bytes else
+                            '[' + ','.join(items) + ']')
+    except (ValueError, TypeError):
+        events = None
+    if events is None or len(events) != len(items):
+        events = []
+        for item in items:
+            try:
+                events.append(json.loads(item))
+            except ValueError:
+                continue
+    out = [event for event in events if isinstance(event, dict)]
+    out.sort(key=_event_time)
     return out
+
+
+def _event_time(event):
+    return event.get('at') or 0
 
 
 def read_task(app, storage, task_id, with_history=True):
@@ -121,11 +153,11 @@ def read_task(app, storage, task_id, with_history=True):
     Huey's result is only looked at (STRLEN, then GET when small) for
     tasks the journal has no copy of."""
     keys = storage.keys
-    pipe = storage.conn.pipeline(transaction=False)
-    pipe.hgetall(keys.task(task_id))
-    pipe.lrange(keys.task_log(task_id), 0, -1)
-    pipe.strlen(storage.result_key(task_id))
-    raw, history, result_len = pipe.execute()
+    raw, history, result_len = replies(storage.pool, (
+        ('HGETALL', keys.task(task_id)),
+        ('LRANGE', keys.task_log(task_id), 0, -1),
+        ('STRLEN', storage.result_key(task_id))))
+    raw = as_dict(raw)
     limit = app.config.journal.result_max_bytes if app.config else 65536
     if not raw:
         if not result_len:
@@ -141,6 +173,72 @@ def read_task(app, storage, task_id, with_history=True):
             and result_len and record.get('state') == 'complete':
         _merge_huey_result(app, storage, task_id, record, result_len, limit)
     return shape(record, _decode_history(history) if with_history else None)
+
+
+# -- one connection per reading thread ------------------------------------
+
+class _Own(threading.local):
+    conn = pool = None
+
+
+_own = _Own()
+
+
+def _forget_after_fork():
+    # The parent's socket is not ours to use or close.
+    _own.conn = _own.pool = None
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)
+
+
+def _drop(broken):
+    conn, pool = _own.conn, _own.pool
+    _own.conn = _own.pool = None
+    if conn is not None:
+        if broken:
+            conn.disconnect()
+        pool.release(conn)
+
+
+def replies(pool, commands):
+    """The raw replies of `commands` (tuples), sent in one write on this
+    thread's own connection from `pool`.
+
+    Why not a redis-py pipeline: for the three reads of one task, the
+    pipeline's Python (command stack, pool checkout with its lock, pid
+    check and readiness poll, per-reply callbacks) cost three times the
+    round trip itself, and the status endpoint's handler threads do little
+    else.  Reads only, so a connection found dead after sitting idle
+    (Redis restarted) is replaced and the commands sent again, once."""
+    for attempt in (0, 1):
+        reused = _own.conn is not None and _own.pool is pool
+        if not reused:
+            _drop(False)
+            _own.conn, _own.pool = pool.get_connection(), pool
+        conn = _own.conn
+        try:
+            conn.send_packed_command(transaction.pack(conn, commands))
+            out, error = [], None
+            for _ in commands:
+                # Every reply is read even after an error reply, so the
+                # connection stays in step.
+                try:
+                    out.append(conn.read_response())
+                except ResponseError as exc:
+                    error = error or exc
+                    out.append(exc)
+        except (RedisConnectionError, OSError):
+            _drop(True)
+            if reused and not attempt:
+                continue
+            raise
+        except BaseException:
+            _drop(True)   # a timeout or worse: the replies are out of step
+            raise
+        if error is not None:
+            raise error
+        return out
 
 
 def _merge_huey_result(app, storage, task_id, record, size, limit):
@@ -198,28 +296,51 @@ def list_tasks(app, storage, limit=50, state=None, scan_max=5000):
     return found
 
 
-def results_held(storage, now=None):
+def results_held_command(storage, now=None):
     now = time.time() if now is None else now
-    return storage.conn.zcount(storage.keys.journal_results,
-                               now - ttl_of(storage), '+inf')
+    return ('ZCOUNT', storage.keys.journal_results, now - ttl_of(storage),
+            '+inf')
+
+
+def results_held(storage, now=None):
+    return int(replies(storage.pool, (results_held_command(storage, now),))[0])
+
+
+def as_dict(raw):
+    """HGETALL's reply as a dict, from RESP2 (flat) or RESP3."""
+    if isinstance(raw, dict):
+        return raw
+    return dict(zip(raw[::2], raw[1::2]))
 
 
 def outcome_counts(storage):
     """{(task name, state): count} from the metrics hash."""
+    return parse_outcome_counts(replies(storage.pool, (
+        ('HGETALL', storage.keys.metrics_outcomes),))[0])
+
+
+def parse_outcome_counts(raw):
     out = {}
-    for field, value in storage.conn.hgetall(
-            storage.keys.metrics_outcomes).items():
-        name, _, state = field.decode().rpartition('\t')
+    for field, value in as_dict(raw).items():
+        if isinstance(field, bytes):
+            field = field.decode()
+        name, _, state = field.rpartition('\t')
         out[(name, state)] = int(value)
     return out
 
 
 def duration_stats(storage):
     """{task name: {'buckets': {le: count}, 'count': n, 'sum': s}}."""
+    return parse_duration_stats(replies(storage.pool, (
+        ('HGETALL', storage.keys.metrics_durations),))[0])
+
+
+def parse_duration_stats(raw):
     out = {}
-    for field, value in storage.conn.hgetall(
-            storage.keys.metrics_durations).items():
-        name, _, part = field.decode().rpartition('\t')
+    for field, value in as_dict(raw).items():
+        if isinstance(field, bytes):
+            field = field.decode()
+        name, _, part = field.rpartition('\t')
         entry = out.setdefault(name, {'buckets': {}, 'count': 0, 'sum': 0.0})
         if part == 'sum':
             entry['sum'] = float(value)

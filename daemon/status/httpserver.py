@@ -1,23 +1,51 @@
-"""A small HTTP/1.1 server for the status endpoint: one selector thread does
-all socket I/O, a few handler threads run complete requests.
+"""A small HTTP/1.1 server for the status endpoint: one loop thread does
+the socket work, a few handler threads run the requests that read Redis.
 
-Why this shape: a slow or half-open client costs a buffer in the selector
-loop, never a thread, so it cannot block the others; a request reaches a
-handler only once it is whole (headers within MAX_HEADER_BYTES, body
-within max_body_bytes, both within request_timeout).  Parsing is h11's.
-Every response closes its connection (polling clients and Prometheus do
-not need keep-alive), after a short lingering read so a client still
-sending a refused body sees the answer rather than a reset.
+Why this shape: a slow or half-open client costs a buffer in the loop,
+never a thread, so it cannot block the others; a request reaches a
+handler only once it is whole (head within MAX_HEADER_BYTES, body within
+max_body_bytes, both within request_timeout).  Answers that need no Redis
+(liveness, unknown routes) are given by the loop itself, so they come
+even while every handler thread waits for a slow Redis.
+
+Each connection is armed in epoll for one event at a time
+(EPOLLONESHOT), and whichever thread holds it does the next step: the
+loop reads and parses, a handler thread answers, sends (a status answer
+fits the socket buffer, so the send completes at once) and closes or
+re-arms the connection itself.  The answer does not go back to the loop
+through a queue and a wake-up pipe to be sent from there: in the first
+profiles that hand-back, the selector re-registrations around it and the
+GIL switches they cost were most of the loop thread's work.
+
+Requests are read by h11, one h11.Connection per client connection.
+Framing (lengths, chunked bodies, header limits, pipelining) is where a
+lax or home-made parser lets a proxy and this server disagree on where a
+request ends; h11 is strict there and well kept.  What is left to us is
+policy: the body limit (413), the HTTP version (505), and refusing a
+request with both Content-Length and Transfer-Encoding, which h11 would
+read as chunked while a proxy in front may have gone by the length.
+
+An answer after which the connection stays open is written by h11: its
+state machine has to see the answer to start the next request/response
+cycle.  An answer after which the connection closes is rendered here
+(Response.render): h11's state no longer matters then, and h11 takes
+some 50 us to write an answer against 2 us here -- and most answers, to
+pollers that connect per request, are of that kind.
+
+Connections are kept alive as h11 allows (not after `Connection: close`,
+nor for HTTP/1.0), up to KEEPALIVE_REQUESTS requests, idle for at most
+request_timeout between them; when all MAX_CONNECTIONS are taken the
+longest idle kept-alive one is closed to make room.
 """
-import collections
+import errno
 import http
 import json
 import logging
 import queue
-import selectors
+import select
 import socket
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import unquote
 
 import h11
@@ -29,9 +57,25 @@ MAX_CONNECTIONS = 256
 HANDLER_THREADS = 4
 LINGER_SECONDS = 1.0
 RECV_BYTES = 64 << 10
+KEEPALIVE_REQUESTS = 100
 
-Request = collections.namedtuple(
-    'Request', 'method path query headers body client')
+_IN = select.EPOLLIN | select.EPOLLONESHOT
+_OUT = select.EPOLLOUT | select.EPOLLONESHOT
+_REASONS = {s.value: s.phrase for s in http.HTTPStatus}
+_ENCODER = json.JSONEncoder(default=repr, sort_keys=True)
+# h11's view of the client once its request has been read to the end.
+_REQUEST_READ = (h11.DONE, h11.MUST_CLOSE)
+
+
+class Request:
+    __slots__ = ('method', 'path', 'query', 'headers', 'body', 'client')
+
+    def __init__(self, method, path, query, headers, body, client):
+        self.method, self.path, self.query = method, path, query
+        self.headers, self.body, self.client = headers, body, client
+
+    def __repr__(self):
+        return 'Request(%s %s)' % (self.method, self.path)
 
 
 class Response:
@@ -43,121 +87,185 @@ class Response:
 
     @classmethod
     def json(cls, status, payload, headers=None):
-        body = json.dumps(payload, default=repr, sort_keys=True).encode() \
-            + b'\n'
+        body = _ENCODER.encode(payload).encode() + b'\n'
         return cls(status, body, 'application/json', headers)
 
     @classmethod
     def error(cls, status, detail, headers=None, **extra):
-        payload = {'error': http.HTTPStatus(status).phrase.lower(),
+        payload = {'error': _REASONS.get(status, 'error').lower(),
                    'status': status, 'detail': detail}
         payload.update(extra)
         return cls.json(status, payload, headers)
 
+    @property
+    def reason(self):
+        return _REASONS.get(self.status, 'Unknown')
+
+    def fields(self):
+        """The header fields of this answer, Connection aside."""
+        return [('Content-Type', self.content_type),
+                ('Content-Length', str(len(self.body))),
+                ('Cache-Control', 'no-store'),
+                ('X-Content-Type-Options', 'nosniff')] + self.headers
+
     def render(self, head=False):
-        try:
-            reason = http.HTTPStatus(self.status).phrase
-        except ValueError:
-            reason = 'Unknown'
-        lines = ['HTTP/1.1 %d %s' % (self.status, reason),
-                 'Content-Type: %s' % self.content_type,
-                 'Content-Length: %d' % len(self.body),
-                 'Cache-Control: no-store',
-                 'X-Content-Type-Options: nosniff',
-                 'Connection: close']
-        lines += ['%s: %s' % (k, v) for k, v in self.headers]
-        data = ('\r\n'.join(lines) + '\r\n\r\n').encode('latin-1')
+        """The answer with `Connection: close`, head and (unless `head`)
+        body as one string of bytes, so it leaves in one send."""
+        lines = ['HTTP/1.1 %d %s' % (self.status, self.reason)]
+        lines += ['%s: %s' % field for field in self.fields()]
+        lines += ['Connection: close', '', '']
+        data = '\r\n'.join(lines).encode('latin-1')
         return data if head else data + self.body
 
 
+def _host(client):
+    return client[0] if isinstance(client, tuple) and client else client
+
+
+# -- the server ---------------------------------------------------------------
+
 class _Conn:
     READING, HANDLING, WRITING, LINGERING = range(4)
+    __slots__ = ('sock', 'fd', 'client', 'parser', 'state', 'deadline',
+                 'received', 'request', 'body', 'out', 'keep', 'served',
+                 'started', 'nodelay', 'evicted', 'registered')
 
     def __init__(self, sock, client, deadline):
-        self.sock, self.client = sock, client
-        self.parser = h11.Connection(h11.SERVER,
-                                     max_incomplete_event_size=MAX_HEADER_BYTES)
+        self.sock, self.fd, self.client = sock, sock.fileno(), client
+        self.parser = h11.Connection(
+            h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
         self.state = self.READING
         self.deadline = deadline
-        self.request = None
-        self.body = bytearray()
+        self.received = 0       # bytes given to the parser, all requests
+        self.request = None     # the request being read, until it is whole
+        self.body = None
         self.out = b''
-        self.received = 0
+        self.keep = False
+        self.served = 0
         self.started = time.monotonic()
+        self.nodelay = self.evicted = self.registered = False
+
+    def waiting(self):
+        """Nothing of a next request received yet."""
+        parser = self.parser
+        return parser.their_state is h11.IDLE and not parser.trailing_data[0]
 
 
 class HttpServer:
-    """Serve `handler(Request) -> Response` on a listening socket until
-    `should_stop()` is true.  `limits`: max_body_bytes, request_timeout."""
+    """Serve `handler` on a listening socket until `should_stop()` is true.
+
+    `handler(Request)` returns a Response, which is sent at once, or a
+    callable of no arguments returning one, which a handler thread runs
+    (anything that may wait, such as Redis).  Limits: max_body_bytes,
+    request_timeout (to receive a request, to send its answer, and the
+    idle time allowed between requests on a kept-alive connection)."""
 
     def __init__(self, sock, handler, max_body_bytes, request_timeout,
-                 threads=HANDLER_THREADS, max_connections=MAX_CONNECTIONS):
+                 threads=HANDLER_THREADS, max_connections=MAX_CONNECTIONS,
+                 keepalive_requests=KEEPALIVE_REQUESTS):
         self.sock = sock
         self.sock.setblocking(False)
         self.handler = handler
         self.max_body_bytes = max_body_bytes
         self.request_timeout = request_timeout
         self.max_connections = max_connections
-        self._pool = ThreadPoolExecutor(threads, thread_name_prefix='http')
-        self._done = queue.SimpleQueue()
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._wake_w.setblocking(False)
-        self._sel = selectors.DefaultSelector()
+        self.keepalive_requests = keepalive_requests
+        self._work = queue.SimpleQueue()
+        self._threads = [threading.Thread(target=self._worker, daemon=True,
+                                          name='http-%d' % i)
+                         for i in range(threads)]
+        self._epoll = select.epoll()
         self._conns = {}
-        self.requests = 0
+        self._stopping = False
+        self._count_lock = threading.Lock()
+        self._requests = 0
 
     @property
     def address(self):
         return self.sock.getsockname()[:2]
 
+    @property
+    def requests(self):
+        return self._requests
+
     # -- the loop -------------------------------------------------------------
 
     def serve(self, should_stop, tick=None, tick_interval=0.25):
-        sel = self._sel
-        sel.register(self.sock, selectors.EVENT_READ, 'accept')
-        sel.register(self._wake_r, selectors.EVENT_READ, 'wake')
+        listen_fd = self.sock.fileno()
+        self._epoll.register(listen_fd, select.EPOLLIN)
+        for thread in self._threads:
+            thread.start()
+        conns = self._conns
+        due = 0.0
         try:
             while not should_stop():
-                for key, mask in sel.select(tick_interval):
-                    if key.data == 'accept':
+                for fd, _ in self._epoll.poll(tick_interval):
+                    if fd == listen_fd:
                         self._accept()
-                    elif key.data == 'wake':
-                        self._drain_wake()
-                    else:
-                        self._on_event(key.data, mask)
-                self._collect_done()
-                self._expire()
-                if tick is not None:
-                    tick()
+                        continue
+                    conn = conns.get(fd)
+                    if conn is not None:
+                        try:
+                            self._on_event(conn)
+                        except Exception:
+                            self._crashed(conn)
+                now = time.monotonic()
+                if now >= due:
+                    due = now + tick_interval
+                    self._expire(now)
+                    if tick is not None:
+                        tick()
         finally:
             self._finish()
 
     def _finish(self, grace=5.0):
-        """Stop accepting; let requests being handled answer; close all."""
+        """Stop accepting; let requests being answered finish; close all."""
+        self._stopping = True
         try:
-            self._sel.unregister(self.sock)
-        except (KeyError, ValueError):
+            self._epoll.unregister(self.sock.fileno())
+        except (OSError, ValueError):
             pass
         self.sock.close()
         deadline = time.monotonic() + grace
         while time.monotonic() < deadline and any(
                 c.state in (_Conn.HANDLING, _Conn.WRITING)
-                for c in self._conns.values()):
-            for key, mask in self._sel.select(0.05):
-                if key.data == 'wake':
-                    self._drain_wake()
-                elif key.data != 'accept':
-                    self._on_event(key.data, mask)
-            self._collect_done()
+                for c in list(self._conns.values())):
+            for fd, _ in self._epoll.poll(0.05):
+                conn = self._conns.get(fd)
+                if conn is not None:
+                    self._on_event(conn)
+        while True:   # work not begun is dropped
+            try:
+                self._work.get_nowait()
+            except queue.Empty:
+                break
+        for _ in self._threads:
+            self._work.put(None)
         for conn in list(self._conns.values()):
             self._close(conn)
-        self._pool.shutdown(wait=False, cancel_futures=True)
-        self._sel.close()
-        self._wake_r.close()
-        self._wake_w.close()
+        self._epoll.close()
 
-    # -- connections ------------------------------------------------------------
+    def _on_event(self, conn):
+        state = conn.state
+        if state == _Conn.READING:
+            self._read(conn)
+        elif state == _Conn.WRITING:
+            self._write(conn)
+        elif state == _Conn.LINGERING:
+            self._linger(conn)
+
+    def _arm(self, conn, events):
+        """Wait for `events` on `conn`, once; the loop takes it from there."""
+        try:
+            if conn.registered:
+                self._epoll.modify(conn.fd, events)
+            else:
+                conn.registered = True
+                self._epoll.register(conn.fd, events)
+        except (OSError, ValueError):
+            self._close(conn)   # closed under us (server stopping)
+
+    # -- connections ----------------------------------------------------------
 
     def _accept(self):
         for _ in range(64):
@@ -166,15 +274,48 @@ class HttpServer:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
+                if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
+                    continue
                 log.warning('accept failed: %s', exc)
                 return
             sock.setblocking(False)
-            if len(self._conns) >= self.max_connections:
+            if len(self._conns) >= self.max_connections \
+                    and not self._evict_idle():
                 self._refuse(sock)
                 continue
             conn = _Conn(sock, client, time.monotonic() + self.request_timeout)
-            self._conns[sock.fileno()] = conn
-            self._sel.register(sock, selectors.EVENT_READ, conn)
+            self._conns[conn.fd] = conn
+            # With TCP_DEFER_ACCEPT (server.py) the request is usually here
+            # already: read it now, and use epoll only if it is not.
+            try:
+                self._read(conn)
+            except Exception:
+                self._crashed(conn)
+
+    def _crashed(self, conn):
+        """A bug met while serving one connection ends that connection,
+        not the server."""
+        log.exception('error serving %s; connection closed',
+                      _host(conn.client))
+        self._close(conn)
+
+    def _evict_idle(self):
+        """End the kept-alive connection idle longest, to make room.  Shut
+        down, not closed: a handler thread may be re-arming it this very
+        moment, and its descriptor must not be reused under it; the loop
+        closes it on the end-of-file this causes."""
+        idle = [c for c in list(self._conns.values())
+                if c.served and c.state == _Conn.READING and not c.evicted
+                and c.waiting()]
+        if not idle:
+            return False
+        conn = min(idle, key=lambda c: c.deadline)
+        conn.evicted = True
+        try:
+            conn.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        return True
 
     @staticmethod
     def _refuse(sock):
@@ -186,204 +327,299 @@ class HttpServer:
             pass
         sock.close()
 
-    def _on_event(self, conn, mask):
-        if conn.state == _Conn.READING and mask & selectors.EVENT_READ:
-            self._read(conn)
-        elif conn.state == _Conn.WRITING and mask & selectors.EVENT_WRITE:
-            self._write(conn)
-        elif conn.state == _Conn.LINGERING:
-            self._linger(conn)
-        elif conn.state == _Conn.HANDLING:
-            pass  # a client closing early is seen when the answer is sent
-
     def _read(self, conn):
         try:
             data = conn.sock.recv(RECV_BYTES)
         except (BlockingIOError, InterruptedError):
+            self._arm(conn, _IN)
             return
         except OSError:
             self._close(conn)
             return
-        if not data and not conn.received:
-            self._close(conn)   # opened and closed without a word
-            return
+        # b'' tells h11 the client closed its side: between requests that
+        # is a ConnectionClosed event, within one a RemoteProtocolError.
         conn.received += len(data)
-        try:
-            conn.parser.receive_data(data)
-            self._parse(conn)
-        except h11.RemoteProtocolError as exc:
-            status = exc.error_status_hint or 400
-            self._respond(conn, Response.error(
-                status, 'malformed request: %s' % exc))
+        conn.parser.receive_data(data)
+        self._process(conn)
 
-    def _parse(self, conn):
-        while conn.state == _Conn.READING:
-            event = conn.parser.next_event()
-            if event is h11.NEED_DATA:
+    def _process(self, conn):
+        """Go through what h11 has of `conn`'s input, answering or handing
+        on each request as it is whole; run by whichever thread holds the
+        connection."""
+        parser = conn.parser
+        while True:
+            try:
+                event = parser.next_event()
+            except h11.RemoteProtocolError as exc:
+                self._reject(conn, exc.error_status_hint,
+                             'malformed request: %s' % exc)
                 return
-            if isinstance(event, h11.Request):
-                conn.request = event
-                # h11 limits only a head still arriving; one that came
-                # whole in a single read is measured here.
-                size = len(event.target) + sum(
-                    len(k) + len(v) + 4 for k, v in event.headers)
-                if size > MAX_HEADER_BYTES:
-                    self._respond(conn, Response.error(
-                        431, 'request head of %d bytes; the limit is %d' % (
-                            size, MAX_HEADER_BYTES)))
+            kind = type(event)
+            if kind is h11.Request:
+                if not self._begin(conn, event):
                     return
-                length = _content_length(event.headers)
-                if length is not None and length > self.max_body_bytes:
-                    self._respond(conn, Response.error(
-                        413, 'request body of %d bytes; the limit is %d '
-                             '([status] max_body_bytes)' % (
-                                 length, self.max_body_bytes)))
+            elif kind is h11.EndOfMessage:
+                if not self._dispatch(conn):
                     return
-                if conn.parser.they_are_waiting_for_100_continue:
-                    try:
-                        conn.sock.send(b'HTTP/1.1 100 Continue\r\n\r\n')
-                    except OSError:
-                        pass
-            elif isinstance(event, h11.Data):
+            elif kind is h11.Data:
                 conn.body += event.data
                 if len(conn.body) > self.max_body_bytes:
-                    self._respond(conn, Response.error(
-                        413, 'request body larger than %d bytes ([status] '
-                             'max_body_bytes)' % self.max_body_bytes))
+                    self._reject(conn, 413, 'request body larger than %d '
+                                            'bytes ([status] max_body_bytes)'
+                                 % self.max_body_bytes)
                     return
-            elif isinstance(event, h11.EndOfMessage):
-                self._dispatch(conn)
+            elif event is h11.NEED_DATA:
+                if parser.they_are_waiting_for_100_continue:
+                    self._send_continue(conn)
+                conn.state = _Conn.READING
+                self._arm(conn, _IN)
                 return
-            elif isinstance(event, h11.ConnectionClosed):
+            else:   # ConnectionClosed: the client left between requests
                 self._close(conn)
                 return
 
-    def _dispatch(self, conn):
-        conn.state = _Conn.HANDLING
-        # Not watched while handled: a client that closes or sends more
-        # would otherwise wake the loop over and over.
-        self._sel.unregister(conn.sock)
-        event = conn.request
-        target = event.target.decode('latin-1')
-        path, _, query = target.partition('?')
+    def _begin(self, conn, event):
+        """Take the head of a request (h11.Request); False when it is
+        refused."""
+        conn.started = time.monotonic()
+        # h11 limits a head while it arrives (max_incomplete_event_size);
+        # one that came whole in a single read is measured here, once
+        # enough bytes have come for any head to be too large.
+        if conn.received > MAX_HEADER_BYTES:
+            size = len(event.target) + sum(
+                len(name) + len(value) + 4
+                for name, value in event.headers.raw_items())
+            if size > MAX_HEADER_BYTES:
+                self._reject(conn, 431, 'request head of %d bytes; the '
+                                        'limit is %d' % (size,
+                                                         MAX_HEADER_BYTES))
+                return False
+        # h11 reads any HTTP/x.y (and treats 2.0 as 1.1): HTTP/2 and later
+        # are not spoken in this syntax.
+        if not event.http_version.startswith(b'1.'):
+            self._reject(conn, 505, 'HTTP/%s is not spoken here; HTTP/1.1 '
+                                    'is' % event.http_version.decode())
+            return False
         headers = {}
-        for name, value in event.headers:
-            headers.setdefault(name.decode('latin-1').lower(),
-                               value.decode('latin-1'))
-        request = Request(event.method.decode('latin-1'), unquote(path),
-                          query, headers, bytes(conn.body), conn.client)
-        self._pool.submit(self._handle, conn, request)
+        for name, value in event.headers:   # h11 lower-cases the names
+            headers.setdefault(name.decode('latin-1'), value.decode('latin-1'))
+        length = headers.get('content-length')
+        if length is not None:
+            if 'transfer-encoding' in headers:
+                self._reject(conn, 400, 'both Content-Length and '
+                                        'Transfer-Encoding')
+                return False
+            # Refused before the body comes, and before any 100 Continue.
+            if int(length) > self.max_body_bytes:
+                self._reject(conn, 413, 'request body of %s bytes; the limit '
+                                        'is %d ([status] max_body_bytes)'
+                             % (length, self.max_body_bytes))
+                return False
+        path, _, query = event.target.decode('latin-1').partition('?')
+        conn.request = Request(event.method.decode('latin-1'), unquote(path),
+                               query, headers, b'', conn.client)
+        conn.body = bytearray()
+        return True
 
-    def _handle(self, conn, request):
+    @staticmethod
+    def _send_continue(conn):
+        data = conn.parser.send(h11.InformationalResponse(
+            status_code=100, headers=(), reason='Continue'))
         try:
-            response = self.handler(request)
-        except Exception:
-            log.exception('error answering %s %s', request.method,
-                          request.path)
-            response = Response.error(500, 'internal error; see the log')
-        data = response.render(head=request.method == 'HEAD')
-        level = logging.WARNING if response.status >= 500 else logging.DEBUG
-        log.log(level, '%s %s %s -> %d (%.1f ms)', request.client[0],
-                request.method, request.path, response.status,
-                (time.monotonic() - conn.started) * 1000)
-        self._done.put((conn, data))
-        try:
-            self._wake_w.send(b'x')
+            conn.sock.send(data)
         except OSError:
-            pass   # the pipe is full: the loop is awake already
+            pass   # the answer's send finds out
 
-    def _drain_wake(self):
+    def _dispatch(self, conn):
+        """The request is whole: answer it, or hand it to a handler thread.
+        True when it was answered and the connection is kept for the next
+        (and still held by this thread)."""
+        request = conn.request
+        request.body = bytes(conn.body)
+        conn.request = conn.body = None
+        conn.state = _Conn.HANDLING
         try:
-            while self._wake_r.recv(4096):
-                pass
-        except (BlockingIOError, InterruptedError):
-            pass
+            answer = self.handler(request)
+        except Exception:
+            answer = self._failed(request)
+        if isinstance(answer, Response):
+            return self._reply(conn, request, answer)
+        self._work.put((conn, request, answer))
+        return False
 
-    def _collect_done(self):
+    def _worker(self):
+        # Daemon threads: one stuck on a dead Redis must not hold up exit.
+        get = self._work.get
         while True:
-            try:
-                conn, data = self._done.get_nowait()
-            except queue.Empty:
+            item = get()
+            if item is None:
                 return
-            self.requests += 1
-            if self._conns.get(conn.sock.fileno()) is conn:
-                self._start_write(conn, data)
+            try:
+                self._handle(*item)
+            except Exception:
+                self._crashed(item[0])
 
-    def _respond(self, conn, response):
-        self._start_write(conn, response.render())
-
-    def _start_write(self, conn, data):
-        conn.state = _Conn.WRITING
-        conn.out = data
-        conn.deadline = time.monotonic() + self.request_timeout
-        self._watch(conn, selectors.EVENT_WRITE)
-        self._write(conn)
-
-    def _watch(self, conn, events):
+    def _handle(self, conn, request, work):
         try:
-            self._sel.modify(conn.sock, events, conn)
-        except KeyError:
-            self._sel.register(conn.sock, events, conn)
+            response = work()
+        except Exception:
+            response = self._failed(request)
+        if self._reply(conn, request, response):
+            self._process(conn)
+
+    @staticmethod
+    def _failed(request):
+        log.exception('error answering %s %s', request.method, request.path)
+        return Response.error(500, 'internal error; see the log')
+
+    def _reply(self, conn, request, response):
+        """Send `response`; True when the connection is kept for another
+        request (and still held by this thread)."""
+        conn.served += 1
+        head = request.method == 'HEAD'
+        # h11 says whether the client allows another request (DONE, not
+        # MUST_CLOSE); our limits may end the connection sooner.
+        keep = (conn.parser.their_state is h11.DONE and not self._stopping
+                and conn.served < self.keepalive_requests)
+        if keep:
+            data = self._write_kept(conn, response, head)
+            conn.parser.start_next_cycle()
+        else:
+            data = response.render(head)
+        level = logging.WARNING if response.status >= 500 else logging.DEBUG
+        if log.isEnabledFor(level):
+            log.log(level, '%s %s %s -> %d (%.1f ms)', _host(request.client),
+                    request.method, request.path, response.status,
+                    (time.monotonic() - conn.started) * 1000)
+        with self._count_lock:
+            self._requests += 1
+        if keep and not conn.nodelay:
+            # The next answer must not wait for this one's ACK (Nagle).
+            conn.nodelay = True
+            try:
+                conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY,
+                                     1)
+            except OSError:
+                pass
+        return self._send(conn, data, keep)
+
+    def _write_kept(self, conn, response, head):
+        """`response` as h11 writes it, on a connection that stays open."""
+        parser = conn.parser
+        fields = response.fields() + [
+            ('Connection', 'keep-alive'),
+            ('Keep-Alive', 'timeout=%d, max=%d' % (
+                self.request_timeout,
+                self.keepalive_requests - conn.served))]
+        data = parser.send(h11.Response(status_code=response.status,
+                                        headers=fields,
+                                        reason=response.reason))
+        if not head:   # h11 knows the answer to HEAD has no body
+            data += parser.send(h11.Data(data=response.body))
+        return data + parser.send(h11.EndOfMessage())
+
+    def _reject(self, conn, status, detail):
+        """Answer a request that is not read to its end (malformed, too
+        large, too slow), and close: where the next one would start is
+        unknown or not worth finding out."""
+        self._send(conn, Response.error(status, detail).render(), False)
+
+    def _send(self, conn, data, keep):
+        try:
+            sent = conn.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            self._close(conn)
+            return False
+        if sent < len(data):
+            conn.out = memoryview(data)[sent:]
+            conn.keep = keep
+            conn.deadline = time.monotonic() + self.request_timeout
+            conn.state = _Conn.WRITING
+            self._arm(conn, _OUT)
+            return False
+        return self._sent(conn, keep)
+
+    def _sent(self, conn, keep):
+        """The answer is out: ready the connection for the next request
+        (True), or close it."""
+        conn.out = b''
+        if keep:
+            conn.deadline = time.monotonic() + self.request_timeout
+            return True
+        if conn.parser.their_state in _REQUEST_READ:
+            # The request was read to its end: unless the client sent
+            # more, nothing it sends can be lost to a reset, so close now.
+            try:
+                more = conn.sock.recv(RECV_BYTES)
+            except OSError:
+                more = b''
+            if not more:
+                self._close(conn)
+                return False
+        # Unread bytes (a refused body, say) would make close() send a
+        # reset that can destroy the answer before the client reads it:
+        # read and drop them for a while first.
+        try:
+            conn.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self._close(conn)
+            return False
+        conn.state = _Conn.LINGERING
+        conn.deadline = time.monotonic() + LINGER_SECONDS
+        self._arm(conn, _IN)
+        return False
 
     def _write(self, conn):
         try:
             sent = conn.sock.send(conn.out)
         except (BlockingIOError, InterruptedError):
-            return
+            sent = 0
         except OSError:
             self._close(conn)
             return
         conn.out = conn.out[sent:]
         if conn.out:
-            return
-        try:
-            conn.sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            self._close(conn)
-            return
-        conn.state = _Conn.LINGERING
-        conn.deadline = time.monotonic() + LINGER_SECONDS
-        self._watch(conn, selectors.EVENT_READ)
+            self._arm(conn, _OUT)
+        elif self._sent(conn, conn.keep):
+            self._process(conn)
 
     def _linger(self, conn):
         try:
             if conn.sock.recv(RECV_BYTES):
+                self._arm(conn, _IN)
                 return
         except (BlockingIOError, InterruptedError):
+            self._arm(conn, _IN)
             return
         except OSError:
             pass
         self._close(conn)
 
-    def _expire(self):
-        now = time.monotonic()
+    def _expire(self, now):
         for conn in list(self._conns.values()):
-            if now < conn.deadline or conn.state == _Conn.HANDLING:
+            if now < conn.deadline:
                 continue
-            if conn.state == _Conn.READING:
-                self._respond(conn, Response.error(
-                    408, 'request not complete within %gs ([status] '
-                         'request_timeout)' % self.request_timeout))
-                conn.deadline = now + 1.0   # one second to take the 408
-                continue
-            self._close(conn)
+            state = conn.state
+            if state == _Conn.READING:
+                if conn.served and conn.waiting():
+                    # Between requests: no answer is owed (and one sent
+                    # now could be taken for the answer to a request
+                    # crossing it on the wire).
+                    self._close(conn)
+                    continue
+                conn.state = _Conn.HANDLING   # taken off the loop's hands
+                self._reject(conn, 408, 'request not complete within %gs '
+                                        '([status] request_timeout)'
+                             % self.request_timeout)
+            elif state in (_Conn.WRITING, _Conn.LINGERING):
+                self._close(conn)
 
     def _close(self, conn):
-        fd = conn.sock.fileno()
-        if fd >= 0:
-            try:
-                self._sel.unregister(conn.sock)
-            except (KeyError, ValueError):
-                pass
-            self._conns.pop(fd, None)
-        conn.sock.close()
-
-
-def _content_length(headers):
-    for name, value in headers:
-        if name == b'content-length':
-            try:
-                return int(value)
-            except ValueError:
-                return None
-    return None
+        if self._conns.get(conn.fd) is conn:
+            del self._conns[conn.fd]
+        try:
+            conn.sock.close()   # leaves epoll with it
+        except OSError:
+            pass

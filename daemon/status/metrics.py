@@ -68,12 +68,12 @@ class SuiteCollector:
             'huey_worker_worker_restarts',
             'Workers restarted after dying, per live consumer (since the '
             'consumer started).', labels=['queue', 'consumer'])
-        report = overview.queue_report(self.app)['queues']
         for name, storage in overview.queue_storages(self.app):
-            for (task, state), count in sorted(
-                    journal.outcome_counts(storage).items()):
+            snap = overview.snapshot(self.app, storage, counts=True,
+                                     scheduler=True, metrics=True)
+            for (task, state), count in sorted(snap['outcomes'].items()):
                 tasks.add_metric([name, task, state], count)
-            for task, stats in sorted(journal.duration_stats(storage).items()):
+            for task, stats in sorted(snap['durations'].items()):
                 cumulative, running = [], 0
                 for bound in journal.DURATION_BUCKETS:
                     running += stats['buckets'].get(bound, 0)
@@ -81,14 +81,14 @@ class SuiteCollector:
                                        else repr(bound), running))
                 durations.add_metric([name, task], cumulative,
                                      stats['sum'])
-            q = report[name]
+            q = overview.queue_entry(snap)
             gauges['queue_pending'].add_metric([name], q['pending'])
             gauges['queue_scheduled'].add_metric([name], q['scheduled'])
             gauges['tasks_running'].add_metric([name], q['running'])
             gauges['results_held'].add_metric([name], q['results_held'])
             gauges['dead_letters'].add_metric([name], q['dead_letters'])
             gauges['consumers_live'].add_metric([name], q['consumers'])
-            scheduler = overview.scheduler_state(storage)
+            scheduler = snap['scheduler']
             gauges['scheduler_leader'].add_metric(
                 [name], 1 if scheduler['leader_present'] else 0)
             if scheduler['leader_present']:
@@ -98,7 +98,7 @@ class SuiteCollector:
             slot = parse_slot_name(scheduler['last_slot'])
             if slot is not None:
                 last_slot.add_metric([name], slot)
-            for consumer in overview.consumers(self.app, storage):
+            for consumer in snap['consumers']:
                 if not consumer['alive']:
                     continue
                 ident = consumer['identity']

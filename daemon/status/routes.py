@@ -1,6 +1,7 @@
 """The status endpoint's routes: Request -> Response.  Everything here reads
 through daemon.journal and daemon.overview, the same functions the CLI
 uses; docs/status-endpoint.md describes each route."""
+import functools
 import hmac
 import json
 import logging
@@ -29,46 +30,55 @@ class BadRequest(Exception):
 
 
 class Routes:
+    """Resolves a request in the server's loop: answers at once what needs
+    no Redis (liveness, the index, unknown routes, refused methods and
+    tokens), and returns the rest as work for a handler thread."""
+
     def __init__(self, app):
         self.app = app
-        # (methods, pattern, handler, needs the token)
+        # (methods, pattern, handler, needs the token, answered at once)
         self.table = [
-            (('GET',), r'/', self.index, False),
-            (('GET',), r'/health', self.health, False),
-            (('GET',), r'/health/live', self.live, False),
-            (('GET',), r'/queue', self.queue, False),
-            (('GET',), r'/workers', self.workers, False),
-            (('GET',), r'/metrics', self.metrics, False),
-            (('GET',), r'/tasks', self.list_tasks, False),
-            (('POST',), r'/tasks', self.submit, True),
-            (('GET',), r'/tasks/' + TASK_ID, self.task, False),
-            (('POST',), r'/tasks/' + TASK_ID + r'/revoke', self.revoke, True),
-            (('GET',), r'/api/collect/task/' + TASK_ID, self.seed_task, False),
-            (('GET',), r'/dead-letters', self.dead_letters, False),
-            (('POST',), r'/dead-letters/requeue', self.requeue_dead, True),
-            (('POST',), r'/dead-letters/purge', self.purge_dead, True),
+            (('GET',), r'/', self.index, False, True),
+            (('GET',), r'/health', self.health, False, False),
+            (('GET',), r'/health/live', self.live, False, True),
+            (('GET',), r'/queue', self.queue, False, False),
+            (('GET',), r'/workers', self.workers, False, False),
+            (('GET',), r'/metrics', self.metrics, False, False),
+            (('GET',), r'/tasks', self.list_tasks, False, False),
+            (('POST',), r'/tasks', self.submit, True, False),
+            (('GET',), r'/tasks/' + TASK_ID, self.task, False, False),
+            (('POST',), r'/tasks/' + TASK_ID + r'/revoke', self.revoke, True,
+             False),
+            (('GET',), r'/api/collect/task/' + TASK_ID, self.seed_task,
+             False, False),
+            (('GET',), r'/dead-letters', self.dead_letters, False, False),
+            (('POST',), r'/dead-letters/requeue', self.requeue_dead, True,
+             False),
+            (('POST',), r'/dead-letters/purge', self.purge_dead, True, False),
         ]
-        self.table = [(m, re.compile(p + r'\Z'), h, t)
-                      for m, p, h, t in self.table]
+        self.table = [(frozenset(m), re.compile(p + r'\Z'), h, t, i)
+                      for m, p, h, t, i in self.table]
 
     @property
     def token(self):
-        return self.app.config.status.token
+        return self.app.config.get('status.token')
 
     # -- dispatch -------------------------------------------------------------
 
     def __call__(self, request):
+        """A Response, or a callable returning one (see HttpServer)."""
         method = request.method.upper()
+        token = self.token
         allowed, found = set(), None
-        for methods, pattern, handler, needs_token in self.table:
-            if needs_token and not self.token:
+        for methods, pattern, handler, needs_token, at_once in self.table:
+            if needs_token and not token:
                 continue   # these routes exist only with a token configured
             match = pattern.match(request.path)
             if match is None:
                 continue
             allowed.update(methods)
             if method in methods or (method == 'HEAD' and 'GET' in methods):
-                found = (handler, match, needs_token)
+                found = (handler, match, needs_token, at_once)
         if found is None:
             if allowed:
                 allow = sorted(allowed | ({'HEAD'} if 'GET' in allowed
@@ -77,29 +87,36 @@ class Routes:
                     method, request.path), [('Allow', ', '.join(allow))],
                     allowed=allow)
             return Response.error(404, 'no such route: %s' % request.path)
-        handler, match, needs_token = found
-        if needs_token and not self._authorized(request):
+        handler, match, needs_token, at_once = found
+        if needs_token and not self._authorized(request, token):
             return Response.error(
                 401, 'this route needs Authorization: Bearer <token> '
                      '([status] token)',
                 [('WWW-Authenticate', 'Bearer realm="huey-worker"')])
+        kwargs = match.groupdict()
+        if at_once:
+            return self._run(handler, request, kwargs)
+        return functools.partial(self._run, handler, request, kwargs)
+
+    def _run(self, handler, request, kwargs):
         try:
-            return handler(request, **match.groupdict())
+            return handler(request, **kwargs)
         except BadRequest as exc:
             return Response.error(exc.status, exc.detail, **exc.extra)
         except REDIS_ERRORS as exc:
-            log.warning('Redis error answering %s %s: %s', method,
+            log.warning('Redis error answering %s %s: %s', request.method,
                         request.path, exc)
             return Response.error(503, 'Redis unavailable: %s' % exc,
                                   [('Retry-After', '5')])
 
-    def _authorized(self, request):
+    @staticmethod
+    def _authorized(request, token):
         header = request.headers.get('authorization', '')
         scheme, _, given = header.partition(' ')
         if scheme.lower() != 'bearer':
             return False
         return hmac.compare_digest(given.strip().encode('utf-8', 'replace'),
-                                   self.token.encode('utf-8'))
+                                   token.encode('utf-8'))
 
     @staticmethod
     def _query(request, allowed):

@@ -59,6 +59,7 @@ def bind_socket(cfg):
     family, kind, proto, _, address = infos[0]
     sock = socket.socket(family, kind, proto)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    defer_accept(sock)
     try:
         sock.bind(address)
         sock.listen(128)
@@ -72,6 +73,22 @@ def bind_socket(cfg):
                           'status', 'port', str(port),
                           origin=str(cfg.source('status.port')))
     return sock
+
+
+def defer_accept(sock):
+    """Have the kernel hand over a connection only once its first bytes
+    are in (or after a second), so the server reads the request straight
+    after accept() instead of waiting for it in epoll: two system calls
+    and a turn of the loop fewer per request.  Clients that connect and
+    say nothing wait in the kernel, not in the server's connection table."""
+    option = getattr(socket, 'TCP_DEFER_ACCEPT', None)
+    if option is None or sock.family not in (socket.AF_INET,
+                                             socket.AF_INET6):
+        return
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, option, 1)
+    except OSError:
+        pass
 
 
 class StatusServer:
@@ -88,6 +105,8 @@ class StatusServer:
         if sock is None:
             sock = bind_socket(self.cfg)
             how = '[status] bind/port'
+        else:
+            defer_accept(sock)
         if not self.cfg.status.token:
             log.info('no [status] token: POST /tasks and /tasks/ID/revoke are '
                      'disabled')
