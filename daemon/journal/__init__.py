@@ -36,9 +36,7 @@ from ..progress import (  # the public in-task API
     current_delivery, current_task_id, report_progress, sensitive)
 from .layout import (
     DURATION_BUCKETS, STATES, TERMINAL, args_summary, result_json)
-from .reads import (
-    decode_record, duration_stats, is_terminal, list_tasks, outcome_counts,
-    read_task, results_held, shape)
+from .reads import decode_record, is_terminal, list_tasks, read_task, shape
 from .writer import Journal
 
 _journals = {}
@@ -64,5 +62,4 @@ __all__ = [
     'report_progress', 'current_delivery', 'current_task_id', 'sensitive',
     'install', 'Journal', 'STATES', 'TERMINAL', 'DURATION_BUCKETS',
     'args_summary', 'result_json', 'read_task', 'list_tasks', 'shape',
-    'decode_record', 'results_held', 'outcome_counts', 'duration_stats',
-    'is_terminal']
+    'decode_record', 'is_terminal']

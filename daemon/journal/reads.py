@@ -302,10 +302,6 @@ def results_held_command(storage, now=None):
             '+inf')
 
 
-def results_held(storage, now=None):
-    return int(replies(storage.pool, (results_held_command(storage, now),))[0])
-
-
 def as_dict(raw):
     """HGETALL's reply as a dict, from RESP2 (flat) or RESP3."""
     if isinstance(raw, dict):
@@ -313,34 +309,27 @@ def as_dict(raw):
     return dict(zip(raw[::2], raw[1::2]))
 
 
-def outcome_counts(storage):
-    """{(task name, state): count} from the metrics hash."""
-    return parse_outcome_counts(replies(storage.pool, (
-        ('HGETALL', storage.keys.metrics_outcomes),))[0])
-
-
-def parse_outcome_counts(raw):
-    out = {}
-    for field, value in as_dict(raw).items():
-        if isinstance(field, bytes):
-            field = field.decode()
-        name, _, state = field.rpartition('\t')
-        out[(name, state)] = int(value)
-    return out
-
-
-def duration_stats(storage):
-    """{task name: {'buckets': {le: count}, 'count': n, 'sum': s}}."""
-    return parse_duration_stats(replies(storage.pool, (
-        ('HGETALL', storage.keys.metrics_durations),))[0])
-
-
-def parse_duration_stats(raw):
-    out = {}
+def _metric_fields(raw):
+    """(task name, part, value) for each field of a metrics hash (HGETALL's
+    reply): the fields are 'NAME<tab>PART'."""
     for field, value in as_dict(raw).items():
         if isinstance(field, bytes):
             field = field.decode()
         name, _, part = field.rpartition('\t')
+        yield name, part, value
+
+
+def parse_outcome_counts(raw):
+    """{(task name, state): count} from the outcomes hash."""
+    return {(name, state): int(value)
+            for name, state, value in _metric_fields(raw)}
+
+
+def parse_duration_stats(raw):
+    """{task name: {'buckets': {le: count}, 'count': n, 'sum': s}} from the
+    durations hash."""
+    out = {}
+    for name, part, value in _metric_fields(raw):
         entry = out.setdefault(name, {'buckets': {}, 'count': 0, 'sum': 0.0})
         if part == 'sum':
             entry['sum'] = float(value)
