@@ -114,9 +114,9 @@ def stage_dead_letter(storage, raw, record, inflight_key):
     """Move `raw` from the worker's in-flight list to the dead letters, in
     the worker's next round trip."""
     data = json.dumps(record, sort_keys=True)
-    storage.stage(lambda c: c.lpush(storage.keys.dead, data))
-    storage.stage(lambda c: c.lrem(inflight_key, 1, raw))
+    storage.stage_command('LPUSH', storage.keys.dead, data)
+    storage.stage_command('LREM', inflight_key, 1, raw)
     if record.get('task_id'):
-        storage.stage(lambda c: c.hdel(storage.keys.deliveries,
-                                       record['task_id']))
+        storage.stage_command('HDEL', storage.keys.deliveries,
+                              record['task_id'])
     hooks.call(hooks.on_dead_letter, storage, record)

@@ -2,8 +2,9 @@
 other observers plug in without the worker knowing about them.
 
 Each list holds callables; a failing callable is logged and skipped, never
-allowed to break delivery.  Callables that write to Redis should `stage()`
-their commands on the storage so they ride the worker's next round trip.
+allowed to break delivery.  Callables that write to Redis should stage
+their commands on the storage (`stage_command()`, or `stage()` for a Lua
+script) so they ride the worker's next round trip.
 """
 import logging
 

@@ -5,8 +5,9 @@ Two additions to RedisExpireStorage:
 * `dequeue_into(inflight_key)`: the message moves atomically from the queue
   into the worker's in-flight list (BRPOPLPUSH, Redis 5 compatible), so a
   worker that dies leaves it where it can be found.
-* Piggybacked writes: a caller may `stage()` commands (journal updates, the
-  ack) to ride on the thread's next round trip, and while `deferring` is on
+* Piggybacked writes: a caller may stage commands (`stage_command()`;
+  `stage()` for a Lua script), such as journal updates and the ack, to
+  ride on the thread's next round trip, and while `deferring` is on
   every write Huey makes after a task body (result, retry, on_complete) is
   held back and sent with the ack in one MULTI/EXEC.  A read sends what is
   held back first, so Huey never reads stale data.

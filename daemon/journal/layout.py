@@ -51,7 +51,7 @@ def field_pairs(fields):
     out = []
     for name, value in fields.items():
         if value is not None:
-            out += (name, value if type(value) in _PACKABLE else text(value))
+            out += (name, encode(value))
     return out
 
 

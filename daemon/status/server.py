@@ -59,7 +59,6 @@ def bind_socket(cfg):
     family, kind, proto, _, address = infos[0]
     sock = socket.socket(family, kind, proto)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    defer_accept(sock)
     try:
         sock.bind(address)
         sock.listen(128)
@@ -105,8 +104,7 @@ class StatusServer:
         if sock is None:
             sock = bind_socket(self.cfg)
             how = '[status] bind/port'
-        else:
-            defer_accept(sock)
+        defer_accept(sock)
         if not self.cfg.status.token:
             log.info('no [status] token: POST /tasks and /tasks/ID/revoke are '
                      'disabled')
