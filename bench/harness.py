@@ -274,7 +274,7 @@ class SuiteConsumer(Contender):
         self.builtin = builtin
 
     def command(self):
-        return [PYTHON, '-m', 'daemon', 'consumer', '--workers',
+        return [PYTHON, '-m', 'huey_worker', 'consumer', '--workers',
                 str(self.workers), '--worker-type', self.worker_type]
 
     def environment(self):
@@ -330,7 +330,7 @@ class StatusServer(Contender):
         self.port = port
 
     def command(self):
-        return [PYTHON, '-m', 'daemon', 'status-server', '--port',
+        return [PYTHON, '-m', 'huey_worker', 'status-server', '--port',
                 str(self.port)]
 
     def environment(self):

@@ -4,7 +4,7 @@ directly, on the same generated document.
     .venv/bin/python bench/pdf_extract.py [--pages N] [--runs N]
 
 "direct" opens the document and calls page.get_text() on every page;
-"suite" runs the task's code (daemon.tasks.pdf.extract_pdf: checks, SHA-256,
+"suite" runs the task's code (huey_worker.tasks.pdf.extract_pdf: checks, SHA-256,
 per-page progress and timeout checks, JSON written atomically) on the same
 file.  Runs alternate between the two (first one, then the other) so machine
 noise hits both alike.
@@ -28,9 +28,9 @@ sys.path.insert(0, ROOT)
 
 import pymupdf  # noqa: E402
 
-from daemon import config  # noqa: E402
-from daemon.tasks.pdf import extract_pdf  # noqa: E402
-from daemon.tasks.runtime import TaskRun  # noqa: E402
+from huey_worker import config  # noqa: E402
+from huey_worker.tasks.pdf import extract_pdf  # noqa: E402
+from huey_worker.tasks.runtime import TaskRun  # noqa: E402
 
 PARAGRAPH = ('The quick brown fox jumps over the lazy dog; pack my box with '
              'five dozen liquor jugs. ') * 40

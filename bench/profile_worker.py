@@ -25,14 +25,14 @@ import time
 BENCH = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(BENCH), BENCH]
 
-from daemon.devredis import EmbeddedRedis  # noqa: E402
+from huey_worker.devredis import EmbeddedRedis  # noqa: E402
 
 ROUNDS = 8
 
 
 def suite_worker(app, cfg):
-    from daemon import delivery
-    from daemon.worker import Slot, StopFlag, Worker, install_outcome_receiver
+    from huey_worker import delivery
+    from huey_worker.worker import Slot, StopFlag, Worker, install_outcome_receiver
     slot = multiprocessing.RawArray(Slot, 1)[0]
     worker = Worker(app, cfg, 0, slot, StopFlag(), 'profile', False, 'bench')
     # What Worker.run sets up before its loop, without the loop.
@@ -91,7 +91,7 @@ class SendCounter:
         cls.send_packed_command = counted_send
         cls.send_command = counted_one
         cls.pack_commands = counted_many
-        from daemon import transaction
+        from huey_worker import transaction
         pack = transaction.pack
 
         def counted_pack(conn, commands):
@@ -140,7 +140,7 @@ def run(args, server, workdir):
     os.environ['BENCH_REDIS_URL'] = server.url
     empty = os.path.join(workdir, 'empty.ini')
     open(empty, 'w').close()
-    from daemon import app as app_module, config, logs
+    from huey_worker import app as app_module, config, logs
     cfg = config.load(empty, environ={
         'HUEY_REDIS_URL': server.url,
         'HUEY_WORKER_LOGGING_TASK_EVENTS': 'none' if args.quiet else 'both',

@@ -82,7 +82,7 @@ def parse_args(argv):
 
 class Bench:
     def __init__(self, args, server, workdir):
-        from daemon import app as app_module, config
+        from huey_worker import app as app_module, config
         self.args, self.server, self.workdir = args, server, workdir
         self.url = server.url
         self.client = server.client()
@@ -312,7 +312,7 @@ def latency(bench, table, results):
 
 
 def enqueue(bench, table, results):
-    from daemon import config
+    from huey_worker import config
     from harness import Figure
     from table import cell, ratio_cell
     import enqueue as enq
@@ -346,7 +346,7 @@ def enqueue(bench, table, results):
 
 
 def status(bench, table, results):
-    from daemon.devredis import free_port
+    from huey_worker.devredis import free_port
     from harness import Figure, StatusServer
     from table import cell
     import status_load
@@ -407,7 +407,7 @@ def pdf(bench, table, results):
     from table import cell, ratio_cell
     try:
         import pdf_extract
-        from daemon import config
+        from huey_worker import config
     except ImportError as exc:
         table.section('PDF extraction', ['', ''])
         table.row('bench/pdf_extract.py missing or broken', str(exc))
@@ -494,7 +494,7 @@ def recovery(bench, table, results):
 def machine_lines(args):
     import huey
     import redis
-    from daemon.devredis import find_redis_server
+    from huey_worker.devredis import find_redis_server
     import subprocess
     cpu = '?'
     try:
@@ -536,7 +536,7 @@ def main(argv=None):
     for name in list(os.environ):
         if name.startswith(('HUEY_', 'REDIS_')):
             del os.environ[name]   # the benchmark's settings only
-    from daemon.devredis import EmbeddedRedis
+    from huey_worker.devredis import EmbeddedRedis
     from table import Table
     workdir = tempfile.mkdtemp(prefix='huey-worker-bench-')
     server = EmbeddedRedis(os.path.join(workdir, 'redis'), persist=False)

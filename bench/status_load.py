@@ -29,7 +29,7 @@ from harness import STAGING, percentile, staged_enqueue
 
 def fill_journal(app, task, count):
     """`count` complete task records; their ids."""
-    from daemon import journal
+    from huey_worker import journal
     storage = app.storage
     writer = journal.install(app)
     worker = {'host': 'bench', 'pid': os.getpid(), 'consumer': 'bench',

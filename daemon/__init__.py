@@ -1,2 +1,16 @@
-"""huey-worker: run Huey task queues on plain VMs."""
+"""huey-worker: run Huey task queues on plain VMs.
+
+Producers and task modules write `from huey_worker import huey`: the shared
+app is imported on first use of the name, so `import huey_worker` (the CLI,
+`python -m huey_worker`) stays light.
+"""
 __version__ = '0.1.0'
+
+__all__ = ['huey', '__version__']
+
+
+def __getattr__(name):
+    if name == 'huey':
+        from .app import huey
+        return huey
+    raise AttributeError('module %r has no attribute %r' % (__name__, name))

@@ -1,6 +1,6 @@
 """The Huey application every daemon and producer shares.
 
-Users' task modules do `from daemon.app import huey` and decorate with
+Users' task modules do `from huey_worker import huey` and decorate with
 `@huey.task()`.  The instance exists at import time so tasks can register;
 its queue, serializer and Redis connection come from the configuration on
 first use (the daemons configure it explicitly after parsing their command
@@ -13,6 +13,7 @@ import sys
 import threading
 
 from huey import Huey
+from huey.registry import Registry
 from huey.serializer import Serializer, SignedSerializer
 from huey.storage import MemoryStorage
 
@@ -25,7 +26,26 @@ from .storage import SuiteStorage
 log = logging.getLogger('huey_worker.app')
 
 # Filled as built-in task modules are added to the package.
-BUILTIN_TASK_MODULES = ('daemon.tasks.pdf', 'daemon.tasks.collect')
+BUILTIN_TASK_MODULES = ('huey_worker.tasks.pdf', 'huey_worker.tasks.collect')
+
+
+# Until 0.1 the package imported as `daemon`, so messages queued or scheduled
+# before an upgrade name the built-in tasks daemon.tasks.*.
+LEGACY_PREFIXES = (('daemon.tasks.', 'huey_worker.tasks.'),)
+
+
+class SuiteRegistry(Registry):
+    """Huey's registry, which also finds a built-in task by the name an
+    older release gave it."""
+
+    def string_to_task(self, task_str):
+        if task_str not in self._registry:
+            for old, new in LEGACY_PREFIXES:
+                if task_str.startswith(old):
+                    renamed = new + task_str[len(old):]
+                    if renamed in self._registry:
+                        return self._registry[renamed]
+        return super().string_to_task(task_str)
 
 
 class SuiteHuey(Huey):
@@ -36,6 +56,7 @@ class SuiteHuey(Huey):
         self._configure_lock = threading.RLock()
         self.config = None
         super().__init__(name='huey', results=True, utc=True)
+        self._registry = SuiteRegistry()
 
     @property
     def storage(self):

@@ -2,7 +2,7 @@
 
 The worker sets this before the task body runs and clears it after; it is
 per thread (thread and greenlet workers) and per process (process workers).
-Tasks use the public API in daemon.journal (current_delivery,
+Tasks use the public API in huey_worker.journal (current_delivery,
 report_progress), which reads this.
 """
 import threading

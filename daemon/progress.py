@@ -1,7 +1,7 @@
 """What a running task can ask of the suite: report its progress, read its
-delivery count, know its own id.  Public through daemon.journal:
+delivery count, know its own id.  Public through huey_worker.journal:
 
-    from daemon.journal import report_progress
+    from huey_worker.journal import report_progress
 
     @huey.task()
     def convert(paths):

@@ -10,10 +10,9 @@ import time
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, 'tests'))
 
-from daemon.devredis import EmbeddedRedis  # noqa: E402
+from huey_worker.devredis import EmbeddedRedis  # noqa: E402
 
 _db_counter = iter(range(1, 16))
 
@@ -48,7 +47,7 @@ def base_env(redis_url, tmp_path):
     env.update({
         'HUEY_REDIS_URL': redis_url,
         'HUEY_WORKER_CONFIG': str(config_path),
-        'PYTHONPATH': os.pathsep.join([ROOT, os.path.join(ROOT, 'tests')]),
+        'PYTHONPATH': os.path.join(ROOT, 'tests'),
         'HUEY_WORKER_TASKS_BUILTIN': 'false',
         'HUEY_MODULES': 'sample_tasks',
         'PYTHONUNBUFFERED': '1',
@@ -65,7 +64,7 @@ class Daemon:
         self.log_path = log_path
         self._log = open(log_path, 'ab')
         self.proc = subprocess.Popen(
-            [sys.executable, '-m', 'daemon'] + list(args), env=env, cwd=ROOT,
+            [sys.executable, '-m', 'huey_worker'] + list(args), env=env, cwd=ROOT,
             stdout=self._log, stderr=subprocess.STDOUT,
             start_new_session=True)
 
@@ -124,8 +123,8 @@ def start_daemon(tmp_path):
 def producer(redis_url, monkeypatch, tmp_path):
     """The shared Huey app configured for the private Redis, as a web app
     producing tasks would have it."""
-    from daemon import app as app_module
-    from daemon import config
+    from huey_worker import app as app_module
+    from huey_worker import config
     for name in list(os.environ):
         if name.startswith(('HUEY_', 'REDIS_')):
             monkeypatch.delenv(name)

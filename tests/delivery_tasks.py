@@ -5,8 +5,8 @@ import time
 
 import redis
 
-from daemon.journal import current_delivery
-from daemon.app import huey
+from huey_worker.journal import current_delivery
+from huey_worker.app import huey
 
 
 @huey.task()

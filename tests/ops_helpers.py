@@ -88,7 +88,7 @@ def body_of(answer):
 
 
 def task_record(producer, task_id):
-    from daemon import journal
+    from huey_worker import journal
     return journal.read_task(producer, producer.storage, task_id)
 
 

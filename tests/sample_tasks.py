@@ -3,7 +3,7 @@ module would be."""
 import os
 import time
 
-from daemon.app import huey
+from huey_worker.app import huey
 
 
 @huey.task()
@@ -41,7 +41,7 @@ def boom():
 
 # --- journal, status endpoint and operator CLI tests -------------------------
 
-from daemon.journal import (current_delivery, current_task_id,  # noqa: E402
+from huey_worker.journal import (current_delivery, current_task_id,  # noqa: E402
                             report_progress, sensitive)
 
 

@@ -2,7 +2,7 @@
 consumer would load it), a progress recorder, and waiting for outcomes."""
 import time
 
-from daemon import config
+from huey_worker import config
 
 
 def make_cfg(tmp_path, **overrides):
@@ -48,7 +48,7 @@ def wait_for(predicate, timeout=30, what='condition'):
 
 
 def journal_record(app, task_id):
-    from daemon import journal
+    from huey_worker import journal
     return journal.read_task(app, app.storage, task_id)
 
 

@@ -2,8 +2,8 @@
 environment, immediate mode, signed messages."""
 import signal
 
-from daemon import app as app_module
-from daemon import config
+from huey_worker import app as app_module
+from huey_worker import config
 
 
 def test_immediate_mode_runs_tasks_in_the_producer(monkeypatch, tmp_path):

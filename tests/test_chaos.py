@@ -10,7 +10,7 @@ import time
 
 from huey.serializer import Serializer
 
-from daemon.devredis import EmbeddedRedis
+from huey_worker.devredis import EmbeddedRedis
 
 TASKS = 600
 # What each chaos step does, in turn.
@@ -51,7 +51,7 @@ def where_missing(client, ids):
 def test_no_task_lost_under_kill_9_and_a_redis_restart(tmp_path, base_env,
                                                        start_daemon):
     import delivery_tasks
-    from daemon.app import huey
+    from huey_worker.app import huey
     rng = random.Random(20261122)
     server = EmbeddedRedis(str(tmp_path / 'chaos-redis')).start()
     env = dict(base_env, HUEY_REDIS_URL=server.url,

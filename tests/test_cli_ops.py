@@ -22,7 +22,7 @@ def env(base_env):
 
 
 def cli(env, *args, timeout=60):
-    return subprocess.run([sys.executable, '-m', 'daemon'] + list(args),
+    return subprocess.run([sys.executable, '-m', 'huey_worker'] + list(args),
                           env=env, cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout)
 

@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from daemon import config, sample, settings
-from daemon.config import ConfigError
+from huey_worker import config, sample, settings
+from huey_worker.config import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -26,8 +26,7 @@ def cli(*args, env=None):
     full_env = {k: v for k, v in os.environ.items()
                 if not k.startswith(('HUEY_', 'REDIS_'))}
     full_env.update(env or {})
-    full_env['PYTHONPATH'] = ROOT
-    return subprocess.run([sys.executable, '-m', 'daemon'] + list(args),
+    return subprocess.run([sys.executable, '-m', 'huey_worker'] + list(args),
                           capture_output=True, text=True, env=full_env,
                           cwd=ROOT)
 

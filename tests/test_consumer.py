@@ -9,7 +9,7 @@ import pytest
 
 from ops_helpers import NotifySocket, wait_until
 
-from daemon.devredis import EmbeddedRedis
+from huey_worker.devredis import EmbeddedRedis
 
 
 @pytest.fixture
@@ -313,7 +313,7 @@ def test_redis_lost_while_running_is_retried(tmp_path, base_env,
 def _enqueue_add_message(client):
     """Enqueue as a producer would, on a Redis other than the fixture's."""
     import sample_tasks
-    from daemon.app import huey
+    from huey_worker.app import huey
     client.lpush('huey.redis.huey', huey.serialize_task(sample_tasks.add.s(1, 2)))
 
 

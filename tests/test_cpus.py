@@ -10,7 +10,7 @@ import pytest
 
 from conftest import ROOT
 
-from daemon import cpus
+from huey_worker import cpus
 
 
 def fake_tree(tmp_path, cgroup_lines, files):
@@ -81,7 +81,7 @@ def test_real_affinity_mask_is_seen_by_a_real_consumer(base_env, tmp_path):
     log_path = tmp_path / 'consumer.log'
     with open(log_path, 'wb') as log:
         proc = subprocess.Popen(
-            [sys.executable, '-m', 'daemon', 'consumer'], env=env, cwd=ROOT,
+            [sys.executable, '-m', 'huey_worker', 'consumer'], env=env, cwd=ROOT,
             stdout=log, stderr=subprocess.STDOUT,
             preexec_fn=lambda: os.sched_setaffinity(0, {0}))
     try:

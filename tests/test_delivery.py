@@ -116,7 +116,7 @@ def test_dead_consumer_is_recovered_by_another_one(producer, tasks, base_env,
 def test_concurrent_recovery_moves_each_message_once(producer):
     """The recovery script under real concurrency: eight threads recover
     the same dead consumer at the same moment."""
-    from daemon.delivery import Delivery
+    from huey_worker.delivery import Delivery
     storage, keys = producer.storage, producer.keys
     conn = storage.conn
     lists = [keys.inflight('ghost', i, 'gone') for i in range(4)]
@@ -165,7 +165,7 @@ def test_poison_task_goes_to_dead_letters(producer, tasks, base_env,
 
 
 def hw(*args, env):
-    return subprocess.run([sys.executable, '-m', 'daemon'] + list(args),
+    return subprocess.run([sys.executable, '-m', 'huey_worker'] + list(args),
                           capture_output=True, text=True, env=env, cwd=ROOT,
                           timeout=60)
 
@@ -218,9 +218,9 @@ def test_outcome_written_after_redis_comes_back(tmp_path, base_env,
     """Redis is down when the task ends: the worker keeps the outcome and
     the ack, and writes them when Redis is back; the task is not run
     again."""
-    from daemon.devredis import EmbeddedRedis
+    from huey_worker.devredis import EmbeddedRedis
     import delivery_tasks
-    from daemon.app import huey
+    from huey_worker.app import huey
     server = EmbeddedRedis(str(tmp_path / 'r')).start()
     try:
         env = env_for(base_env, HUEY_REDIS_URL=server.url,

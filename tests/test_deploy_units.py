@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from daemon import settings
+from huey_worker import settings
 from deploy_support import ROOT, install, temp_layout, write_rendered
 
 SERVICES = ('huey-worker.service', 'huey-worker-scheduler.service',

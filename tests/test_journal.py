@@ -233,7 +233,7 @@ def test_retention_follows_result_timeout(producer, base_env, start_daemon):
 
 
 def test_journal_can_be_switched_off(producer, monkeypatch):
-    from daemon import config
+    from huey_worker import config
     monkeypatch.setenv('HUEY_WORKER_JOURNAL_ENABLED', 'false')
     producer.configure(config.load())
     try:
@@ -247,7 +247,7 @@ def test_journal_can_be_switched_off(producer, monkeypatch):
 
 
 def test_progress_api_outside_a_task_does_nothing(producer):
-    from daemon.journal import (current_delivery, current_task_id,
+    from huey_worker.journal import (current_delivery, current_task_id,
                                 report_progress)
     assert report_progress(1, 2, 'x') is False
     assert current_delivery() is None and current_task_id() is None
@@ -256,7 +256,7 @@ def test_progress_api_outside_a_task_does_nothing(producer):
 def test_progress_is_cheap_per_item(producer, monkeypatch):
     """Thousands of reports cost a handful of writes, and a Redis failure
     never reaches the task."""
-    from daemon import progress
+    from huey_worker import progress
     writes = []
     ctx = progress.TaskContext(producer.storage, 'cheap-task', 'x', 3600)
     real_write = progress._write
@@ -285,7 +285,7 @@ def test_progress_is_cheap_per_item(producer, monkeypatch):
 
 
 def test_resolve_task_names(producer):
-    from daemon import tasknames
+    from huey_worker import tasknames
     assert tasknames.resolve_task(producer, 'sample_tasks.add') == \
         'sample_tasks.add'
     assert tasknames.resolve_task(producer, 'add') == 'sample_tasks.add'

@@ -9,7 +9,7 @@ import time
 import pytest
 import redis
 
-from daemon.devredis import die_with_parent, find_redis_server, free_port
+from huey_worker.devredis import die_with_parent, find_redis_server, free_port
 
 
 class Server:
@@ -56,7 +56,7 @@ def run_one_task(start_daemon, base_env, client, **env):
     """Start a consumer with `env`, enqueue a task through `client`, and
     return its result as the consumer stored it."""
     import sample_tasks
-    from daemon.app import huey
+    from huey_worker.app import huey
     full_env = dict(base_env)
     for name in ('HUEY_REDIS_URL',):
         full_env.pop(name, None)

@@ -8,7 +8,7 @@ import sys
 import time
 
 from conftest import ROOT
-from daemon.devredis import free_port
+from huey_worker.devredis import free_port
 
 
 def alive(pid):
@@ -25,13 +25,13 @@ def alive(pid):
 def test_run_starts_everything_and_ctrl_c_stops_everything(tmp_path):
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(('HUEY_', 'REDIS_', 'NOTIFY_SOCKET'))}
-    env.update(PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, 'tests')]),
+    env.update(PYTHONPATH=os.path.join(ROOT, 'tests'),
                HUEY_MODULES='sample_tasks', HUEY_WORKER_TASKS_BUILTIN='false',
                HUEY_WORKER_STATUS_PORT=str(free_port()), PYTHONUNBUFFERED='1')
     log_path = tmp_path / 'run.log'
     with open(log_path, 'wb') as log:
         proc = subprocess.Popen(
-            [sys.executable, '-m', 'daemon', 'run', '--state-dir',
+            [sys.executable, '-m', 'huey_worker', 'run', '--state-dir',
              str(tmp_path / 'state')], env=env, cwd=ROOT, stdout=log,
             stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -50,7 +50,7 @@ def test_run_starts_everything_and_ctrl_c_stops_everything(tmp_path):
         # The suite works: a task enqueued on the private Redis runs.
         import redis
         import sample_tasks
-        from daemon.app import huey
+        from huey_worker.app import huey
         client = redis.Redis.from_url(redis_url, protocol=2)
         task = sample_tasks.add.s(2, 2)
         client.lpush('huey.redis.huey', huey.serialize_task(task))

@@ -19,7 +19,7 @@ from ops_helpers import NotifySocket, wait_until
 import redis
 from huey.exceptions import TaskException
 
-from daemon.devredis import EmbeddedRedis, free_port
+from huey_worker.devredis import EmbeddedRedis, free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 UTC = datetime.timezone.utc
@@ -232,7 +232,7 @@ def test_three_schedulers_sigkill_and_sigstop_every_slot_once(cluster):
     every_delayed = [i for ids in delayed.values() for i in ids]
     assert all(cluster.queued_ids()[i] == 1 for i in every_delayed)
     assert cluster.redis.zcard(cluster.app.storage.schedule_key) == 0
-    from daemon import journal
+    from huey_worker import journal
     record = journal.read_task(cluster.app, cluster.app.storage,
                                delayed['12:03:30'][0])
     # (scheduled, not pending: the journal judges the eta by the real
@@ -333,7 +333,7 @@ def test_missed_slots_follow_the_catch_up_window(cluster):
                                    '12:10'))
     assert '(270s late: catch-up)' in later.output()
     # The journal hears of each enqueue as it would from Huey's scheduler.
-    from daemon import journal
+    from huey_worker import journal
     record = cluster.slots()[(EVERY_MINUTE, '12:07Z')]
     task = journal.read_task(cluster.app, cluster.app.storage, record['id'])
     assert task['state'] == 'pending' and task['name'] == EVERY_MINUTE
@@ -427,7 +427,7 @@ def test_sighup_keeps_a_bad_config_and_applies_a_good_one(cluster):
 
 
 def _run_scheduler(env, timeout=60):
-    return subprocess.run([sys.executable, '-m', 'daemon', 'scheduler'],
+    return subprocess.run([sys.executable, '-m', 'huey_worker', 'scheduler'],
                           env=env, cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout)
 

@@ -8,12 +8,12 @@ import textwrap
 import pytest
 import redis
 
-from daemon import config
-from daemon.config import ConfigError
-from daemon.scheduler import periodic, read_status
-from daemon.scheduler.delayed import DelayedMover
-from daemon.scheduler.info import InfoWriter
-from daemon.scheduler.lease import Lease
+from huey_worker import config
+from huey_worker.config import ConfigError
+from huey_worker.scheduler import periodic, read_status
+from huey_worker.scheduler.delayed import DelayedMover
+from huey_worker.scheduler.info import InfoWriter
+from huey_worker.scheduler.lease import Lease
 
 UTC = datetime.timezone.utc
 T0 = datetime.datetime(2030, 1, 1, 12, 0, 10, tzinfo=UTC).timestamp()

@@ -461,7 +461,7 @@ def test_socket_activation_and_sd_notify(env, tmp_path):
     log = open(tmp_path / 'activated.log', 'wb')
     # As systemd does: the socket on fd 3, LISTEN_PID naming the daemon.
     proc = subprocess.Popen(
-        ['/bin/sh', '-c', 'LISTEN_PID=$$ LISTEN_FDS=1 exec "$0" -m daemon '
+        ['/bin/sh', '-c', 'LISTEN_PID=$$ LISTEN_FDS=1 exec "$0" -m huey_worker '
                           'status-server 3<&0 0</dev/null', sys.executable],
         stdin=listener.fileno(), stdout=log, stderr=subprocess.STDOUT,
         env=env, cwd=ROOT, start_new_session=True)
@@ -688,7 +688,7 @@ def test_redis_restart_and_outage_seen_by_kept_connections(tmp_path, env,
     """The handler threads keep a Redis connection each: a restart of Redis
     costs no request an error, an outage is a 503 (liveness still 200),
     and service comes back with Redis."""
-    from daemon.devredis import EmbeddedRedis
+    from huey_worker.devredis import EmbeddedRedis
     redis_server = EmbeddedRedis(str(tmp_path / 'redis'),
                                  persist=False).start()
 

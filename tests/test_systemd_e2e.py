@@ -379,7 +379,7 @@ def test_deployment_in_a_booted_debian(machine, tmp_path, capsys):
     output = record['result']['output']
     assert 'Hello from a booted Debian' in read(machine.path(output))
     log = consumer_log(machine)
-    assert 'end daemon.tasks.pdf.extract %s complete' % task_id in log, log
+    assert 'end huey_worker.tasks.pdf.extract %s complete' % task_id in log, log
     for name in ('huey-worker-scheduler.log', 'huey-worker-status.log'):
         assert read(machine.path('/var/log/' + name)).strip(), name
     report('huey-worker submit pdf.extract -> %s; curl /tasks/ID: complete, '

@@ -8,11 +8,11 @@ import sys
 
 import pytest
 
-from daemon.tasks import collect
-from daemon.tasks.collect import CollectIncomplete, collect_pages, \
+from huey_worker.tasks import collect
+from huey_worker.tasks.collect import CollectIncomplete, collect_pages, \
     collect_urls, url_file
-from daemon.tasks.paths import OutsideRoot
-from daemon.tasks.runtime import InputRejected, TaskRun
+from huey_worker.tasks.paths import OutsideRoot
+from huey_worker.tasks.runtime import InputRejected, TaskRun
 from misbehaving_http import Server
 from task_helpers import Progress, make_cfg, wait_terminal
 
@@ -255,7 +255,7 @@ def test_rate_limit_spaces_request_starts(tmp_path, web):
 
 
 def test_idle_host_gates_are_forgotten(monkeypatch):
-    from daemon.tasks import http
+    from huey_worker.tasks import http
     monkeypatch.setattr(http, '_gates', {})
     monkeypatch.setattr(http, 'MAX_IDLE_GATES', 10)
     busy = http.gate_for('http://busy.example/', 1, 0)
@@ -281,7 +281,7 @@ def test_transient_failures_make_the_task_retry_while_it_may(tmp_path, web,
 
 
 def test_builtin_tasks_take_retries_from_the_config(producer, monkeypatch):
-    from daemon import config
+    from huey_worker import config
     monkeypatch.setenv('HUEY_RETRIES', '5')
     monkeypatch.setenv('HUEY_RETRY_DELAY', '7')
     producer.configure(config.load())
@@ -408,7 +408,7 @@ def test_submit_collect_pages_and_urls_from_the_command_line(
     consumer = start_daemon(['consumer'], env, 'consumer')
     consumer.wait_for_output('consumer ready')
     done = subprocess.run(
-        [sys.executable, '-m', 'daemon', 'submit', 'collect.pages',
+        [sys.executable, '-m', 'huey_worker', 'submit', 'collect.pages',
          web.url('/api/next?pages=2&per=3'), '--kwargs', '{"name": "api"}',
          '--wait'], env=env, cwd=ROOT, capture_output=True, text=True,
         timeout=60)
@@ -418,15 +418,15 @@ def test_submit_collect_pages_and_urls_from_the_command_line(
     assert summary['output'] == str(tmp_path / 'collected' / 'api')
 
     submitted = subprocess.run(
-        [sys.executable, '-m', 'daemon', 'submit', 'collect.urls',
+        [sys.executable, '-m', 'huey_worker', 'submit', 'collect.urls',
          web.url('/ok/cli1'), web.url('/ok/cli2')], env=env, cwd=ROOT,
         capture_output=True, text=True, timeout=60)
     assert submitted.returncode == 0, submitted.stderr
     task_id = submitted.stdout.strip()
     waited = subprocess.run(
-        [sys.executable, '-m', 'daemon', 'wait', task_id, '--json'], env=env,
+        [sys.executable, '-m', 'huey_worker', 'wait', task_id, '--json'], env=env,
         cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert waited.returncode == 0, waited.stderr
     record = json.loads(waited.stdout)
     assert record['result']['saved'] == 2
-    assert record['name'] == 'daemon.tasks.collect.urls'
+    assert record['name'] == 'huey_worker.tasks.collect.urls'

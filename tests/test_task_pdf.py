@@ -10,11 +10,11 @@ import sys
 import pymupdf
 import pytest
 
-from daemon.tasks import pdf
-from daemon.tasks.http import FetchError
-from daemon.tasks.paths import OutsideRoot
-from daemon.tasks.pdf import PdfRejected, extract_pdf
-from daemon.tasks.runtime import TaskRun
+from huey_worker.tasks import pdf
+from huey_worker.tasks.http import FetchError
+from huey_worker.tasks.paths import OutsideRoot
+from huey_worker.tasks.pdf import PdfRejected, extract_pdf
+from huey_worker.tasks.runtime import TaskRun
 from misbehaving_http import Server
 from task_helpers import Progress, make_cfg, wait_terminal
 
@@ -286,7 +286,7 @@ def test_the_password_never_reaches_the_journal(producer):
 def test_a_hard_time_limit_waits_for_the_pymupdf_import_to_finish():
     import time
     from huey.exceptions import TaskTimeout
-    from daemon.worker import AlarmTimeout
+    from huey_worker.worker import AlarmTimeout
     import signal
     finished = []
     previous = signal.getsignal(signal.SIGALRM)
@@ -426,7 +426,7 @@ def test_submit_pdf_extract_from_the_command_line(
     start_daemon(['consumer'], env, 'consumer').wait_for_output(
         'consumer ready')
     done = subprocess.run(
-        [sys.executable, '-m', 'daemon', 'submit', 'pdf.extract', 'cli.pdf',
+        [sys.executable, '-m', 'huey_worker', 'submit', 'pdf.extract', 'cli.pdf',
          '--wait'], env=env, cwd=ROOT, capture_output=True, text=True,
         timeout=60)
     assert done.returncode == 0, done.stderr
@@ -439,7 +439,7 @@ def test_submit_pdf_extract_from_the_command_line(
     assert '7/7' in done.stderr        # the progress shown while waiting
 
     refused = subprocess.run(
-        [sys.executable, '-m', 'daemon', 'submit', 'pdf.extract',
+        [sys.executable, '-m', 'huey_worker', 'submit', 'pdf.extract',
          '../etc/passwd', '--wait'], env=env, cwd=ROOT, capture_output=True,
         text=True, timeout=60)
     assert refused.returncode == 1

@@ -17,8 +17,8 @@ USER_MODULE = '''
 """Somebody's own tasks, written against the shared app."""
 import os
 
-from daemon.app import huey
-from daemon.journal import report_progress
+from huey_worker.app import huey
+from huey_worker.journal import report_progress
 
 
 @huey.task(retries=2, retry_delay=0)
@@ -57,12 +57,12 @@ def user_setup(base_env, tmp_path, worker_type):
             ''' % (code_dir, module, worker_type)))
     env = {k: v for k, v in base_env.items()
            if k not in ('HUEY_MODULES', 'HUEY_WORKER_TASKS_BUILTIN')}
-    env['PYTHONPATH'] = ROOT   # the user's directory comes from the config
+    env.pop('PYTHONPATH', None)  # the user's directory comes from the config
     return env, module
 
 
 def cli(env, *args):
-    return subprocess.run([sys.executable, '-m', 'daemon'] + list(args),
+    return subprocess.run([sys.executable, '-m', 'huey_worker'] + list(args),
                           env=env, cwd=ROOT, capture_output=True, text=True,
                           timeout=60)
 
@@ -75,7 +75,7 @@ def test_a_user_module_named_in_the_config_runs_like_the_builtins(
     consumer.wait_for_output('consumer ready')
     registered = consumer.output()
     assert '%s.shout' % module in registered
-    assert 'daemon.tasks.pdf.extract' in registered
+    assert 'huey_worker.tasks.pdf.extract' in registered
 
     done = cli(env, 'submit', 'shout', '["huey", "worker"]', '--wait')
     assert done.returncode == 0, done.stderr

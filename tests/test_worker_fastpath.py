@@ -10,8 +10,8 @@ import pytest
 import redis
 from huey.exceptions import TaskTimeout
 
-from daemon.storage import SuiteStorage
-from daemon.worker import AlarmTimeout
+from huey_worker.storage import SuiteStorage
+from huey_worker.worker import AlarmTimeout
 
 
 def storage_on(redis_url):

@@ -7,17 +7,17 @@ import click
 from .. import __version__
 
 COMMAND_MODULES = (
-    'daemon.cli.config_cmd',
-    'daemon.cli.consumer_cmd',
-    'daemon.cli.deadletters_cmd',
-    'daemon.cli.run_cmd',
-    'daemon.cli.scheduler_cmd',
-    'daemon.cli.status_server_cmd',
-    'daemon.cli.status_cmd',
-    'daemon.cli.task_cmd',
-    'daemon.cli.wait_cmd',
-    'daemon.cli.workers_cmd',
-    'daemon.cli.submit_cmd',
+    'huey_worker.cli.config_cmd',
+    'huey_worker.cli.consumer_cmd',
+    'huey_worker.cli.deadletters_cmd',
+    'huey_worker.cli.run_cmd',
+    'huey_worker.cli.scheduler_cmd',
+    'huey_worker.cli.status_server_cmd',
+    'huey_worker.cli.status_cmd',
+    'huey_worker.cli.task_cmd',
+    'huey_worker.cli.wait_cmd',
+    'huey_worker.cli.workers_cmd',
+    'huey_worker.cli.submit_cmd',
 )
 
 

@@ -1,6 +1,6 @@
 """What the operator commands (status, task, wait, workers, submit) share:
 their options, connecting to Redis, exit codes, and plain-text tables.
-They read through daemon.journal and daemon.overview, like the status
+They read through huey_worker.journal and huey_worker.overview, like the status
 endpoint, so both always show the same data."""
 import functools
 import json

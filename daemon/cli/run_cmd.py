@@ -72,7 +72,7 @@ def command(config_path, redis_url, state_dir):
     try:
         for name, args in DAEMONS:
             child = subprocess.Popen(
-                [sys.executable, '-m', 'daemon'] + args, env=env,
+                [sys.executable, '-m', 'huey_worker'] + args, env=env,
                 # Own process group: Ctrl-C reaches us once, and we stop the
                 # daemons in order rather than all at the same instant.
                 start_new_session=True)

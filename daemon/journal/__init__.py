@@ -16,7 +16,7 @@ bound.
 Writers:
   producer  Huey's SIGNAL_ENQUEUED: pending (scheduled with a future eta);
             staged, so it rides the LPUSH of the enqueue itself.
-  worker    daemon.hooks: on_dequeued -> running; on_outcome -> complete,
+  worker    huey_worker.hooks: on_dequeued -> running; on_outcome -> complete,
             failed, retrying, revoked, expired, canceled, scheduled;
             on_requeued -> lost / interrupted, then pending; on_dead_letter
             -> failed.  Staged, so they ride the worker's own round trips.
@@ -44,7 +44,7 @@ _journals = {}
 
 def install(app):
     """Record the life of every task of `app` (idempotent).  Called for the
-    shared app when daemon.app is imported; [journal] enabled switches it."""
+    shared app when huey_worker.app is imported; [journal] enabled switches it."""
     journal = _journals.get(id(app))
     if journal is not None:
         return journal

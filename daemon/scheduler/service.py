@@ -5,7 +5,7 @@ by and take over when its lease runs out.
 The main loop, each pass: keep the lease (renew as leader, try to take it
 as standby), then as leader move due tasks and evaluate any new minute.
 Every action checks the lease twice: locally (boot clock deadline) and in
-Redis (the action scripts).  Signals only set flags (daemon.signals).
+Redis (the action scripts).  Signals only set flags (huey_worker.signals).
 """
 import datetime
 import logging

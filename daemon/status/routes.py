@@ -1,5 +1,5 @@
 """The status endpoint's routes: Request -> Response.  Everything here reads
-through daemon.journal and daemon.overview, the same functions the CLI
+through huey_worker.journal and huey_worker.overview, the same functions the CLI
 uses; docs/status-endpoint.md describes each route."""
 import functools
 import hmac
