@@ -3,7 +3,7 @@ as a user's module would be).  bench/plain_tasks.py holds the same tasks
 for the plain huey_consumer."""
 import time
 
-from huey_worker.app import huey
+from huey_worker import huey
 
 
 @huey.task()

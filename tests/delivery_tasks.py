@@ -6,7 +6,7 @@ import time
 import redis
 
 from huey_worker.journal import current_delivery
-from huey_worker.app import huey
+from huey_worker import huey
 
 
 @huey.task()

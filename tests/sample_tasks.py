@@ -3,7 +3,7 @@ module would be."""
 import os
 import time
 
-from huey_worker.app import huey
+from huey_worker import huey
 
 
 @huey.task()

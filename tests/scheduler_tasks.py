@@ -3,7 +3,7 @@ plain tasks an INI [periodic:NAME] section can name, and a task that
 retries after a delay (so Huey puts it in the schedule)."""
 from huey import crontab
 
-from huey_worker.app import huey
+from huey_worker import huey
 
 
 @huey.periodic_task(crontab(minute='*'))

@@ -17,7 +17,7 @@ USER_MODULE = '''
 """Somebody's own tasks, written against the shared app."""
 import os
 
-from huey_worker.app import huey
+from huey_worker import huey
 from huey_worker.journal import report_progress
 
 
