@@ -22,8 +22,10 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	touch $@
 
 # The whole suite in the foreground against a private Redis; Ctrl-C stops it.
+# RUN_ARGS reaches `huey-worker run` (docs/cli.md): RUN_ARGS='--workers 2'.
+RUN_ARGS ?=
 run: dev
-	$(VENV)/bin/huey-worker run
+	$(VENV)/bin/huey-worker run $(RUN_ARGS)
 
 test: dev
 	$(PY) -m pytest -q tests
@@ -47,6 +49,9 @@ docdir ?= $(datadir)/doc/huey-worker
 sysconfdir ?= /etc
 localstatedir ?= /var
 unitdir ?= /usr/local/lib/systemd/system
+# Where systemctl enable and edit write (install.py reads the links and
+# drop-ins an older release left there when it upgrades one).
+systemdconfdir ?= $(sysconfdir)/systemd/system
 tmpfilesdir ?= /usr/local/lib/tmpfiles.d
 sysusersdir ?= /usr/local/lib/sysusers.d
 logrotatedir ?= $(sysconfdir)/logrotate.d
@@ -58,6 +63,7 @@ WHEELHOUSE ?=
 INSTALL_DIRS = --prefix '$(prefix)' --bindir '$(bindir)' --datadir '$(datadir)' \
   --docdir '$(docdir)' --sysconfdir '$(sysconfdir)' \
   --localstatedir '$(localstatedir)' --unitdir '$(unitdir)' \
+  --systemdconfdir '$(systemdconfdir)' \
   --tmpfilesdir '$(tmpfilesdir)' --sysusersdir '$(sysusersdir)' \
   --logrotatedir '$(logrotatedir)' --supervisordir '$(supervisordir)' \
   --linkdir '$(linkdir)' --user '$(SERVICE_USER)' --group '$(SERVICE_GROUP)'

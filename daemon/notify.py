@@ -22,6 +22,7 @@ class Notifier:
             # Feed at half the interval, as sd_watchdog_enabled(3) advises.
             self.watchdog_interval = int(usec) / 1e6 / 2
         self._last_status = None
+        self._last_watchdog = None
 
     def send(self, *lines):
         if self._notifier is not None:
@@ -37,7 +38,27 @@ class Notifier:
             self._last_status = text
 
     def watchdog(self):
+        self._last_watchdog = time.monotonic()
         self.send('WATCHDOG=1')
+
+    def watchdog_due(self):
+        """Whether half of WatchdogSec passed since the last WATCHDOG=1."""
+        return bool(self.watchdog_interval) and (
+            self._last_watchdog is None or
+            time.monotonic() - self._last_watchdog >= self.watchdog_interval)
+
+    def keep_alive(self):
+        """WATCHDOG=1 when due: for waits in which the process is alive by
+        construction (a drain with a deadline, a wait for Redis)."""
+        if self.watchdog_due():
+            self.watchdog()
+
+    def extend_timeout(self, seconds):
+        """Let the current start, reload or stop last up to `seconds` from
+        now when its systemd timeout (TimeoutStopSec=, ...) is shorter;
+        systemd never shortens one.  A drain is then cut by shutdown_timeout,
+        which the operator sets, not by the unit."""
+        self.send('EXTEND_TIMEOUT_USEC=%d' % int(seconds * 1e6))
 
     def stopping(self):
         self.send('STOPPING=1')

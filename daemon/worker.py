@@ -1,7 +1,9 @@
 """One worker: takes a message, runs it with Huey, acknowledges it.
 
 The round trips of one task:
- 1. BRPOPLPUSH: the message moves into this worker's in-flight list.
+ 1. BRPOPLPUSH: the message moves into this worker's in-flight list (with
+    tasks of a priority waiting, the storage's TAKE script instead, which
+    moves the best one: SuiteStorage, "Priorities").
  2. One MULTI/EXEC: hooks' staged writes (journal: running), the delivery
     count, and Huey's revocation keys read ahead of Huey asking for them.
  3. One MULTI/EXEC after the task: the outcome Huey writes (result, retry,
@@ -29,7 +31,9 @@ from huey import signals as S
 from huey.exceptions import HueyException, TaskTimeout
 
 from . import context, delivery, hooks, logs
+from .storage import message_data
 from .app import hostname
+from .tasks.runtime import TaskRejected
 
 log = logging.getLogger('huey_worker.worker')
 task_log = logging.getLogger('huey_worker.task')
@@ -64,6 +68,21 @@ def install_outcome_receiver(app):
     if id(app) not in _receivers_installed:
         app._signal.connect(_remember_signal)
         _receivers_installed.add(id(app))
+
+
+def _not_a_rejection(record):
+    """Huey logs every exception of a task with its traceback at ERROR; a
+    TaskRejected is an expected end, which the worker logs in one line."""
+    return record.exc_info is None or \
+        not isinstance(record.exc_info[1], TaskRejected)
+
+
+def install_rejection_filter():
+    # On Huey's logger itself, set to WARNING: its per-task INFO lines
+    # are never made, so the filter sees failures only.
+    huey_log = logging.getLogger('huey')
+    if _not_a_rejection not in huey_log.filters:
+        huey_log.addFilter(_not_a_rejection)
 
 
 class Slot(ctypes.Structure):
@@ -155,6 +174,7 @@ class Worker:
         self._delay = 0.1
         self._in_body = False
         self._interrupted = False
+        self._rejected = None
         self._reopen_logs = False
         self.recycled = False
         # A new worker may inherit its in-flight list from a predecessor
@@ -168,6 +188,8 @@ class Worker:
         self.max_deliveries = cfg.delivery.max_deliveries
         self.log_start = cfg.logging.task_events == 'both'
         self.log_end = cfg.logging.task_events != 'none'
+        # Here, in the consumer's main thread: process workers inherit it.
+        install_rejection_filter()
 
     # -- lifecycle (initialize / loop / shutdown, as in Huey) --------------
 
@@ -264,7 +286,7 @@ class Worker:
     def handle(self, raw):
         storage, app = self.storage, self.app
         try:
-            task = app.deserialize_task(raw)
+            task = app.deserialize_task(message_data(raw))
         except Exception as exc:
             self._dead_letter(raw, exc)
             return
@@ -281,6 +303,7 @@ class Worker:
         except _Stopped:
             return
         deliveries, revoke_values = results[-2], results[-1]
+        hooks.call(hooks.on_started, storage, task, results)
         if deliveries > self.max_deliveries:
             self._poison(raw, task, deliveries)
             return
@@ -321,6 +344,11 @@ class Worker:
             except KeyboardInterrupt:
                 self._interrupted = True
                 raise
+            except TaskRejected as exc:
+                # Retrying cannot help; _finish logs the reason.
+                task.retries = 0
+                self._rejected = exc
+                raise
             finally:
                 self._in_body = False
                 storage.deferring = True
@@ -330,6 +358,10 @@ class Worker:
         self._interrupted = False
         started = time.monotonic()
         storage.deferring = True
+        # A delayed or retrying task keeps its priority in the schedule.
+        priority = task.priority
+        if priority:
+            storage.task_priority = priority
         try:
             self.app.execute(task)
             state = _outcome.state or 'complete'
@@ -344,6 +376,8 @@ class Worker:
             state = 'error'
         finally:
             storage.deferring = False
+            if priority:
+                storage.task_priority = None
         if self._interrupted:
             state = 'interrupted'
         return state, time.monotonic() - started
@@ -351,11 +385,12 @@ class Worker:
     def _finish(self, raw, task, state, duration):
         storage, slot = self.storage, self.slot
         slot.busy = 0
+        rejected, self._rejected = self._rejected, None
         if state in ('interrupted', 'error'):
             storage.discard_pending()
-            storage.stage_command('LREM', self.inflight_key, 1, raw)
-            storage.stage_command('RPUSH', storage.queue_key, raw)
-            hooks.call(hooks.on_requeued, storage, [raw], 'interrupted')
+            storage.stage_put_back(self.inflight_key, raw)
+            hooks.call(hooks.on_requeued, storage, [message_data(raw)],
+                       'interrupted')
         else:
             storage.stage_command('LREM', self.inflight_key, 1, raw)
             storage.stage_command('HDEL', self.keys.deliveries, task.id)
@@ -372,7 +407,13 @@ class Worker:
         elif state in ('complete', 'retrying', 'revoked', 'expired',
                        'canceled', 'scheduled'):
             slot.done += 1
-        if self.log_end:
+        if rejected is not None and state == 'failed':
+            # Whatever [logging] task_events says: it stands for the
+            # traceback Huey would have logged.
+            task_log.warning('end %s %s %s %.3fs (rejected, not retried: '
+                             '%s: %s)', self._name, task.id, state, duration,
+                             type(rejected).__name__, rejected)
+        elif self.log_end:
             task_log.info('end %s %s %s %.3fs', self._name, task.id, state,
                           duration)
 
@@ -406,19 +447,39 @@ class Worker:
         else:
             reason = 'undecodable'
         detail = '%s: %s' % (type(exc).__name__, exc)
-        log.error('%s: message set aside as dead letter (%s): %s', self.name,
-                  reason, detail)
-        record = delivery.dead_letter_record(raw, reason, detail,
-                                             where=self.worker_info)
+        task_id = task_name = hint = None
+        verified = True
         if reason == 'unknown-task':
             # The message itself is fine: keep its id and name so operators
             # can find it and requeue it once the task is deployed.
             try:
-                message = self.app.serializer.deserialize(raw)
-                record['task_id'], record['task_name'] = message.id, \
-                    message.name
+                message = self.app.serializer.deserialize(message_data(raw))
+                task_id, task_name = message.id, message.name
             except Exception:
                 pass
+        if task_id is None:
+            # Never unpickled again: the id is read off the bytes, so a
+            # poller of the task sees it end.
+            peeked = delivery.peek_message(message_data(raw))
+            task_id, task_name = peeked.task_id, peeked.task_name
+            verified = False
+            if task_id is None:
+                detail += '; the task id cannot be known: %s' % \
+                    peeked.unknown
+            if peeked.compressed and not self.app.serializer.comp:
+                hint = ('the message is compressed and this consumer\'s '
+                        '[huey] compression is off')
+        log.error('%s: message set aside as dead letter (%s), task %s%s: %s%s',
+                  self.name, reason, task_id or '(id unknown)',
+                  '' if verified or task_id is None else ' (id unverified)',
+                  detail, '; ' + hint if hint else '')
+        record = delivery.dead_letter_record(raw, reason, detail,
+                                             where=self.worker_info,
+                                             task_name=task_name)
+        record['task_id'] = task_id
+        record['task_id_verified'] = verified if task_id else None
+        if hint:
+            record['hint'] = hint
         delivery.stage_dead_letter(self.storage, raw, record,
                                    self.inflight_key)
         try:

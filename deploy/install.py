@@ -36,13 +36,18 @@ MARKER = 'share/huey-worker/installed-by-make-install'  # inside the venv
 EX_CONFIG = 78
 EX_SOFTWARE = 70
 
+# huey-worker.service is the suite; the daemons are its members.
+SUITE = 'huey-worker.service'
+MEMBERS = ('huey-worker-consumer.service', 'huey-worker-scheduler.service',
+           'huey-worker-status.service')
+UNITS = (SUITE,) + MEMBERS + ('huey-worker@.service', 'huey-worker.target')
+# What the suite runs for start, stop and reload (under datadir).
+SUITE_SCRIPT = 'huey-worker/huey-worker-suite'
 # (template in the source tree, directory variable, installed name, mode)
-UNITS = ('huey-worker.service', 'huey-worker-scheduler.service',
-         'huey-worker-status.service', 'huey-worker@.service',
-         'huey-worker.target')
 TEMPLATES = tuple(
     ('deploy/systemd/%s.in' % unit, 'unitdir', unit, 0o644)
     for unit in UNITS) + (
+    ('deploy/systemd/huey-worker-suite.in', 'datadir', SUITE_SCRIPT, 0o755),
     ('deploy/supervisor/huey-worker.conf.in', 'supervisordir',
      'huey-worker.conf', 0o644),
     ('etc/huey-worker.logrotate.in', 'logrotatedir', 'huey-worker', 0o644),
@@ -58,7 +63,8 @@ HARDENING = 'deploy/systemd/hardening.conf.in'
 # nothing and fails quietly).  The daemons also notice a rotated file by
 # themselves before their next line; the signal makes it immediate.
 REOPEN_SYSTEMD = ("systemctl kill --kill-whom=main --signal=USR1 "
-                  "'huey-worker*.service' >/dev/null 2>&1 || true")
+                  "'huey-worker-*.service' 'huey-worker@*.service' "
+                  ">/dev/null 2>&1 || true")
 REOPEN_SUPERVISOR = ("supervisorctl signal USR1 'huey-worker:*' "
                      ">/dev/null 2>&1 || true")
 
@@ -100,6 +106,9 @@ class Layout:
         'logdir': '{localstatedir}/log',
         'statedir': '{localstatedir}/lib/huey-worker',
         'unitdir': '/usr/local/lib/systemd/system',
+        # The administrator's units, drop-ins and enable links (read, and
+        # drop-ins moved on an upgrade that renames a unit).
+        'systemdconfdir': '{sysconfdir}/systemd/system',
         'tmpfilesdir': '/usr/local/lib/tmpfiles.d',
         'sysusersdir': '/usr/local/lib/sysusers.d',
         'logrotatedir': '{sysconfdir}/logrotate.d',
@@ -138,6 +147,7 @@ class Layout:
         names = list(self.DEFAULTS) + ['confdir', 'configfile']
         out = {name: getattr(self, name) for name in names}
         out['python'] = os.path.join(self.prefix, 'bin', 'python')
+        out['suite'] = os.path.join(self.datadir, SUITE_SCRIPT)
         out['reopen_logs'] = '\n        '.join([
             REOPEN_SYSTEMD.replace('systemctl', self.systemctl, 1),
             REOPEN_SUPERVISOR.replace('supervisorctl', self.supervisorctl, 1)])
@@ -169,6 +179,7 @@ class Installer:
         self.quiet = quiet
         self.source = source
         self.changes = []
+        self.upgrade = None     # an OlderLayout when install finds one
         # Owners only on a real install run by root: under DESTDIR the user
         # does not exist on this machine.
         self.set_owners = not layout.destdir and os.geteuid() == 0
@@ -279,11 +290,63 @@ class Installer:
         self.ensure_package()
         self.ensure_launcher()
         self.ensure_config()
-        for path, text in render_all(L, self.source).items():
-            self.ensure_file(path, text, 0o644)
+        self.upgrade = self.older_layout()
+        if self.upgrade is not None and self.upgrade.consumer_unit:
+            self.move_consumer_dropins()
+        texts = render_all(L, self.source)
+        for _, path, mode in L.installed_files():
+            self.ensure_file(path, texts[path], mode)
         self.ensure_docs()
         self.apply_tmpfiles()
         return self.changes
+
+    def older_layout(self):
+        """What an install from before the suite unit left, or None: then
+        huey-worker.service was the consumer and huey-worker.target grouped
+        the daemons, enabled through huey-worker.target.wants/.  Found by the
+        former consumer unit (the install that replaces it) or, until the
+        upgrade steps are run, by those enable links."""
+        L = self.layout
+        try:
+            with open(L.staged(os.path.join(L.unitdir, SUITE)),
+                      encoding='utf-8') as fh:
+                consumer_unit = bool(re.search(
+                    r'^ExecStart=\S*huey-worker consumer', fh.read(), re.M))
+        except FileNotFoundError:
+            consumer_unit = False
+        wants = L.staged(os.path.join(L.systemdconfdir,
+                                      'huey-worker.target.wants'))
+        links = sorted(n for n in (os.listdir(wants) if os.path.isdir(wants)
+                                   else ()) if n.startswith('huey-worker'))
+        if not consumer_unit and not links:
+            return None
+        full = os.path.join(L.systemdconfdir, SUITE)
+        hidden = os.path.isfile(L.staged(full)) and \
+            not os.path.islink(L.staged(full))
+        return OlderLayout(consumer_unit,
+                           [n for n in links if n.startswith('huey-worker@')],
+                           full if hidden else None)
+
+    def move_consumer_dropins(self):
+        """The drop-ins of the former consumer unit (systemctl edit
+        huey-worker.service) to the consumer's new name: left in place they
+        would apply to the suite and the consumer would lose them."""
+        L = self.layout
+        old = L.staged(os.path.join(L.systemdconfdir, SUITE + '.d'))
+        new = L.staged(os.path.join(L.systemdconfdir, MEMBERS[0] + '.d'))
+        if not os.path.isdir(old):
+            return
+        os.makedirs(new, exist_ok=True)
+        for name in sorted(os.listdir(old)):
+            if os.path.lexists(os.path.join(new, name)):
+                self.note('kept %s: %s already has a %s' % (
+                    os.path.join(old, name), new, name))
+                continue
+            os.rename(os.path.join(old, name), os.path.join(new, name))
+            self.note('moved the drop-in %s to %s/ (the consumer\'s unit is '
+                      'now %s)' % (os.path.join(old, name), new, MEMBERS[0]))
+        if not os.listdir(old):
+            os.rmdir(old)
 
     def check_python(self):
         if sys.version_info < (3, 10):
@@ -565,14 +628,54 @@ def tmpfiles_entries(text):
 
 # --- command line --------------------------------------------------------------
 
-def next_steps(layout):
-    units = ' '.join(u for u in UNITS if '@' not in u)
-    return '\n'.join([
+class OlderLayout:
+    """An install from before huey-worker.service was the suite."""
+
+    def __init__(self, consumer_unit, instances, full_override):
+        self.consumer_unit = consumer_unit    # the former consumer unit file
+        self.instances = instances            # enabled huey-worker@NAME
+        self.full_override = full_override    # systemctl edit --full's copy
+
+
+def upgrade_steps(layout, older):
+    """The commands that turn an older install into the current one, in
+    order: stop with the unit definitions systemd still has loaded (the
+    former consumer unit drains its tasks), then load the new ones, move
+    the enable links from huey-worker.target to the suite, start."""
+    lines = [
         '',
-        'Installed.  Review %s, then start the suite:' % layout.configfile,
+        'Upgrade from an install where huey-worker.service was the consumer:',
+        'huey-worker.service is now the whole suite and the consumer is %s.'
+        % MEMBERS[0],
+        'Run these, in this order (the first still acts on the units systemd '
+        'has loaded):',
+        "  systemctl stop huey-worker.target %s 'huey-worker@*.service'"
+        % ' '.join((SUITE,) + MEMBERS[1:]),
         '  systemctl daemon-reload',
-        '  systemctl enable --now %s' % units,
-        '  curl -s http://127.0.0.1:8470/health',
+        '  systemctl disable huey-worker.target',
+        '  systemctl reenable %s' % ' '.join([SUITE] + older.instances),
+        '  systemctl start huey-worker',
+    ]
+    if older.full_override:
+        lines[4:4] = [
+            'First: %s (from systemctl edit --full) hides the new suite '
+            'unit; move what you changed into a drop-in of %s, then '
+            'remove it.' % (older.full_override, MEMBERS[0])]
+    return '\n'.join(lines)
+
+
+def next_steps(layout, older=None):
+    if older is not None:
+        start = [upgrade_steps(layout, older),
+                 '  curl -s http://127.0.0.1:8470/health']
+    else:
+        start = ['',
+                 'Installed.  Review %s, then start the suite:'
+                 % layout.configfile,
+                 '  systemctl daemon-reload',
+                 '  systemctl enable --now huey-worker',
+                 '  curl -s http://127.0.0.1:8470/health']
+    return '\n'.join(start + [
         'Under Supervisor instead of systemd:',
         '  ln -s %s /etc/supervisor/conf.d/huey-worker.conf' % os.path.join(
             layout.supervisordir, 'huey-worker.conf'),
@@ -617,7 +720,7 @@ def main(argv=None):
                 print('(DESTDIR: no user created and no owner set; on the '
                       'target run systemd-sysusers and systemd-tmpfiles '
                       '--create)')
-            print(next_steps(layout))
+            print(next_steps(layout, installer.upgrade))
         else:
             print('huey-worker: uninstalling')
             removed = installer.uninstall()
@@ -625,10 +728,8 @@ def main(argv=None):
                 print('  nothing to remove')
             print('Kept: %s, %s/huey-worker*.log, %s and the user %s.' % (
                 layout.confdir, layout.logdir, layout.statedir, layout.user))
-            print('Before: systemctl disable --now huey-worker.target %s; '
-                  'after: systemctl daemon-reload' % ' '.join(
-                      u for u in UNITS if u.endswith('.service')
-                      and '@' not in u))
+            print("Before: systemctl disable --now huey-worker "
+                  "'huey-worker@*.service'; after: systemctl daemon-reload")
         return 0
     except InstallError as exc:
         print('huey-worker install: %s' % exc, file=sys.stderr)

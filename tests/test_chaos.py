@@ -8,9 +8,12 @@ import random
 import signal
 import time
 
+import pytest
 from huey.serializer import Serializer
 
 from huey_worker.devredis import EmbeddedRedis
+
+pytestmark = pytest.mark.slow
 
 TASKS = 600
 # What each chaos step does, in turn.

@@ -1,9 +1,14 @@
 """The settings registry and the configuration sources: precedence, the
 seeds' environment names, every kind of error, and the generated files."""
+import grp
 import json
 import os
+import pwd
+import shutil
 import subprocess
 import sys
+import sysconfig
+import tempfile
 
 import pytest
 
@@ -221,6 +226,214 @@ def test_world_readable_file_with_a_secret_warns(tmp_path):
     path2 = write(tmp_path / 'plain.ini', '[consumer]\nworkers = 2\n')
     os.chmod(path2, 0o644)
     assert load(path2).warnings == []
+
+
+def test_an_absent_default_file_or_directory_means_defaults(tmp_path,
+                                                           monkeypatch):
+    monkeypatch.setattr(config, 'DEFAULT_PATH',
+                        str(tmp_path / 'no-dir' / 'huey-worker.ini'))
+    cfg = load(env={})
+    assert cfg.files == [] and cfg.redis.port == 6379
+
+
+# -- files another user cannot read ---------------------------------------------
+# The tests run as root, who reads everything: these run the real command as
+# an unprivileged user (nobody, through setpriv or runuser), with the
+# venv's packages, on files made 0750/0640 root:root.
+
+# `python -m huey_worker` from the venv's packages, for an interpreter that
+# may not be the venv's own (root's venv can sit where nobody may not go);
+# the first argument, when not empty, stands in for the default config path
+# (/etc/huey-worker/huey-worker.ini).
+LAUNCH = """
+import asyncio, runpy, site, sys, types
+packages = sys.argv.pop(1)
+sys.path.insert(0, packages)
+site.addsitedir(packages)
+try:
+    import async_timeout
+except ImportError:
+    # redis-py wants this package below Python 3.11.3, asyncio.timeout from
+    # it on; the venv's packages were installed for the venv's 3.11.x.
+    sys.modules['async_timeout'] = types.ModuleType('async_timeout')
+    sys.modules['async_timeout'].timeout = asyncio.timeout
+default_path = sys.argv.pop(1)
+if default_path:
+    from huey_worker import config
+    config.DEFAULT_PATH = default_path
+sys.argv[0] = 'huey-worker'
+runpy.run_module('huey_worker', run_name='__main__')
+"""
+
+
+class Unprivileged:
+    """Runs huey-worker as another, unprivileged user."""
+
+    def __init__(self, prefix, python, user):
+        self.prefix, self.python, self.user = prefix, python, user
+
+    def argv(self, args, default_path=''):
+        return self.prefix + [self.python, '-c', LAUNCH,
+                              sysconfig.get_paths()['purelib'],
+                              default_path] + list(args)
+
+    def run(self, args, env=None, default_path=''):
+        full_env = {k: v for k, v in os.environ.items()
+                    if not k.startswith(('HUEY_', 'REDIS_'))}
+        full_env.update(env or {})
+        return subprocess.run(self.argv(args, default_path),
+                              capture_output=True, text=True, env=full_env,
+                              cwd=ROOT, timeout=120)
+
+
+@pytest.fixture(scope='module')
+def unprivileged():
+    if os.geteuid() != 0:
+        pytest.skip('needs root, to run the command as another user')
+    try:
+        nobody = pwd.getpwnam('nobody')
+    except KeyError:
+        pytest.skip('no user nobody to run the command as')
+    if shutil.which('setpriv'):
+        prefix = ['setpriv', '--reuid=%d' % nobody.pw_uid,
+                  '--regid=%d' % nobody.pw_gid, '--clear-groups']
+    elif shutil.which('runuser'):
+        prefix = ['runuser', '-u', 'nobody', '--']
+    else:
+        pytest.skip('neither setpriv nor runuser to run the command as '
+                    'nobody')
+    version = 'python%d.%d' % sys.version_info[:2]
+    candidates = [sys.executable, os.path.realpath(sys.executable),
+                  shutil.which(version), '/usr/bin/' + version]
+    for python in dict.fromkeys(c for c in candidates if c):
+        runner = Unprivileged(prefix, python, 'nobody')
+        probe = subprocess.run(runner.argv(['--version']),
+                               capture_output=True, text=True, cwd=ROOT)
+        if probe.returncode == 0:
+            return runner
+    pytest.skip('no %s that nobody may run with the venv\'s packages '
+                '(tried %s)' % (version, ', '.join(c for c in candidates
+                                                   if c)))
+
+
+@pytest.fixture
+def open_dir():
+    """A directory anyone may enter (pytest's tmp_path is root's alone)."""
+    path = tempfile.mkdtemp(prefix='hw-config-')
+    os.chmod(path, 0o755)
+    yield path
+    shutil.rmtree(path)
+
+
+def locked(path, mode, group='root'):
+    os.chown(path, 0, grp.getgrnam(group).gr_gid)
+    os.chmod(path, mode)
+    return str(path)
+
+
+def make_config_dir(parent, mode=0o750, group='root'):
+    etc = os.path.join(parent, 'etc')
+    os.mkdir(etc)
+    ini = os.path.join(etc, 'huey-worker.ini')
+    with open(ini, 'w') as fh:
+        fh.write('[huey]\nsecret_key = only-the-service-group-knows\n')
+    os.chmod(ini, 0o640)
+    locked(etc, mode, group)
+    return etc, ini
+
+
+def one_line(run):
+    assert run.stdout == '', run.stdout
+    lines = run.stderr.splitlines()
+    assert len(lines) == 1, run.stderr
+    return lines[0]
+
+
+def test_unreadable_default_config_is_an_error_not_defaults(
+        unprivileged, open_dir, redis_url, redis_server):
+    etc, ini = make_config_dir(open_dir)
+    # What a user outside the service group ran, with the default path: it
+    # used to fall back to the defaults (no secret_key) and enqueue.
+    run = unprivileged.run(['submit', 'pdf.extract', 'x.pdf'],
+                           env={'HUEY_REDIS_URL': redis_url},
+                           default_path=ini)
+    assert run.returncode == 78, (run.returncode, run.stdout, run.stderr)
+    assert one_line(run) == (
+        'huey-worker: config error: (file: %s): permission denied: the '
+        'directory %s (0750 root:root) is closed to user nobody; run the '
+        'command with sudo' % (ini, etc))
+    client = redis_server.client()
+    assert client.keys('*') == []   # nothing was enqueued
+    client.close()
+
+
+def test_unreadable_named_config_says_how_to_get_in(unprivileged, open_dir):
+    group = next((g for g in grp.getgrall() if g.gr_gid not in (
+        0, pwd.getpwnam('nobody').pw_gid) and 'nobody' not in g.gr_mem),
+        None)
+    if group is None:
+        pytest.skip('no group to make the config directory belong to')
+    etc, ini = make_config_dir(open_dir, group=group.gr_name)
+    run = unprivileged.run(['config', '--check'],
+                           env={'HUEY_WORKER_CONFIG': ini})
+    assert run.returncode == 78
+    hint = ('add nobody to the group {g} (sudo usermod -aG {g} nobody, then '
+            'log in again)'.format(g=group.gr_name))
+    try:
+        service_user = pwd.getpwnam(group.gr_name).pw_gid == group.gr_gid
+    except KeyError:
+        service_user = False
+    hint += (', or run the command as sudo -u %s huey-worker ...'
+             % group.gr_name) if service_user else \
+        ', or run the command with sudo'
+    assert one_line(run) == (
+        'huey-worker: config error: (file: %s): permission denied: the '
+        'directory %s (0750 root:%s) is closed to user nobody; %s' % (
+            ini, etc, group.gr_name, hint))
+
+
+def test_unreadable_file_in_a_readable_directory(unprivileged, open_dir):
+    etc, ini = make_config_dir(open_dir, mode=0o755)
+    run = unprivileged.run(['config'], env={'HUEY_WORKER_CONFIG': ini})
+    assert run.returncode == 78
+    assert one_line(run) == (
+        'huey-worker: config error: (file: %s): permission denied: the '
+        'file (0640 root:root) is closed to user nobody; run the command '
+        'with sudo' % ini)
+
+
+def test_unreadable_conf_d_is_an_error_not_skipped(unprivileged, open_dir):
+    etc, ini = make_config_dir(open_dir, mode=0o755)
+    os.chmod(ini, 0o644)
+    conf_d = os.path.join(etc, 'conf.d')
+    os.mkdir(conf_d)
+    with open(os.path.join(conf_d, '10-redis.ini'), 'w') as fh:
+        fh.write('[redis]\nhost = redis.internal\n')
+    locked(conf_d, 0o750)
+    run = unprivileged.run(['config', '--check'],
+                           env={'HUEY_WORKER_CONFIG': ini})
+    assert run.returncode == 78, run.stderr
+    assert one_line(run) == (
+        'huey-worker: config error: (file: %s): permission denied: the '
+        'directory (0750 root:root) is closed to user nobody; run the '
+        'command with sudo' % conf_d)
+    # A drop-in that cannot be read, in a directory that can.
+    os.chmod(conf_d, 0o755)
+    dropin = locked(os.path.join(conf_d, '10-redis.ini'), 0o640)
+    run = unprivileged.run(['config', '--check'],
+                           env={'HUEY_WORKER_CONFIG': ini})
+    assert run.returncode == 78
+    assert one_line(run) == (
+        'huey-worker: config error: (file: %s): permission denied: the '
+        'file (0640 root:root) is closed to user nobody; run the command '
+        'with sudo' % dropin)
+
+
+def test_absent_default_config_still_means_defaults(unprivileged, open_dir):
+    run = unprivileged.run(['config', '--check'], default_path=os.path.join(
+        open_dir, 'etc', 'huey-worker.ini'))
+    assert run.returncode == 0, run.stderr
+    assert 'configuration OK (defaults only)' in run.stderr
 
 
 # -- the command -------------------------------------------------------------

@@ -155,7 +155,17 @@ def test_poison_task_goes_to_dead_letters(producer, tasks, base_env,
     assert record['reason'] == 'poison'
     assert record['task_id'] == result.id
     assert record['task_name'] == 'delivery_tasks.kill_my_worker'
+    assert record['task_id_verified'] is True
     assert storage.conn.get('test:poison-runs') == b'3'
+    # A poller of the task sees it end.
+    from huey_worker import journal
+    task = journal.read_task(producer, storage, result.id)
+    assert (task['state'], task['terminal']) == ('failed', True)
+    assert task['error'] == {
+        'type': 'DeadLetter', 'dead_letter': 'poison',
+        'message': 'set aside: poison message (delivered 3 times without an '
+                   'outcome (its worker died each time); max_deliveries is '
+                   '3)'}
     assert storage.conn.llen(storage.queue_key) == 0
     assert daemon.proc.poll() is None
     # The consumer still works.

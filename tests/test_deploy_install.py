@@ -4,14 +4,15 @@ wheelhouse.  (The same install without DESTDIR, with the system user and
 owners, runs inside a booted Debian in test_systemd_e2e.py.)"""
 import os
 import re
+import shutil
 import stat
 import subprocess
 import sys
 
 import pytest
 
-from deploy_support import (ROOT, build_wheelhouse, changed_paths, install,
-                            manifest, read)
+from deploy_support import (OLD_LINKS, OLD_UNITS, ROOT, build_wheelhouse,
+                            changed_paths, install, manifest, old_units, read)
 
 PREFIX = '/opt/huey-worker'
 CONFIG = '/etc/huey-worker/huey-worker.ini'
@@ -48,6 +49,7 @@ def test_install_puts_every_file_in_place(staged):
     d = lambda path: destdir + path  # noqa: E731
     mode = lambda path: stat.S_IMODE(os.stat(d(path)).st_mode)  # noqa: E731
     for path in ('/usr/local/lib/systemd/system/huey-worker.service',
+                 '/usr/local/lib/systemd/system/huey-worker-consumer.service',
                  '/usr/local/lib/systemd/system/huey-worker-scheduler.service',
                  '/usr/local/lib/systemd/system/huey-worker-status.service',
                  '/usr/local/lib/systemd/system/huey-worker@.service',
@@ -61,6 +63,8 @@ def test_install_puts_every_file_in_place(staged):
         assert mode(path) == 0o644, path
     # The config: the shipped sample plus a random secret, not world-readable.
     assert mode(CONFIG) == 0o640
+    # What the suite unit runs for start, stop and reload.
+    assert mode(PREFIX + '/share/huey-worker/huey-worker-suite') == 0o755
     assert mode('/etc/huey-worker') == 0o750
     config = read(d(CONFIG))
     with open(os.path.join(ROOT, 'etc', 'huey-worker.ini')) as fh:
@@ -100,7 +104,8 @@ def test_install_puts_every_file_in_place(staged):
                            stderr=subprocess.STDOUT, text=True)
     assert check.returncode == 0, check.stdout
     # It tells what to do next, and calls no systemctl itself.
-    assert 'systemctl enable --now huey-worker.service' in out
+    assert '\n  systemctl enable --now huey-worker\n' in out
+    assert 'Upgrade' not in out
     print('installed into DESTDIR; secret_key of %d characters; '
           'config --check: %s' % (len(key), check.stdout.strip()))
 
@@ -146,6 +151,72 @@ def test_bad_wheelhouse_is_a_clear_error(tmp_path):
     assert code != 0
     assert 'WHEELHOUSE=%s is not a directory' % (tmp_path / 'absent') in out
     assert not os.path.exists(tmp_path / 'dest')
+
+
+def test_install_over_an_older_install_says_how_to_upgrade(staged):
+    destdir, wheelhouse, _ = staged
+    units = destdir + '/usr/local/lib/systemd/system/'
+    etc = destdir + '/etc/systemd/system/'
+    for path, text in old_units(install.Layout()).items():
+        with open(destdir + path, 'w') as fh:
+            fh.write(text)
+    os.unlink(units + 'huey-worker-consumer.service')
+    # What enable made of them, with an instance; systemctl edit
+    # huey-worker.service.
+    links = dict(OLD_LINKS, **{'huey-worker.target.wants/huey-worker@pdf.'
+                               'service': 'huey-worker@.service'})
+    for link, unit in links.items():
+        os.makedirs(os.path.dirname(etc + link), exist_ok=True)
+        os.symlink('/usr/local/lib/systemd/system/' + unit, etc + link)
+    os.makedirs(etc + 'huey-worker.service.d')
+    with open(etc + 'huey-worker.service.d/override.conf', 'w') as fh:
+        fh.write('[Service]\nTimeoutStopSec=320s\n')
+    # systemctl edit --full huey-worker.service: a copy that would hide
+    # the suite unit.
+    with open(etc + 'huey-worker.service', 'w') as fh:
+        fh.write(OLD_UNITS['huey-worker.service'])
+
+    code, out = make('install', 'DESTDIR=%s' % destdir,
+                     'WHEELHOUSE=%s' % wheelhouse)
+    assert code == 0, out
+    # The units are the current ones, the operator's drop-in follows the
+    # consumer to its new name.
+    assert 'huey-worker-suite start' in read(units + 'huey-worker.service')
+    assert 'huey-worker consumer' in read(
+        units + 'huey-worker-consumer.service')
+    assert not os.path.exists(etc + 'huey-worker.service.d')
+    assert read(etc + 'huey-worker-consumer.service.d/override.conf') == \
+        '[Service]\nTimeoutStopSec=320s\n'
+    # The steps, in order: stop with what systemd has loaded, load the new
+    # units, move the enable links from the target to the suite, start.
+    steps = [line.strip() for line in out.splitlines()
+             if line.startswith('  systemctl ')]
+    assert steps == [
+        "systemctl stop huey-worker.target huey-worker.service "
+        "huey-worker-scheduler.service huey-worker-status.service "
+        "'huey-worker@*.service'",
+        'systemctl daemon-reload',
+        'systemctl disable huey-worker.target',
+        'systemctl reenable huey-worker.service huey-worker@pdf.service',
+        'systemctl start huey-worker'], out
+    assert 'First: /etc/systemd/system/huey-worker.service (from systemctl ' \
+        'edit --full) hides the new suite unit' in out, out
+    print('\n'.join(line for line in out.splitlines()
+                    if 'Upgrade' in line or 'drop-in' in line))
+    os.unlink(etc + 'huey-worker.service')
+
+    # Until the links are moved, install says so again (without moving
+    # anything); once they are, it prints the usual steps.
+    code, out = make('install', 'DESTDIR=%s' % destdir,
+                     'WHEELHOUSE=%s' % wheelhouse)
+    assert code == 0 and 'nothing to change' in out and \
+        'systemctl reenable huey-worker.service' in out, out
+    shutil.rmtree(etc + 'huey-worker.target.wants')
+    code, out = make('install', 'DESTDIR=%s' % destdir,
+                     'WHEELHOUSE=%s' % wheelhouse)
+    assert code == 0 and 'Upgrade' not in out and \
+        'systemctl enable --now huey-worker\n' in out, out
+    shutil.rmtree(destdir + '/etc/systemd')
 
 
 def test_uninstall_removes_what_install_put_and_keeps_config_and_logs(staged):

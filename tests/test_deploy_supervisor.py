@@ -15,6 +15,8 @@ from deploy_support import (Supervisord, free_port, make_dirs, read,
                             temp_layout, wait_for, write_config,
                             write_launcher, write_rendered)
 
+pytestmark = pytest.mark.slow
+
 CONSUMER = 'huey-worker:huey-worker-consumer'
 PROGRAMS = (CONSUMER, 'huey-worker:huey-worker-scheduler',
             'huey-worker:huey-worker-status')

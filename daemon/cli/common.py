@@ -82,16 +82,64 @@ def exits_78_on_config_error(fn):
 
 def prepare_daemon(params, before_logging=None):
     """What every daemon command does first: load the config, set up
-    logging, log the config warnings, configure the shared app.  Returns
-    (cfg, app).  `before_logging(cfg)` runs first (gevent patching must
-    precede everything else)."""
+    logging, log the config warnings, configure the app: the shared one,
+    or the user's own that [huey] app names (huey_worker.adopt).  Returns
+    (cfg, app), cfg as the app runs with it (for an adopted app, with the
+    values taken from it).  `before_logging(cfg)` runs first (gevent
+    patching must precede everything else)."""
     from .. import app as app_module
     from .. import logs
-    cfg = load_from(params)
-    if before_logging is not None:
-        before_logging(cfg)
-    logs.setup(cfg)
-    log = logging.getLogger('huey_worker')
-    for warning in cfg.warnings:
-        log.warning('%s', warning)
-    return cfg, app_module.configure(cfg)
+    cfg = None
+    try:
+        cfg = load_from(params)
+        if before_logging is not None:
+            before_logging(cfg)
+        logs.setup(cfg)
+        log = logging.getLogger('huey_worker')
+        for warning in cfg.warnings:
+            log.warning('%s', warning)
+        app = app_module.configure(cfg)
+        return app.config, app
+    except ConfigError as exc:
+        # exits_78_on_config_error prints it for the journal; the log file
+        # gets it too, the configured one or the one the unit names.
+        logs.config_error_to_file(exc, cfg.logging.file if cfg is not None
+                                  else log_file_despite_errors(params))
+        raise
+
+
+def log_file_despite_errors(params, environ=None):
+    """[logging] file when the configuration does not load: from the
+    sources that can still be read, with load()'s precedence (files, then
+    the environment, then the command line).  '' when none sets it."""
+    import configparser
+    import glob
+    import os
+    environ = os.environ if environ is None else environ
+    value = ''
+    path, _ = config_module.resolve_path(params.get('opt_config'), environ)
+    for file_path in [path] + sorted(glob.glob(os.path.join(
+            os.path.dirname(os.path.abspath(path)), 'conf.d', '*.ini'))):
+        parser = configparser.ConfigParser(interpolation=None, strict=False,
+                                           default_section='\x00none')
+        try:
+            parser.read(file_path, encoding='utf-8')
+        except configparser.ParsingError:
+            pass    # the lines before and after the bad one are kept
+        except (configparser.Error, OSError, UnicodeDecodeError):
+            continue
+        if parser.has_option('logging', 'file'):
+            value = parser.get('logging', 'file').strip()
+    setting = registry.BY_NAME['logging.file']
+    for name in setting.env_names:
+        if environ.get(name, '').strip():
+            value = environ[name].strip()
+            break
+    try:
+        overrides = overrides_from(params)
+    except ConfigError:
+        overrides = []
+    for name, raw, _ in overrides:
+        if name.strip() == setting.name:
+            value = raw.strip()
+    return value

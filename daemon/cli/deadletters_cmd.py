@@ -6,8 +6,9 @@ import click
 
 from .. import app as app_module
 from .. import deadletters
-from ..exitcodes import EX_NOINPUT, EX_USAGE
+from ..exitcodes import EX_NOINPUT
 from .common import config_options, exits_78_on_config_error, load_from
+from .ops_common import exits_69_when_redis_unreachable
 
 
 def _storage(params):
@@ -19,9 +20,7 @@ def _selectors(ids, select_all):
     if select_all and ids:
         raise click.UsageError('give IDs or --all, not both')
     if not select_all and not ids:
-        click.echo('huey-worker: name dead-letter IDs or task IDs, or --all',
-                   err=True)
-        raise SystemExit(EX_USAGE)
+        raise click.UsageError('name dead-letter IDs or task IDs, or --all')
     return None if select_all else set(ids)
 
 
@@ -36,6 +35,7 @@ def command():
 @click.option('--limit', default=100, show_default=True)
 @click.option('--json', 'as_json', is_flag=True)
 @exits_78_on_config_error
+@exits_69_when_redis_unreachable
 def list_(limit, as_json, **params):
     """Show dead letters, newest first."""
     records = deadletters.list_records(_storage(params), limit)
@@ -59,11 +59,12 @@ def list_(limit, as_json, **params):
 @click.argument('ids', nargs=-1)
 @click.option('--all', 'select_all', is_flag=True, help='Every dead letter.')
 @exits_78_on_config_error
+@exits_69_when_redis_unreachable
 def requeue(ids, select_all, **params):
     """Put dead letters back in the queue (after fixing the cause: deploy
     the missing task, fix the key, or fix the task that killed workers)."""
-    records = deadletters.requeue(_storage(params),
-                                  _selectors(ids, select_all))
+    selectors = _selectors(ids, select_all)
+    records = deadletters.requeue(_storage(params), selectors)
     click.echo('%d requeued' % len(records))
     if not records and ids:
         raise SystemExit(EX_NOINPUT)
@@ -74,9 +75,11 @@ def requeue(ids, select_all, **params):
 @click.argument('ids', nargs=-1)
 @click.option('--all', 'select_all', is_flag=True, help='Every dead letter.')
 @exits_78_on_config_error
+@exits_69_when_redis_unreachable
 def purge(ids, select_all, **params):
     """Delete dead letters for good."""
-    removed = deadletters.purge(_storage(params), _selectors(ids, select_all))
+    selectors = _selectors(ids, select_all)
+    removed = deadletters.purge(_storage(params), selectors)
     click.echo('%d purged' % removed)
     if not removed and ids:
         raise SystemExit(EX_NOINPUT)

@@ -1,9 +1,11 @@
-"""What the operator commands (status, task, wait, workers, submit) share:
-their options, connecting to Redis, exit codes, and plain-text tables.
-They read through huey_worker.journal and huey_worker.overview, like the status
-endpoint, so both always show the same data."""
+"""What the operator commands (status, task, wait, workers, submit,
+dead-letters) share: their options, connecting to Redis, exit codes, and
+plain-text tables.  They read through huey_worker.journal and
+huey_worker.overview, like the status endpoint, so both always show the same
+data."""
 import functools
 import json
+import select
 import sys
 import time
 
@@ -11,6 +13,7 @@ import click
 import redis
 
 from .. import app as app_module
+from .. import redisconn
 from ..exitcodes import EX_UNAVAILABLE
 from .common import config_options, exits_78_on_config_error, load_from
 
@@ -18,15 +21,42 @@ OPS_SECTIONS = ('redis', 'huey', 'tasks', 'delivery', 'journal', 'status')
 REDIS_ERRORS = (redis.exceptions.RedisError, OSError)
 
 
-def ops_command(fn):
-    """--config/--set/registry flags, --json, config errors -> 78, Redis
-    unreachable -> 69."""
+def exits_69_when_redis_unreachable(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except REDIS_ERRORS as exc:
-            fail(EX_UNAVAILABLE, 'Redis unreachable: %s' % exc)
+            # A write into a closed stdout is an OSError too; it is no
+            # news about Redis (huey_worker.cli ends the process quietly).
+            if isinstance(exc, BrokenPipeError) and output_closed():
+                raise
+            redis_unreachable(exc)
+    return wrapper
+
+
+def redis_unreachable(error):
+    """One line naming the Redis tried (never its password), exit 69."""
+    cfg = app_module.current().config
+    where = (' at %s' % redisconn.describe(cfg)) if cfg is not None else ''
+    fail(EX_UNAVAILABLE, 'Redis unreachable%s (%s)' % (
+        where, ' '.join(str(error).split()) or type(error).__name__))
+
+
+def output_closed():
+    """Whether stdout or stderr leads into a pipe or socket whose reader
+    has gone (poll reports an error on its writing end)."""
+    poller = select.poll()
+    for fd in (1, 2):
+        poller.register(fd, select.POLLOUT)
+    return any(events & (select.POLLERR | select.POLLHUP)
+               for _, events in poller.poll(0))
+
+
+def ops_command(fn):
+    """--config/--set/registry flags, --json, config errors -> 78, Redis
+    unreachable -> 69."""
+    wrapper = exits_69_when_redis_unreachable(fn)
     wrapper = exits_78_on_config_error(wrapper)
     wrapper = click.option('--json', 'as_json', is_flag=True,
                            help='Machine-readable JSON output.')(wrapper)
@@ -34,10 +64,14 @@ def ops_command(fn):
 
 
 def connect(params, with_tasks=False):
-    """The configured shared app (task modules imported when asked)."""
+    """The configured app (task modules imported when asked): the shared
+    one, or the user's own that [huey] app names."""
     cfg = load_from(params)
     for warning in cfg.warnings:
         click.echo('huey-worker: warning: %s' % warning, err=True)
+    if cfg.huey.app:
+        from .. import adopt
+        return adopt.adopt(cfg, with_tasks=with_tasks)
     if with_tasks:
         return app_module.configure(cfg)
     return app_module.huey.configure(cfg)

@@ -4,7 +4,7 @@ import click
 from .. import journal, overview
 from ..exitcodes import EX_FAILURE, EX_OK
 from .ops_common import (ago, connect, ops_command, print_json,
-                         progress_text, short, table)
+                         progress_text, redis_unreachable, short, table)
 
 
 @click.command('status')
@@ -18,12 +18,15 @@ def command(recent, as_json, **params):
     1 when not (the reasons are printed), 69 when Redis is unreachable."""
     app = connect(params)
     healthy, health = overview.health_report(app)
-    report = {'health': health}
-    if health['checks']['redis']['ok']:
-        report['queue'] = overview.queue_report(app)['queues']
-        report['workers'] = overview.workers_report(app)['totals']
-        report['recent'] = journal.list_tasks(
-            app, app.storage, recent) if recent else []
+    if not health['checks']['redis']['ok']:
+        # The endpoint answers this as a health report; a command has no
+        # report to give, only the reason it has none.
+        redis_unreachable(health['checks']['redis']['error'])
+    report = {'health': health,
+              'queue': overview.queue_report(app)['queues'],
+              'workers': overview.workers_report(app)['totals'],
+              'recent': journal.list_tasks(app, app.storage, recent)
+              if recent else []}
     if as_json:
         print_json(report)
     else:
@@ -35,8 +38,6 @@ def render(report):
     health = report['health']
     out = ['health: %s' % health['status']]
     out += ['  - %s' % reason for reason in health['reasons']]
-    if 'queue' not in report:
-        return '\n'.join(out)
     checks = health['checks'].get('queues', {})
     rows = []
     for name, q in report['queue'].items():

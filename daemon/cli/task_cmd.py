@@ -26,6 +26,17 @@ def command(task_id, as_json, **params):
     click.echo(render(record))
 
 
+def enqueued_text(record):
+    """When it was enqueued; for a task a plain Huey producer enqueued
+    (its message carries no time), when the journal first saw it."""
+    if record.get('enqueued') is not None or not record.get('first_seen'):
+        return when(record.get('enqueued'))
+    where = {'queue': 'in the queue', 'worker': 'by a worker'}.get(
+        record.get('first_seen_in'), record.get('first_seen_in'))
+    return 'unknown (first seen %s at %s)' % (where,
+                                              when(record['first_seen']))
+
+
 def render(record):
     r = record
     lines = [('task', r['id']), ('name', r.get('name')),
@@ -34,7 +45,7 @@ def render(record):
         lines.append(('args', '(sensitive, not recorded)'))
     elif r.get('args') is not None:
         lines.append(('args', json.dumps(r['args'], default=repr)))
-    lines += [('enqueued', when(r.get('enqueued'))),
+    lines += [('enqueued', enqueued_text(r)),
               ('started', when(r.get('started'))),
               ('finished', when(r.get('finished')))]
     if r.get('duration') is not None:

@@ -16,17 +16,24 @@ bound.
 Writers:
   producer  Huey's SIGNAL_ENQUEUED: pending (scheduled with a future eta);
             staged, so it rides the LPUSH of the enqueue itself.
-  worker    huey_worker.hooks: on_dequeued -> running; on_outcome -> complete,
+  worker    huey_worker.hooks: on_dequeued -> running (and on_started, for
+            a task no producer recorded, the rest of its record: a plain
+            Huey producer's); on_outcome -> complete,
             failed, retrying, revoked, expired, canceled, scheduled;
             on_requeued -> lost / interrupted, then pending; on_dead_letter
-            -> failed.  Staged, so they ride the worker's own round trips.
+            -> failed (guarded when the id is only what a message that
+            failed its checks claims).  Staged, so they ride the worker's
+            own round trips.
   Huey's post_execute hook hands over what the hooks lack (the return
   value and the exception).
+  reader    a task the journal has no record of, looked for among the
+            queued messages (seen.py) and recorded pending when found.
 Each change is a fixed handful of commands (HSET, EXPIRE, RPUSH, LTRIM,
 ZADD...): O(1) per change, no KEYS anywhere.
 
 Modules: layout (states, encoding), writer (the hooks), scripts (Lua for
-the two guarded changes), reads (for the endpoint and the CLI).  The
+the guarded changes), reads (for the endpoint and the CLI), seen (tasks
+found waiting in the queue with no record).  The
 in-task API lives in daemon/progress.py and is re-exported here.
 """
 from huey import signals as S
@@ -37,6 +44,7 @@ from ..progress import (  # the public in-task API
 from .layout import (
     DURATION_BUCKETS, STATES, TERMINAL, args_summary, result_json)
 from .reads import decode_record, is_terminal, list_tasks, read_task, shape
+from .seen import find_queued, seen_queued
 from .writer import Journal
 
 _journals = {}
@@ -52,6 +60,7 @@ def install(app):
     app._signal.connect(journal.on_enqueued, S.SIGNAL_ENQUEUED)
     app.post_execute('huey_worker.journal')(journal.after_execute)
     hooks.on_dequeued.append(journal.on_dequeued)
+    hooks.on_started.append(journal.on_started)
     hooks.on_outcome.append(journal.on_outcome)
     hooks.on_requeued.append(journal.on_requeued)
     hooks.on_dead_letter.append(journal.on_dead_letter)
@@ -62,4 +71,4 @@ __all__ = [
     'report_progress', 'current_delivery', 'current_task_id', 'sensitive',
     'install', 'Journal', 'STATES', 'TERMINAL', 'DURATION_BUCKETS',
     'args_summary', 'result_json', 'read_task', 'list_tasks', 'shape',
-    'decode_record', 'is_terminal']
+    'decode_record', 'is_terminal', 'seen_queued', 'find_queued']

@@ -1,6 +1,9 @@
-"""Lua scripts of the journal, for the two changes that must look at Redis
+"""Lua scripts of the journal, for the changes that must look at Redis
 first: a note about a message that is back in the queue already, where a
-worker may have taken it before the note arrives."""
+worker may have taken it before the note arrives, the end of a task
+known only from the claim of a message that failed its checks, and a task
+found waiting in the queue with no record; and the read of the queued
+messages' beginnings that finds it."""
 
 # KEYS: record, log, queue, recent index.  ARGV: message, now, ttl, log
 # length, task id, event (what happened), event (pending), reason, then
@@ -56,6 +59,56 @@ end
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 redis.call('EXPIRE', KEYS[2], ARGV[2])
 return moved and 1 or 0
+"""
+# KEYS: record, log, recent index, outcomes hash.  ARGV: now, ttl, log
+# length, task id, event, outcomes field ('' for none), then the record's
+# fields as name/value pairs.  The id comes from a message set aside
+# unverified (bad signature, undecodable): it ends the record of a task
+# that never ran, never one a worker runs or that ended already.
+GUARDED_DEAD_LETTER = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if state == 'running' or state == 'complete' or state == 'revoked'
+    or state == 'expired' or state == 'canceled' then
+  return 0
+end
+redis.call('HSET', KEYS[1], 'updated', ARGV[1], unpack(ARGV, 7))
+redis.call('RPUSH', KEYS[2], ARGV[5])
+redis.call('LTRIM', KEYS[2], -tonumber(ARGV[3]), -1)
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+redis.call('EXPIRE', KEYS[2], ARGV[2])
+redis.call('ZADD', KEYS[3], ARGV[1], ARGV[4])
+if ARGV[6] ~= '' then redis.call('HINCRBY', KEYS[4], ARGV[6], 1) end
+return 1
+"""
+# KEYS: the queue.  ARGV: first and last position (as LRANGE takes them),
+# bytes kept of each message.  The beginning of each queued message (its id
+# and task name are there), never more: the reader looks for a task it has
+# no record of without copying whole messages out of Redis.  Returns
+# {bytes the messages had, {beginnings...}} (the reader sizes its next
+# call by the first); nothing when the key is not a list.
+QUEUE_HEADS = """
+if redis.call('TYPE', KEYS[1])['ok'] ~= 'list' then return {0, {}} end
+local items = redis.call('LRANGE', KEYS[1], ARGV[1], ARGV[2])
+local keep = tonumber(ARGV[3])
+local size = 0
+for i = 1, #items do
+  size = size + #items[i]
+  if #items[i] > keep then items[i] = string.sub(items[i], 1, keep) end
+end
+return {size, items}
+"""
+# KEYS: record, log, recent index.  ARGV: now, ttl, task id, event, then
+# the record's fields as name/value pairs.  A task found waiting in the
+# queue is recorded only where no record exists: a worker that took it
+# meanwhile has written one, which is never touched.
+GUARDED_SEEN = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], 'updated', ARGV[1], unpack(ARGV, 5))
+redis.call('RPUSH', KEYS[2], ARGV[4])
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+redis.call('EXPIRE', KEYS[2], ARGV[2])
+redis.call('ZADD', KEYS[3], ARGV[1], ARGV[3])
+return 1
 """
 _cache = {}
 

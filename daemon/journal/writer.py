@@ -9,11 +9,12 @@ import time
 
 from huey import Huey
 
-from .. import progress
+from .. import deadletters, progress
 from .layout import (DURATION_BUCKETS, ERROR_MAX_CHARS, EXECUTED, LOG_LENGTH,
                      TERMINAL, TRIM_EVERY, args_summary, encode, epoch,
                      error_fields, field_pairs, result_json, text, ttl_of)
-from .scripts import GUARDED_ENQUEUE, GUARDED_REQUEUE, script_for
+from .scripts import (GUARDED_DEAD_LETTER, GUARDED_ENQUEUE, GUARDED_REQUEUE,
+                      script_for)
 
 
 # One encoder made once: json.dumps with an argument builds a new one each
@@ -181,17 +182,58 @@ class Journal:
         pairs, label = self._worker_fields(worker_info)
         # Fewest commands on the hot path: the listing index, history trim
         # and time to live wait for the outcome (or the requeue of a
-        # delivery that never gets one); a record its producer did not
-        # write (journal off there) gets its times here, and no args.
+        # delivery that never gets one).
         self._stage_change(
             storage, task.id,
             {'id': task.id, 'name': name, 'state': 'running',
              'started': now, 'retries_left': task.retries},
             {'state': 'running', 'worker': label},
             drop=RUNNING_DROPS,
-            setnx={'enqueued': now, 'retries_total': task.retries},
             incr={'attempt': 1}, index=False, trim=False, expire=False,
             pairs=pairs)
+        # Whether the record was made at enqueue: every producer of the
+        # suite writes retries_total then, so the HSETNX that fills it for
+        # the others answers 1 only for a task first seen here (a plain
+        # Huey producer's, or one enqueued with the journal off).
+        # on_started reads that reply and completes the record.
+        stash, task_id = self._stash, task.id
+        command = ('HSETNX', storage.keys.task(task_id), 'retries_total',
+                   task.retries)
+
+        def probe(pipe):
+            stack = pipe.command_stack
+            stash.probe = (task_id, len(stack), now)
+            stack.append((command, {}))
+        storage.stage(probe)
+
+    def on_started(self, storage, task, replies):
+        """The worker's first transaction went through.  For a task the
+        journal first sees now, the rest of its record: the arguments (as
+        at enqueue), its expiry, when and where it was first seen, the
+        listing index and the time to live.  Sent before the task body
+        runs: one round trip, only for such tasks."""
+        probe = getattr(self._stash, 'probe', None)
+        if probe is None:
+            return
+        self._stash.probe = None
+        task_id, index, seen = probe
+        if task_id != task.id or index >= len(replies) or \
+                replies[index] != 1:
+            return
+        keys = storage.keys
+        key, log_key = keys.task(task_id), keys.task_log(task_id)
+        args_text, hidden = args_summary(task,
+                                         self._settings().args_max_bytes)
+        ttl = ttl_of(storage)
+        commands = [('HSETNX', key, 'first_seen', seen),
+                    ('HSETNX', key, 'first_seen_in', 'worker'),
+                    ('HSET', key, 'queue', self.app.name, *field_pairs(
+                        {'args': args_text,
+                         'args_sensitive': hidden or None,
+                         'expires': epoch(task.expires_resolved)})),
+                    ('EXPIRE', key, ttl), ('EXPIRE', log_key, ttl),
+                    ('ZADD', keys.journal_recent, seen, task_id)]
+        storage.stage_commands(commands)
 
     def _worker_fields(self, worker_info):
         """The record's fields naming the worker, and its label in the
@@ -343,27 +385,53 @@ class Journal:
         storage.stage(write)
 
     def on_dead_letter(self, storage, record):
+        """The task of a message set aside ends failed.  Staged only:
+        stage_dead_letter's caller sends the dead letter itself next."""
         task_id = record.get('task_id')
         if not task_id or not self._active(storage):
             return
-        rides = self._round_trip_follows()
         progress.leave(task_id)
         name = record.get('task_name') or ''
         keys = storage.keys
-        fields = {'state': 'failed', 'finished': time.time(),
-                  'error_type': 'DeadLetter',
-                  'error_message': ('%s: %s' % (record.get('reason'),
-                                                record.get('detail')))[
-                                                    :ERROR_MAX_CHARS],
+        why = deadletters.explain(record)[:ERROR_MAX_CHARS]
+        # id and name too: the producer may have written no record.
+        fields = {'id': task_id, 'name': name or None, 'queue': self.app.name,
+                  'state': 'failed', 'finished': time.time(),
+                  'error_type': 'DeadLetter', 'error_message': why,
                   'dead_letter': record.get('reason')}
+        event = {'state': 'failed', 'dead_letter': record.get('reason')}
+        if record.get('task_id_verified') is False:
+            self._stage_guarded_dead_letter(storage, task_id, name, fields,
+                                            event)
+            return
         self._stage_change(
-            storage, task_id, fields,
-            {'state': 'failed', 'dead_letter': record.get('reason')},
+            storage, task_id, fields, event,
             extra=lambda add: add((
                 'HINCRBY', keys.metrics_outcomes, '%s\tfailed' % name, 1))
             if name else None)
-        if not rides:
-            storage.flush()
+
+    def _stage_guarded_dead_letter(self, storage, task_id, name, fields,
+                                   event):
+        """Only the message's claim names the task: the record is made or
+        ended failed unless a worker runs that task or it ended already,
+        so a forged message cannot undo a real outcome."""
+        keys = storage.keys
+        now = time.time()
+        script = script_for(storage, GUARDED_DEAD_LETTER)
+        pairs = field_pairs(fields)
+        event = _event_json(dict(event, at=now))
+        # Counted under names this app knows only: the counters stay
+        # bounded by the task names, whatever a message claims.
+        counted = '%s\tfailed' % name \
+            if name in self.app._registry._registry else ''
+
+        def write(pipe):
+            script(keys=[keys.task(task_id), keys.task_log(task_id),
+                         keys.journal_recent, keys.metrics_outcomes],
+                   args=[text(now), ttl_of(storage), LOG_LENGTH, task_id,
+                         event, counted] + pairs,
+                   client=pipe)
+        storage.stage(write)
 
     # producer: a revoke requested through the endpoint or CLI
 

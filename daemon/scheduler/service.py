@@ -16,10 +16,9 @@ import sys
 import redis
 from huey import signals as huey_signals
 
-from .. import __version__, redisconn
+from .. import __version__, adopt, logs, redisconn
 from ..app import hostname, load_task_modules
-from ..config import ConfigError
-from ..mainloop import MainLoop, reread_config
+from ..mainloop import MainLoop, refuse_immediate, reread_config
 from ..notify import Notifier
 from ..signals import name as signal_name
 from . import clock as clock_module
@@ -56,21 +55,18 @@ def scheduler_connection(cfg):
 class Scheduler(MainLoop):
     def __init__(self, cfg, app, reload_config=None, notifier=None,
                  clock=None):
-        if cfg.huey.immediate:
-            raise ConfigError('immediate mode runs tasks in the producer; '
-                              'the scheduler has nothing to do (set it '
-                              'false)', 'huey', 'immediate', 'true',
-                              origin=str(cfg.source('huey.immediate')))
+        with logs.config_errors_to_file():
+            refuse_immediate(cfg, 'scheduler')
+            self.clock = clock or clock_module.from_environment()
+            self.entries = periodic.load_entries(cfg, app)
+            self.conn = scheduler_connection(cfg)
         self.cfg, self.app = cfg, app
         self.reload_config = reload_config
         self.notifier = notifier or Notifier()
-        self.clock = clock or clock_module.from_environment()
-        self.entries = periodic.load_entries(cfg, app)
         self.storage = app.storage
         self.keys = self.storage.keys
         self.token = '%s:%d:%s' % (hostname(), os.getpid(),
                                    secrets.token_hex(4))
-        self.conn = scheduler_connection(cfg)
         self.lease = Lease(self.conn, self.keys.scheduler_lease, self.token,
                            cfg.scheduler.lease_timeout)
         self.enqueuer = periodic.SlotEnqueuer(
@@ -88,13 +84,14 @@ class Scheduler(MainLoop):
         self.seen_holder = None   # the leader last logged, as standby
         self.outage = redisconn.RedisOutage(cfg, clock=self.clock)
         self._error_wait = 0.0
-        self._last_watchdog = 0.0
 
     def initialize(self):
         cfg = self.cfg
         log.info('huey-worker %s scheduler %s starting: queue %r on %s, '
                  'lease_timeout %gs', __version__, self.token, self.app.name,
                  redisconn.describe(cfg), cfg.scheduler.lease_timeout)
+        if adopt.describe(self.app):
+            log.info('running the app %s', adopt.describe(self.app))
         for entry in self.entries:
             log.info('periodic %s -> %s, from %s', entry, entry.task_name,
                      entry.origin)
@@ -108,7 +105,7 @@ class Scheduler(MainLoop):
             log.warning('TEST CLOCK: wall time is read from %s (%s is for '
                         'tests only)', self.clock.path,
                         clock_module.TEST_CLOCK_ENV)
-        if not cfg.huey.secret_key:
+        if not cfg.huey.secret_key and not adopt.signs(self.app):
             log.warning('[huey] secret_key is not set: anyone who can write '
                         'to this Redis can run code in the workers')
         if not self._wait_for_redis():
@@ -375,16 +372,23 @@ class Scheduler(MainLoop):
 
     def reload(self):
         def check(new):
+            if new.huey.app:
+                adopt.load(new)   # the app still imports and is usable
             load_task_modules(new, self.app)
             periodic.config_entries(new, self.app)
-        if reread_config(self.reload_config, self.cfg, check) is None:
-            return
+        # RELOADING=1 before anything slow: systemd then holds the reload job
+        # (and systemctl reload) until the new image's READY=1.
         self.notifier.reloading()
+        if reread_config(self.reload_config, self.cfg, check) is None:
+            self.notifier.ready(self.status_line())
+            return
         try:
             if self.lease.release():
                 log.info('lease released for the reload')
         except REDIS_ERRORS as exc:
             log.warning('could not release the lease (%s)', exc)
+        # A whole WatchdogSec for the new image to start and feed it again.
+        self.notifier.watchdog()
         logging.shutdown()
         # A fresh process image picks up the new configuration and code; the
         # PID stays, so systemd and supervisord keep tracking it.
@@ -401,7 +405,7 @@ class Scheduler(MainLoop):
             except REDIS_ERRORS as exc:
                 self.outage.failed(exc)
                 self.notifier.status(self.status_line())
-                self.flags.wait(self.outage.delay)
+                self.pause(self.outage.delay)
         return False
 
     def status_line(self):
@@ -425,10 +429,4 @@ class Scheduler(MainLoop):
         return text
 
     def _feed_watchdog(self):
-        interval = self.notifier.watchdog_interval
-        if not interval:
-            return
-        now = clock_module.boot_clock()
-        if now - self._last_watchdog >= interval:
-            self._last_watchdog = now
-            self.notifier.watchdog()
+        self.notifier.keep_alive()

@@ -4,7 +4,6 @@ import errno
 import logging
 import os
 import socket
-import time
 
 from .. import logs
 from ..config import ConfigError
@@ -96,13 +95,13 @@ class StatusServer:
         self.reload_config = reload_config
         self.notifier = notifier or Notifier()
         self.routes = Routes(app)
-        self._last_watchdog = 0.0
 
     def run(self):
         sock = activated_socket()
         how = 'socket activation'
         if sock is None:
-            sock = bind_socket(self.cfg)
+            with logs.config_errors_to_file():
+                sock = bind_socket(self.cfg)
             how = '[status] bind/port'
         defer_accept(sock)
         if not self.cfg.status.token:
@@ -134,26 +133,29 @@ class StatusServer:
         if flags.reload:
             flags.reload = False
             self.reload()
-        interval = self.notifier.watchdog_interval
-        if interval and time.monotonic() - self._last_watchdog >= interval:
-            self._last_watchdog = time.monotonic()
-            self.notifier.watchdog()
+        self.notifier.keep_alive()
 
     def reload(self):
         """SIGHUP: new token, limits and Redis settings; the socket stays
         (a new bind or port needs a restart)."""
+        self.notifier.reloading()
         new = reread_config(self.reload_config, self.cfg)
         if new is None:
+            self.notifier.ready('serving http://%s:%d/' % self.server.address)
             return
-        self.notifier.reloading()
         if (new.status.bind, new.status.port) != (self.cfg.status.bind,
                                                   self.cfg.status.port):
             log.warning('[status] bind/port changed: takes effect on restart')
         from .. import app as app_module
         try:
-            app_module.configure(new, self.app)
+            app = app_module.configure(new, self.app)
         except ConfigError as exc:
             log.error('configuration not fully reloaded: %s', exc)
+        else:
+            if app is not self.app:
+                log.info('now serving the app %s', new.huey.app or 'shared')
+                self.app = self.routes.app = app
+            new = app.config or new   # with the values an adopted app gives
         self.cfg = new
         self.server.max_body_bytes = new.status.max_body_bytes
         self.server.request_timeout = new.status.request_timeout

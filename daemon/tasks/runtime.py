@@ -1,6 +1,9 @@
 """What the built-in tasks share: defaults from [tasks], errors that must
 not be retried, progress reporting and the cooperative timeout.
 
+TaskRejected is for every task, yours too: raise it when the input itself
+is wrong and no retry can help.
+
 Each built-in task is a thin Huey wrapper around a plain function taking a
 `TaskRun`, so tests and the benchmark can run the same code with a config
 of their own and without a queue.
@@ -15,21 +18,43 @@ from ..journal import report_progress
 log = logging.getLogger('huey_worker.tasks')
 
 
-class InputRejected(Exception):
-    """The input itself is wrong (not a PDF, encrypted, outside the root,
-    too big, 404...): running the task again cannot help, so it is not
-    retried."""
+class TaskRejected(Exception):
+    """An expected end of a task: its input is wrong (a missing file, a
+    path outside its root, a record that does not exist...) and running it
+    again cannot help.
+
+    A task raises it (or a subclass) with the reason.  The task ends
+    `failed` with that reason in the journal (error type: the class name)
+    and in Huey's stored error, and is not retried, whatever retries it
+    has.  The worker logs one WARNING line naming the task, its id and the
+    reason, not a traceback: tracebacks are for the exceptions nobody
+    expected, which keep theirs (and their retries).
+
+        from huey_worker.tasks.runtime import TaskRejected
+
+        @huey.task(retries=3)
+        def invoice(order_id):
+            order = load(order_id)
+            if order is None:
+                raise TaskRejected('no order %s' % order_id)
+    """
 
     def __repr__(self):
         # The stored error result is repr(exception): keep it readable.
         return '%s: %s' % (type(self).__name__, self)
 
 
+class InputRejected(TaskRejected):
+    """The input of a built-in task is wrong (not a PDF, encrypted, outside
+    the root, too big, 404...)."""
+
+
 def current_config(app=None):
     """The Config the shared app was configured with (loading the file and
     the environment on first use, as the app itself does)."""
     if app is None:
-        from ..app import huey as app
+        from ..app import current
+        app = current()
     if app.config is None:
         app.storage  # noqa: B018  configures the app from file and env
     return app.config
@@ -89,10 +114,12 @@ class TaskRun:
             self.task.check_timeout()
 
     def run(self, fn, *args, **kwargs):
-        """Call fn(self, ...); an InputRejected ends the task for good."""
+        """Call fn(self, ...); a TaskRejected ends the task for good (the
+        worker does so for any task; this also holds where another
+        consumer runs the built-in tasks)."""
         try:
             return fn(self, *args, **kwargs)
-        except InputRejected:
+        except TaskRejected:
             if self.task is not None:
                 self.task.retries = 0  # Huey stores the error, no retry
             raise
