@@ -141,6 +141,9 @@ def throughput(bench, table, results):
     def batch_plain(n):
         return tp.plain_batch(plain, plain_tasks.noop, n)
 
+    def batch_priority(n):
+        return tp.suite_priority_batch(app, tasks.noop, n)
+
     def batch_floor(n):
         return tp.floor_batch(client, n)
 
@@ -168,6 +171,10 @@ def throughput(bench, table, results):
                 workers, kind, task_events='none', extra_env={
                     'HUEY_WORKER_JOURNAL_ENABLED': 'false'}),
                 warm_suite, batch_suite))
+        # Every task with a priority: the priority set and the TAKE script
+        # instead of the list and BRPOPLPUSH.
+        contenders.append((('suite', 'priority'), lambda: bench.suite(
+            workers, kind), warm_suite, batch_priority))
         contenders.append((('floor', 'info'), lambda: bench.floor(workers, kind),
                            warm_floor, batch_floor))
         for run in range(args.runs):
@@ -232,6 +239,24 @@ def throughput(bench, table, results):
                       *([cell(get(mode, 'suite', 'nojournal' if quiet
                                   else 'both', 'cpu_us'))]
                         if not args.quick else []))
+
+    table.section('Throughput with task priorities, no-op tasks/s: every '
+                  'task enqueued with priority=1 (the priority set, read '
+                  'with the TAKE script) against plain tasks (the list, '
+                  'read with BRPOPLPUSH); default logging, journal on',
+                  ['mode', 'suite, plain', 'suite, priority=1', 'ratio',
+                   'CPU us: plain', 'CPU us: priority', 'Redis CPU us: plain',
+                   'Redis CPU us: priority'])
+    for workers, kind in bench.modes():
+        mode = '%s x%d' % (kind, workers)
+        plain_rate = get(mode, 'suite', 'info', 'rate')
+        ranked_rate = get(mode, 'suite', 'priority', 'rate')
+        table.row(mode, cell(plain_rate), cell(ranked_rate),
+                  ratio_cell(ranked_rate, plain_rate),
+                  cell(get(mode, 'suite', 'info', 'cpu_us')),
+                  cell(get(mode, 'suite', 'priority', 'cpu_us')),
+                  cell(get(mode, 'suite', 'info', 'redis_cpu_us')),
+                  cell(get(mode, 'suite', 'priority', 'redis_cpu_us')))
 
     table.section('Memory, MiB (thread mode: RSS of the process; process '
                    'mode: PSS of the consumer and its workers)',

@@ -18,6 +18,8 @@ import uuid
 from harness import (CHUNK, STAGING, Timeout, cpu_seconds, pss_mib, rss_mib,
                      staged_enqueue, wait_redis_idle, wait_until)
 
+STAGING_PRIORITY = STAGING + ':priority'
+
 
 
 class Batch:
@@ -59,6 +61,40 @@ def suite_batch(app, task, count):
             one_more()
     return Batch(storage.conn, queue_key,
                  [storage.result_key(i) for i in ids])
+
+
+class PriorityBatch(Batch):
+    """A batch of messages with a priority: the set and the marker wait
+    under staging keys and are released together."""
+
+    def release(self):
+        started = time.perf_counter()
+        pipe = self.client.pipeline(transaction=True)
+        pipe.rename(STAGING_PRIORITY, self.priority_key)
+        pipe.rename(STAGING, self.queue_key)
+        pipe.execute()
+        return started
+
+
+def suite_priority_batch(app, task, count, priority=1):
+    """suite_batch with every task given `priority`: they wait in the
+    priority set and workers take them with the TAKE script (one priority
+    for all, so they still run in the order sent)."""
+    storage = app.storage
+    queue_key, priority_key = storage.queue_key, storage.priority_key
+    storage.priority_key = STAGING_PRIORITY
+    ids = []
+    try:
+        with staged_enqueue(storage) as one_more:
+            for _ in range(count):
+                ids.append(task(priority=priority).id)
+                one_more()
+    finally:
+        storage.priority_key = priority_key
+    batch = PriorityBatch(storage.conn, queue_key,
+                          [storage.result_key(i) for i in ids])
+    batch.priority_key = priority_key
+    return batch
 
 
 def plain_batch(app, task, count):

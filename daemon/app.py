@@ -121,21 +121,75 @@ def load_task_modules(cfg, app=huey):
     names += [m for m in cfg.tasks.modules if m not in names]
     for name in names:
         try:
-            importlib.import_module(name)
+            module = importlib.import_module(name)
         except Exception as exc:
             raise ConfigError(
                 'cannot import task module %r: %s: %s' % (
                     name, type(exc).__name__, exc),
                 'tasks', 'modules', ', '.join(cfg.tasks.modules),
                 origin=str(cfg.source('tasks.modules')))
+        others = foreign_apps(module, app)
+        if others:
+            attribute, other = others[0]
+            # Registering them on this app would run them, but without the
+            # instance's own name, serializer and Redis: adopting it whole
+            # is the one way (docs/adoption.md).
+            raise ConfigError(
+                'task module %r declares its tasks on a %s of its own '
+                '(%s.%s), which this suite does not run: name it with '
+                '[huey] app = %s:%s (docs/adoption.md)' % (
+                    name, type(other).__name__, name, attribute, name,
+                    attribute),
+                'tasks', 'modules', ', '.join(cfg.tasks.modules),
+                origin=str(cfg.source('tasks.modules')))
     return app.task_names()
 
 
+def foreign_apps(module, app=huey):
+    """[(attribute, instance)] of the Huey instances other than `app` and
+    the shared one that `module` holds with tasks registered on them (a web
+    app's `huey = RedisHuey(...)`): their tasks are not this suite's to run
+    unless that instance is the one [huey] app names."""
+    from huey.api import Huey as PlainHuey, TaskWrapper
+    found = []
+    # The instances themselves first, so the attribute named is the app's
+    # own (huey), not one of its tasks.
+    values = sorted(vars(module).items(),
+                    key=lambda item: (isinstance(item[1], TaskWrapper), item))
+    for attribute, value in values:
+        other = value.huey if isinstance(value, TaskWrapper) else value
+        if isinstance(other, PlainHuey) and other is not app and \
+                other is not huey and other._registry._registry and \
+                all(other is not seen for _, seen in found):
+            found.append((attribute, other))
+    return found
+
+
 def configure(cfg, app=huey):
-    """Configure the shared app and import its task modules."""
+    """Configure the shared app and import its task modules; with [huey]
+    app set, the user's own Huey instance instead (huey_worker.adopt),
+    which current() then returns."""
+    if cfg.huey.app:
+        from . import adopt
+        return adopt.configure(cfg, app)
     app.configure(cfg)
     load_task_modules(cfg, app)
     return app
+
+
+_current = None
+
+
+def current():
+    """The app the daemons and the CLI run: the one [huey] app names once
+    adopted, else the shared `huey`.  Daemon code asks here instead of
+    importing `huey`."""
+    return huey if _current is None else _current
+
+
+def set_current(app):
+    global _current
+    _current = app
 
 
 def hostname():

@@ -12,6 +12,10 @@ class Keys:
         self.deliveries = p + 'deliveries'      # hash: task id -> deliveries
         self.dead = p + 'dead'                  # list of dead-letter records
         self.stats = p + 'stats'                # hash of cumulative counters
+        # Messages with a priority (Huey's priority=), beside Huey's list
+        # of plain ones: zset member -> -priority (daemon/storage.py).
+        self.priority = p + 'priority'
+        self.priority_seq = p + 'priority:seq'  # FIFO within a priority
         # Scheduler (leader election and what it did); written by the
         # scheduler daemon, read by the status endpoint and CLI.
         self.scheduler_lease = p + 'scheduler:lease'  # owner token, PX lease

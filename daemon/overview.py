@@ -54,9 +54,17 @@ def storage_for(app, queue=None):
 
 
 def find_task(app, task_id):
-    """(storage, shaped record) of the first queue that knows `task_id`."""
-    for _, storage in queue_storages(app):
+    """(storage, shaped record) of the first queue that knows `task_id`:
+    its journal record, else (a plain Huey producer's task, not yet taken
+    by a worker) its message waiting in the queue, which is then recorded
+    pending (journal.seen_queued; bounded, see daemon/journal/seen.py)."""
+    storages = queue_storages(app)
+    for _, storage in storages:
         record = journal.read_task(app, storage, task_id)
+        if record is not None:
+            return storage, record
+    for _, storage in storages:
+        record = journal.seen_queued(app, storage, task_id)
         if record is not None:
             return storage, record
     return None, None
@@ -74,8 +82,10 @@ def snapshot(app, storage, counts=False, scheduler=False, metrics=False):
     commands = [('ZREVRANGE', keys.consumers, 0, MAX_CONSUMERS - 1,
                   'WITHSCORES')]
     if counts:
-        commands += [('LLEN', storage.queue_key),
-                     ('ZCARD', storage.schedule_key),
+        # The list and the priority set (less the marker that points at
+        # it): storage.queue_size_commands, three replies.
+        commands += storage.queue_size_commands()
+        commands += [('ZCARD', storage.schedule_key),
                      ('LLEN', keys.dead),
                      reads.results_held_command(storage)]
     if scheduler:
@@ -88,8 +98,10 @@ def snapshot(app, storage, counts=False, scheduler=False, metrics=False):
     answers = iter(reads.replies(storage.pool, commands))
     out = {'beats': _scored(next(answers))}
     if counts:
-        out['pending'], out['scheduled'], out['dead'], out['results_held'] \
-            = (int(next(answers)) for _ in range(4))
+        out['pending'] = storage.queue_size_of(
+            [next(answers) for _ in range(3)])
+        out['scheduled'], out['dead'], out['results_held'] = (
+            int(next(answers)) for _ in range(3))
     if scheduler:
         out['scheduler'] = _scheduler(next(answers), next(answers),
                                       next(answers))

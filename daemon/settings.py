@@ -188,6 +188,22 @@ class JsonValue:
         return json.dumps(value)
 
 
+class AppPath(Text):
+    """A Huey instance to import: module:attribute (module.attribute, as
+    huey_consumer takes it, is accepted too)."""
+    name = 'module:attribute (e.g. pipelines.tasks:huey)'
+    _WORD = r'[A-Za-z_][A-Za-z0-9_]*'
+    _RE = re.compile(r'^%s(\.%s)*(:%s(\.%s)*)?$' % ((_WORD,) * 4))
+
+    def parse(self, raw):
+        value = raw.strip()
+        if value and (not self._RE.match(value)
+                      or (':' not in value and '.' not in value)):
+            raise InvalidValue('expected module:attribute, e.g. '
+                               'pipelines.tasks:huey')
+        return value
+
+
 class Crontab(Text):
     """Five crontab fields: minute hour day month day-of-week."""
     name = "crontab 'minute hour day month day_of_week'"
@@ -329,6 +345,12 @@ SETTINGS = (
     S('huey', 'queue', Text(), 'huey',
       'Queue name; producers and consumers must agree on it.',
       env=('HUEY_QUEUE_NAME',), cli='--queue'),
+    S('huey', 'app', AppPath(), '',
+      'An existing Huey instance to run (RedisHuey, RedisExpireHuey or '
+      'one built with a Redis URL or pool), as module:attribute; its name, '
+      'serializer, result expiry and Redis connection are used unless set '
+      'here explicitly.  Empty: the suite\'s shared app.  '
+      'See docs/adoption.md.', cli='--app'),
     S('huey', 'immediate', Boolean(), False,
       'Run tasks synchronously in the producer (the seeds\' always_eager '
       'rollback); daemons refuse to start with it.',

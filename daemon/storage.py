@@ -1,30 +1,244 @@
 """Huey's Redis storage, extended for crash-safe delivery and piggybacking.
 
-Two additions to RedisExpireStorage:
+Three additions to RedisExpireStorage:
 
 * `dequeue_into(inflight_key)`: the message moves atomically from the queue
   into the worker's in-flight list (BRPOPLPUSH, Redis 5 compatible), so a
   worker that dies leaves it where it can be found.
+* Task priorities (Huey's `priority=`): see "Priorities" below.
 * Piggybacked writes: a caller may stage commands (`stage_command()`;
   `stage()` for a Lua script), such as journal updates and the ack, to
   ride on the thread's next round trip, and while `deferring` is on
   every write Huey makes after a task body (result, retry, on_complete) is
   held back and sent with the ack in one MULTI/EXEC.  A read sends what is
   held back first, so Huey never reads stale data.
+
+Priorities.  Plain messages (no priority, or 0) stay on Huey's list,
+LPUSHed and taken from the right by BRPOPLPUSH, exactly as without
+priorities.  A message with a priority goes to a sorted set instead
+(Keys.priority), as Huey's PriorityRedisStorage does: score -priority, so
+the highest priority comes first, and FIFO within a priority through the
+member itself, which is a NUL byte, a 16-digit sequence number (INCR of
+Keys.priority_seq), the priority as text, a NUL byte, then Huey's message.
+No Huey message starts with a NUL byte (a pickle, or zlib/gzip data), so any
+script can tell a priority message from a plain one by its first byte and
+read its priority without unpickling it; the in-flight lists, the schedule
+and the dead letters keep that form, so a message put back from any of
+them returns to its priority (with its old place, or a new one when it was
+delayed).
+
+While the set holds messages, the list holds MARKER at its head (the end
+BRPOPLPUSH takes from).  A worker reading the marker, or a priority
+message someone pushed on the list, runs TAKE: one script that takes the
+best message, by Huey's rule that a plain message counts as priority 0
+(higher runs first, so a negative priority runs after the plain
+messages), and moves it into the worker's in-flight list in the same
+step.  After such a read the worker keeps sending TAKE instead of
+BRPOPLPUSH while the set holds messages, so a priority message costs no
+more round trips than a plain one; once the set is empty it blocks on the
+list again, and the marker wakes it when a priority message arrives.  A
+queue without priorities never sees the marker: its hot path is
+BRPOPLPUSH as before.  The marker is not a message: queue_size() leaves it
+out.
 """
+import math
 import threading
 
+import redis
 from huey.storage import RedisExpireStorage
 
 from . import transaction
 from .keys import Keys
 
+TAG = b'\x00'
+MARKER = b'\x00priority'
+SEQ_DIGITS = 16
+_UNSEQUENCED = b'0' * SEQ_DIGITS
+
+# Shared by every script that moves messages between the queue, the
+# priority set, the in-flight lists and the schedule.  hw_score: the score
+# of a priority message in the set (nil for plain messages, the marker and
+# anything unreadable).  hw_enqueue: a priority message into the set
+# behind those of its priority already there (a new sequence number).
+# hw_mark: the marker at the head of the list exactly while the set holds
+# messages (call it after changing the set).  hw_unmark: take a marker off
+# the head (put back with hw_mark once messages were pushed there).
+# hw_put_back: a message from an in-flight list back where it came from,
+# a priority one with its old place.
+PRIORITY_LUA = r"""
+local HW_MARKER = '\0priority'
+local function hw_score(m)
+  if string.byte(m, 1) ~= 0 or m == HW_MARKER then return nil end
+  local stop = string.find(m, '\0', 18, true)
+  if not stop then return nil end
+  local p = tonumber(string.sub(m, 18, stop - 1))
+  if not p then return nil end
+  return -p
+end
+local function hw_enqueue(set, seq, m, score)
+  redis.call('ZADD', set, score, string.sub(m, 1, 1) .. string.format(
+    '%016d', redis.call('INCR', seq)) .. string.sub(m, 18))
+end
+local function hw_mark(list, set)
+  local left = redis.call('ZCARD', set)
+  local head = redis.call('LINDEX', list, -1)
+  if left > 0 then
+    if head ~= HW_MARKER then redis.call('RPUSH', list, HW_MARKER) end
+  elseif head == HW_MARKER then
+    redis.call('RPOP', list)
+  end
+  return left
+end
+local function hw_unmark(list)
+  if redis.call('LINDEX', list, -1) == HW_MARKER then
+    redis.call('RPOP', list)
+  end
+end
+local function hw_put_back(list, set, m)
+  if m == HW_MARKER then return false end
+  local score = hw_score(m)
+  if score then
+    redis.call('ZADD', set, score, m)
+  else
+    redis.call('RPUSH', list, m)
+  end
+  return true
+end
+"""
+
+# KEYS: list, priority set, sequence.  ARGV: the message, as tag_message
+# makes it.
+ENQUEUE = PRIORITY_LUA + r"""
+hw_enqueue(KEYS[2], KEYS[3], ARGV[1], hw_score(ARGV[1]))
+hw_mark(KEYS[1], KEYS[2])
+return 1
+"""
+
+# KEYS: list, priority set, the worker's in-flight list.  ARGV: what the
+# worker's BRPOPLPUSH just moved into its in-flight list when that was the
+# marker or a priority message, else ''.  Moves the best message into the
+# in-flight list: a priority above 0 first, then the list, then what is
+# left in the set (priorities below 0); a priority message found on the
+# list goes into the set on the way.  Returns {message or false, how many
+# the set still holds}.  The common case (a priority above 0 waiting, read
+# without BRPOPLPUSH first) is ZPOPMIN, LPUSH and ZCARD: it leaves the
+# list, and so its marker, alone.
+TAKE = PRIORITY_LUA + r"""
+local list, set, inflight = KEYS[1], KEYS[2], KEYS[3]
+local held = ARGV[1]
+local touched = held ~= ''
+if touched then
+  if held == HW_MARKER then
+    redis.call('LREM', inflight, 1, held)
+  else
+    local score = hw_score(held)
+    if not score then
+      -- Not readable: it stays in flight for the worker to set aside.
+      return {held, redis.call('ZCARD', set)}
+    end
+    redis.call('LREM', inflight, 1, held)
+    redis.call('ZADD', set, score, held)
+  end
+end
+local msg = false
+while true do
+  local best = redis.call('ZPOPMIN', set)
+  if best[1] and tonumber(best[2]) < 0 then
+    msg = best[1]
+    break
+  end
+  -- Nothing above priority 0 in the set: the list first.
+  touched = true
+  local head = redis.call('RPOP', list)
+  while head == HW_MARKER do head = redis.call('RPOP', list) end
+  if not head then
+    msg = best[1] or false
+    break
+  end
+  if best[1] then redis.call('ZADD', set, best[2], best[1]) end
+  local score = hw_score(head)
+  if not score then
+    msg = head
+    break
+  end
+  redis.call('ZADD', set, score, head)   -- pushed on the list: file it
+end
+if msg then redis.call('LPUSH', inflight, msg) end
+local left
+if touched then
+  left = hw_mark(list, set)
+else
+  left = redis.call('ZCARD', set)
+  if left == 0 then hw_unmark(list) end
+end
+return {msg, left}
+"""
+
+# KEYS: the worker's in-flight list, list, priority set.  ARGV: message.
+# A message whose run was cut short goes back: a plain one to the head of
+# the list (under the marker, so waiting priorities still go first), a
+# priority one into the set with its place.
+PUT_BACK = PRIORITY_LUA + r"""
+redis.call('LREM', KEYS[1], 1, ARGV[1])
+hw_unmark(KEYS[2])
+hw_put_back(KEYS[2], KEYS[3], ARGV[1])
+hw_mark(KEYS[2], KEYS[3])
+return 1
+"""
+
+
+def priority_text(priority):
+    """The priority as a priority message holds it: one spelling per
+    number (5, 5.0 and True are all b'5'), which Lua's tonumber reads."""
+    value = float(priority)
+    if not math.isfinite(value):
+        raise ValueError('a task priority must be a finite number, not %r'
+                         % (priority,))
+    if value.is_integer() and abs(value) < 2 ** 53:
+        return b'%d' % value
+    return repr(value).encode('ascii')
+
+
+def tag_message(data, priority, seq=None):
+    """`data` in the form the priority set (and the schedule) holds it;
+    without `seq`, numbered 0 (scripts number it as it enters the set)."""
+    return b''.join((TAG, _UNSEQUENCED if seq is None else
+                     b'%0*d' % (SEQ_DIGITS, seq), priority_text(priority),
+                     TAG, data))
+
+
+def is_priority_message(raw):
+    return raw[:1] == TAG and raw != MARKER and \
+        raw.find(TAG, SEQ_DIGITS + 1) > 0
+
+
+def message_data(raw):
+    """Huey's message inside `raw`: raw itself unless it is a priority
+    message (anything unreadable is left as it is, to be set aside)."""
+    if raw[:1] != TAG:
+        return raw
+    stop = raw.find(TAG, SEQ_DIGITS + 1)
+    return raw if stop < 0 else raw[stop + 1:]
+
+
+def message_priority(raw):
+    """The priority a message in the queue has: 0 for plain ones."""
+    if not is_priority_message(raw):
+        return 0
+    text = raw[SEQ_DIGITS + 1:raw.find(TAG, SEQ_DIGITS + 1)]
+    value = float(text)
+    return int(value) if value.is_integer() else value
+
 
 class SuiteStorage(RedisExpireStorage):
+    priority = True   # as Huey's priority storages say of themselves
+
     def __init__(self, name='huey', expire_time=604800, **kwargs):
         super().__init__(name, expire_time=expire_time, **kwargs)
         self.keys = Keys(self.name)
+        self.priority_key = self.keys.priority
         self._local = threading.local()
+        self._take = self.conn.register_script(TAKE)
 
     # -- piggybacking -------------------------------------------------------
 
@@ -75,7 +289,14 @@ class SuiteStorage(RedisExpireStorage):
         """Like flush, but returns the replies of every command sent (those
         of the staged commands raw: nobody reads them, so redis-py's
         response callbacks are spared; those of `extra`, argument tuples
-        or callables as for stage, as redis-py gives them)."""
+        or callables as for stage, as redis-py gives them).
+
+        Called without arguments, as Huey's flush() does, it is Huey's
+        flush_all: the queue (plain and priority messages), the schedule,
+        the results and the counters are deleted."""
+        if not extra:
+            self.flush()
+            return super().flush_all()
         pending = self._pending()
         pipe = self._record(pending)
         staged = len(pipe.command_stack)
@@ -146,8 +367,18 @@ class SuiteStorage(RedisExpireStorage):
             # A queue read is on its way on this connection: take its
             # reply before anything else is sent (dequeue_into returns it).
             local.prefetch = None
-            local.prefetched = (transaction.read(conn),)
+            local.prefetched = (self._read_reply(conn),)
         return conn
+
+    @staticmethod
+    def _read_reply(conn):
+        """The reply of a queue read sent earlier; a TAKE Redis did not
+        know (its script cache was flushed, e.g. by a restart) answers
+        NoScriptError, kept to be sent again: it moved nothing."""
+        try:
+            return transaction.read(conn)
+        except redis.exceptions.NoScriptError as exc:
+            return exc
 
     def flush_and_prefetch(self, inflight_key, timeout):
         """Send what is staged in one MULTI/EXEC and, in the same write, the
@@ -178,37 +409,157 @@ class SuiteStorage(RedisExpireStorage):
 
     def dequeue_into(self, inflight_key, timeout):
         """Block up to `timeout` seconds for a message; it lands in
-        `inflight_key` as well as being returned."""
+        `inflight_key` as well as being returned (in the form the queue
+        holds it: message_data() is Huey's message).  None when nothing
+        came, which may be early: after the priority set ran empty."""
         local = self._local
         if getattr(local, 'prefetch', None) == inflight_key:
             local.prefetch = None
-            return transaction.read(local.own)
+            return self._received(self._read_reply(local.own), inflight_key)
         prefetched = getattr(local, 'prefetched', None)
         if prefetched is not None:
             local.prefetched = None
-            return prefetched[0]
+            return self._received(prefetched[0], inflight_key)
         conn = self._own_connection()
         if conn is None:
-            return self.conn.brpoplpush(self.queue_key, inflight_key,
-                                        timeout=max(1, int(round(timeout))))
-        return transaction.command(conn, *self._dequeue_command(
-            inflight_key, timeout))
+            reply = self.conn.brpoplpush(self.queue_key, inflight_key,
+                                         timeout=max(1, int(round(timeout))))
+        else:
+            try:
+                reply = transaction.command(conn, *self._dequeue_command(
+                    inflight_key, timeout))
+            except redis.exceptions.NoScriptError as exc:
+                reply = exc
+        return self._received(reply, inflight_key)
+
+    def dequeue(self):
+        """Huey's own read (its consumer's: at most once, no in-flight
+        list): the list's next message, or, where the list says so, the
+        best one by priority."""
+        raw = super().dequeue()
+        if raw is None or raw[:1] != TAG:
+            return raw
+        scratch = self.keys.prefix + 'dequeue'
+        pipe = self.conn.pipeline(transaction=True)
+        self._take(keys=[self.queue_key, self.priority_key, scratch],
+                   args=[raw], client=pipe)
+        pipe.delete(scratch)
+        message = pipe.execute()[0][0]
+        return None if message is None else message_data(message)
 
     def _dequeue_command(self, inflight_key, timeout):
+        if getattr(self._local, 'taking', False):
+            # The priority set held messages at the last read: ask it
+            # first, without blocking.
+            return ('EVALSHA', self._take.sha, 3, self.queue_key,
+                    self.priority_key, inflight_key, b'')
         return ('BRPOPLPUSH', self.queue_key, inflight_key,
                 max(1, int(round(timeout))))
+
+    def _received(self, reply, inflight_key):
+        """What a queue read answered, as the message to run (or None)."""
+        if type(reply) is bytes:
+            if reply[:1] != TAG:
+                return reply   # the hot path: a plain message
+            # The marker, or a priority message pushed on the list (a
+            # dead letter requeued): the set decides what runs.
+            reply = self._take_now(inflight_key, reply)
+        elif reply is None:
+            return None
+        elif isinstance(reply, redis.exceptions.NoScriptError):
+            reply = self._take_now(inflight_key, b'', cached=False)
+        message, left = reply
+        self._local.taking = bool(left)
+        return message
+
+    def _take_now(self, inflight_key, held, cached=True):
+        """TAKE on this thread's connection.  By its hash first; EVAL, which
+        caches it again, when Redis does not know it."""
+        keys = (self.queue_key, self.priority_key, inflight_key)
+        conn = getattr(self._local, 'own', None)
+        if conn is None:
+            return self._take(keys=keys, args=[held])
+        if cached:
+            try:
+                return transaction.command(conn, 'EVALSHA', self._take.sha,
+                                           3, *keys, held)
+            except redis.exceptions.NoScriptError:
+                pass
+        return transaction.command(conn, 'EVAL', TAKE, 3, *keys, held)
 
     # -- Huey's storage API, routed through the piggyback ------------------
 
     def enqueue(self, data, priority=None):
-        if priority:
-            raise NotImplementedError('task priorities are not supported by '
-                                      'huey-worker (one FIFO queue per name)')
-        self._write('LPUSH', self.queue_key, data)
+        if not priority:
+            self._write('LPUSH', self.queue_key, data)
+            return
+        self._write('EVAL', ENQUEUE, 3, self.queue_key, self.priority_key,
+                    self.keys.priority_seq, tag_message(data, priority))
+
+    @property
+    def task_priority(self):
+        """The priority of the task this thread's worker runs (set by the
+        worker around Huey's execute), for add_to_schedule: Huey hands
+        it a message without its priority."""
+        return getattr(self._local, 'task_priority', None)
+
+    @task_priority.setter
+    def task_priority(self, value):
+        self._local.task_priority = value
 
     def add_to_schedule(self, data, ts):
         score = self.convert_ts(ts)
+        # Only Huey itself schedules while the worker defers its writes
+        # (a task delayed or retrying): then the message is the task's
+        # own, and keeps its priority for when it is due.  A task body
+        # scheduling something else does it with deferring off.
+        priority = self.task_priority if self.deferring else None
+        if priority:
+            data = tag_message(data, priority)
         self._write('ZADD', self.schedule_key, score, data)
+
+    def stage_put_back(self, inflight_key, raw):
+        """Stage the move of `raw` from `inflight_key` back to the queue,
+        where its priority says (a plain message: the head of the list)."""
+        self.stage_command('EVAL', PUT_BACK, 3, inflight_key,
+                           self.queue_key, self.priority_key, raw)
+
+    # -- the queue as a whole: plain and priority messages -----------------
+
+    def queue_size_commands(self):
+        """The reads queue_size() makes, for callers batching them with
+        others; queue_size_of() adds their replies up."""
+        return [('LLEN', self.queue_key), ('ZCARD', self.priority_key),
+                ('LINDEX', self.queue_key, -1)]
+
+    @staticmethod
+    def queue_size_of(replies):
+        llen, zcard, head = replies
+        return int(llen) + int(zcard) - (1 if head == MARKER else 0)
+
+    def queue_size(self):
+        return self.queue_size_of(self.flush_all(*self.queue_size_commands(
+        ))[-3:])
+
+    def enqueued_items(self, limit=None):
+        """The messages in the order they will run (Huey's messages:
+        priority messages without their prefix, no marker)."""
+        conn = self.conn
+        pipe = conn.pipeline(transaction=True)
+        pipe.zrange(self.priority_key, 0, -1, withscores=True)
+        pipe.lrange(self.queue_key, 0, -1)
+        ranked, plain = pipe.execute()
+        items = [m for m, score in ranked if score < 0]
+        items += [m for m in reversed(plain) if m != MARKER]
+        items += [m for m, score in ranked if score >= 0]
+        items = [message_data(m) for m in items]
+        return items[:limit] if limit else items
+
+    def flush_queue(self):
+        self.conn.delete(self.queue_key, self.priority_key)
+
+    def scheduled_items(self, limit=None):
+        return [message_data(m) for m in super().scheduled_items(limit)]
 
     def put_data(self, key, value, is_result=False):
         rkey = self.result_key(key)
@@ -263,6 +614,8 @@ class SuiteStorage(RedisExpireStorage):
         return super().incr(key, amount)
 
     def read_schedule(self, ts):
+        # Huey's own scheduler loop: it enqueues what is due again with
+        # each task's priority, so the prefix goes.
         if self.has_pending():
             self.flush()
-        return super().read_schedule(ts)
+        return [message_data(m) for m in super().read_schedule(ts)]

@@ -20,7 +20,8 @@ DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0,
 
 FLOAT_FIELDS = frozenset((
     'enqueued', 'started', 'finished', 'updated', 'eta', 'next_retry',
-    'duration', 'expires', 'requeued_at', 'progress_at', 'revoke_requested'))
+    'duration', 'expires', 'requeued_at', 'progress_at', 'revoke_requested',
+    'first_seen'))
 INT_FIELDS = frozenset(('pid', 'worker', 'attempt', 'retries_total',
                          'retries_left', 'requeues'))
 NUMBER_FIELDS = frozenset(('progress_current', 'progress_total'))

@@ -7,21 +7,40 @@ takes a bounded batch of due messages off the schedule and pushes them
 onto the queue, atomically, and only for the lease holder, so each is
 moved exactly once.  Scores are Huey's (RedisStorage.convert_ts of a naive
 UTC datetime), so `due` is computed with the same function.
+
+A task with a priority is scheduled with it (SuiteStorage.add_to_schedule)
+and goes into the priority set, behind the messages of its priority that
+are already waiting, as if enqueued now; plain ones go on the list.
 """
+from ..storage import PRIORITY_LUA, message_data
 from .lease import LEADER_CHECK, NOT_LEADER
 from .periodic import naive_utc
 
 BATCH = 500
 
-# KEYS: lease, schedule zset, queue.  ARGV: token, highest due score, batch
-# size.  Returns the messages moved, earliest first (they leave the queue
-# in that order: the queue is LPUSHed and read from the right).
-MOVE_DUE = LEADER_CHECK + """
+# KEYS: lease, schedule zset, queue, priority set, priority sequence.
+# ARGV: token, highest due score, batch size.  Returns the messages moved,
+# earliest first (they leave the queue in that order: the queue is LPUSHed
+# and read from the right; priority ones get their sequence numbers in
+# that order).
+MOVE_DUE = LEADER_CHECK + PRIORITY_LUA + """
 local due = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[2],
                        'LIMIT', 0, tonumber(ARGV[3]))
 if #due > 0 then
   redis.call('ZREM', KEYS[2], unpack(due))
-  redis.call('LPUSH', KEYS[3], unpack(due))
+  local plain = {}
+  local ranked = false
+  for _, msg in ipairs(due) do
+    local score = hw_score(msg)
+    if score then
+      hw_enqueue(KEYS[4], KEYS[5], msg, score)
+      ranked = true
+    else
+      plain[#plain + 1] = msg
+    end
+  end
+  if #plain > 0 then redis.call('LPUSH', KEYS[3], unpack(plain)) end
+  if ranked then hw_mark(KEYS[3], KEYS[4]) end
 end
 return due
 """
@@ -40,13 +59,14 @@ class DelayedMover:
     def move_batch(self, token, now):
         """Move up to one batch of due messages; returns them, or None when
         the lease is not ours inside Redis (nothing moved)."""
+        storage = self.storage
         reply = self._script(
-            keys=[self.lease_key, self.storage.schedule_key,
-                  self.storage.queue_key],
+            keys=[self.lease_key, storage.schedule_key, storage.queue_key,
+                  storage.keys.priority, storage.keys.priority_seq],
             args=[token, repr(self.due_score(now)), self.batch])
         if reply == NOT_LEADER:
             return None
-        return reply
+        return [message_data(raw) for raw in reply]
 
     def pending_count(self):
         return self.conn.zcard(self.storage.schedule_key)
