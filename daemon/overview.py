@@ -7,11 +7,13 @@ Every read is bounded: LLEN/ZCARD/ZCOUNT, and at most MAX_CONSUMERS
 heartbeat records per queue.
 """
 import json
+import time
 
 import redis
 
 from . import journal
 from .journal import reads
+from .scheduler.periodic import naive_utc
 from .storage import SuiteStorage
 
 MAX_CONSUMERS = 1000
@@ -89,9 +91,14 @@ def snapshot(app, storage, counts=False, scheduler=False, metrics=False):
                      ('LLEN', keys.dead),
                      reads.results_held_command(storage)]
     if scheduler:
+        # Delayed and retrying tasks due for longer than OVERDUE_GRACE: only
+        # a scheduler moves them into the queue.
+        overdue_score = storage.convert_ts(naive_utc(
+            time.time() - OVERDUE_GRACE))
         commands += [('GET', keys.scheduler_lease),
                      ('PTTL', keys.scheduler_lease),
-                     ('GET', keys.scheduler_info)]
+                     ('GET', keys.scheduler_info),
+                     ('ZCOUNT', storage.schedule_key, '-inf', overdue_score)]
     if metrics:
         commands += [('HGETALL', keys.metrics_outcomes),
                      ('HGETALL', keys.metrics_durations)]
@@ -105,6 +112,7 @@ def snapshot(app, storage, counts=False, scheduler=False, metrics=False):
     if scheduler:
         out['scheduler'] = _scheduler(next(answers), next(answers),
                                       next(answers))
+        out['scheduler']['overdue'] = int(next(answers))
     if metrics:
         out['outcomes'] = reads.parse_outcome_counts(next(answers))
         out['durations'] = reads.parse_duration_stats(next(answers))
@@ -244,6 +252,11 @@ def _scheduler(lease, lease_ms, raw_info):
 
 # --- health --------------------------------------------------------------------
 
+# Seconds a delayed or retrying task may be past due before a queue without
+# a scheduler is unhealthy: a leader moves due tasks every [scheduler]
+# interval (1 s), so a few seconds late is a scheduler missing, not slow.
+OVERDUE_GRACE = 10
+
 def health_report(app):
     """(healthy, body).  Ready when Redis answers, each reported queue has
     a live consumer, and, where a scheduler was ever deployed, it has a
@@ -264,17 +277,25 @@ def health_report(app):
                            'reasons': reasons}
         live = [c for c in snap['consumers'] if c['alive']]
         scheduler = snap['scheduler']
+        leaderless = not scheduler['leader_present']
         entry = {'consumers': {'ok': bool(live), 'live': len(live)},
-                 'scheduler': {'ok': not scheduler['deployed']
-                               or scheduler['leader_present'],
+                 'scheduler': {'ok': not leaderless or (
+                     not scheduler['deployed'] and not scheduler['overdue']),
                                **scheduler}}
         if not live:
             reasons.append('queue %s: no live consumer (none heartbeat '
                            'within %gs)' % (
                                name, app.config.delivery.recovery_timeout))
-        if not entry['scheduler']['ok']:
+        if not entry['scheduler']['ok'] and scheduler['deployed']:
             reasons.append('queue %s: the scheduler has no leader (last '
                            'leader %s)' % (name, scheduler['leader'] or '?'))
+        elif not entry['scheduler']['ok']:
+            # Never deployed (huey_consumer ran its own scheduler): delayed
+            # and retrying tasks wait for ever without one.
+            reasons.append('queue %s: %d delayed or retrying task(s) due for '
+                           'over %ds and no scheduler runs (start huey-worker '
+                           'scheduler)' % (name, scheduler['overdue'],
+                                           OVERDUE_GRACE))
         queues[name] = entry
     checks['queues'] = queues
     healthy = not reasons

@@ -359,3 +359,30 @@ def test_redis_values_cover_tls_and_unix_sockets():
     unix = redis.ConnectionPool.from_url('unix:///run/redis/redis.sock?db=3')
     assert adopt.redis_values(unix)['redis.url'] == \
         'unix:///run/redis/redis.sock?db=3'
+
+
+# --- config --check does what the daemons do before they start ---------------
+
+def test_config_check_imports_the_app_and_modules_and_config_shows_its_values(
+        base_env):
+    queue = 'pipes-%s' % os.getpid()
+    env = project_env(base_env, HUEY_QUEUE_NAME=queue)
+    env.pop('HUEY_WORKER_HUEY_APP', None)
+    app = ['--app', 'pipelines.tasks:huey']
+    good = cli(env, SEED001, 'config', '--check', *app)
+    assert good.returncode == 0, good.stderr
+    assert 'app pipelines.tasks:huey' in good.stderr
+    shown = cli(env, SEED001, 'config', *app)
+    # HUEY_QUEUE_NAME is the suite's variable too, so the queue is the
+    # environment's; what only the app says is shown as the app's.
+    assert any(line.endswith('# app pipelines.tasks:huey')
+               for line in shown.stdout.splitlines()), shown.stdout
+    # What the consumer would refuse, --check refuses too (it used to say
+    # "configuration OK (defaults only)").
+    for args, named in ((['--app', 'nosuch_project.tasks:huey'],
+                         'nosuch_project'),
+                        (app + ['--module', 'nosuch_module'],
+                         'nosuch_module')):
+        bad = cli(env, SEED001, 'config', '--check', *args)
+        assert bad.returncode == 78, bad.stderr
+        assert named in bad.stderr and 'configuration OK' not in bad.stderr

@@ -433,7 +433,7 @@ def test_absent_default_config_still_means_defaults(unprivileged, open_dir):
     run = unprivileged.run(['config', '--check'], default_path=os.path.join(
         open_dir, 'etc', 'huey-worker.ini'))
     assert run.returncode == 0, run.stderr
-    assert 'configuration OK (defaults only)' in run.stderr
+    assert 'configuration OK (defaults only; ' in run.stderr
 
 
 # -- the command -------------------------------------------------------------

@@ -2,6 +2,7 @@
 fed by real consumers: routes and shapes, auth, health rules, metrics
 parsed with prometheus-client, limits, request framing, a fuzz pass,
 kept-alive connections, a Redis restart, socket activation."""
+import datetime
 import http.client
 import json
 import os
@@ -233,6 +234,21 @@ def test_health_rules(producer, env, start_daemon):
     status, body = wait_until(lambda: (lambda r: r if r[0] == 200 else None)(
         client.get('/health')), what='healthy')
     assert body['checks']['queues']['huey']['scheduler']['deployed'] is False
+
+    # No scheduler ever, as huey_consumer users are used to: a retry due
+    # for long waits for ever, and health says so.
+    storage = producer.storage
+    past = datetime.datetime.utcnow() - datetime.timedelta(seconds=60)
+    soon = datetime.datetime.utcnow() + datetime.timedelta(seconds=60)
+    storage.add_to_schedule(b'a retry due a minute ago', past)
+    storage.add_to_schedule(b'a task due in a minute', soon)
+    status, body = client.get('/health')
+    assert status == 503
+    assert any('1 delayed or retrying task(s) due for over 10s and no '
+               'scheduler runs' in r for r in body['reasons']), body
+    conn_ = storage.conn
+    conn_.zremrangebyscore(storage.schedule_key, '-inf', '+inf')
+    assert client.get('/health')[0] == 200
 
     # A scheduler that ran once and has no leader now is a fault.
     keys = producer.keys

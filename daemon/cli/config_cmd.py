@@ -33,9 +33,23 @@ def command(check, as_json, sample, reference, **params):
     cfg = load_from(params)
     for warning in cfg.warnings:
         click.echo('huey-worker: warning: %s' % warning, err=True)
+    if check or cfg.huey.app:
+        # What the daemons do before they start, short of Redis: import the
+        # app and the task modules and resolve the periodic tasks, so that
+        # `config --check && systemctl reload` catches what they would
+        # refuse.  An adopted app's values are shown as it gives them.
+        from .. import app as app_module
+        from ..scheduler import periodic
+        app = app_module.configure(cfg)
+        cfg = app.config
+        periodic.load_entries(cfg, app)
     if check:
-        click.echo('configuration OK (%s)' % (
-            ', '.join(cfg.files) if cfg.files else 'defaults only'), err=True)
+        sources = list(cfg.files)
+        if cfg.huey.app:
+            sources.append('app %s' % cfg.huey.app)
+        click.echo('configuration OK (%s; %d tasks)' % (
+            ', '.join(sources) if sources else 'defaults only',
+            len(app.task_names())), err=True)
         raise SystemExit(EX_OK)
     if as_json:
         click.echo(json.dumps({'files': cfg.files, 'settings': cfg.as_dict()},

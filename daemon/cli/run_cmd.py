@@ -12,6 +12,7 @@ import sys
 import time
 
 import click
+import requests
 
 from .. import config as config_module
 from .. import settings as registry
@@ -129,6 +130,15 @@ def base_url(host, port):
     return 'http://%s:%d/' % (('[%s]' % host) if ':' in host else host, port)
 
 
+def healthy(status_url):
+    """Whether GET /health answers 200 within a second."""
+    try:
+        return requests.get(status_url + 'health', timeout=1).status_code \
+            == 200
+    except requests.RequestException:
+        return False
+
+
 class Suite:
     def __init__(self, state_dir, config_path, cfg, overrides,
                  redis_overrides, server):
@@ -151,6 +161,7 @@ class Suite:
         self.requests = []       # stop signals received
         self.record_path = None
         self.status_url = None
+        self.healthy = False
 
     # -- signals -------------------------------------------------------------
 
@@ -254,8 +265,12 @@ class Suite:
         deadline = time.monotonic() + STATUS_WAIT
         while not self.requests and time.monotonic() < deadline:
             address = listening_address(status.pid)
-            if address is not None:
+            if address is not None and self.status_url is None:
                 self.status_url = base_url(*address)
+            # Ready means /health says ok (the consumer's first heartbeat is
+            # in): a curl right after the summary must not get a 503.
+            if self.status_url is not None and healthy(self.status_url):
+                self.healthy = True
                 return None
             failed = self._check_children()
             if failed is not None:
@@ -266,7 +281,10 @@ class Suite:
     def _summary(self):
         cfg = self.cfg
         if self.status_url:
-            say('status endpoint: %shealth' % self.status_url)
+            say('status endpoint: %shealth%s' % (
+                self.status_url, '' if self.healthy else
+                ' (not healthy yet after %ds: see the daemons\' lines above)'
+                % STATUS_WAIT))
         else:
             say('status endpoint: not listening yet (see the status-server '
                 'log)')
