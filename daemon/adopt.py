@@ -33,12 +33,15 @@ huey.results.NAME) each result is written both there, for the producer's
 result.get(), and under the expiring key the journal and `huey-worker
 task` read.
 """
+import contextlib
 import dataclasses
 import importlib
 import logging
 import os
+import signal
 import ssl
 import sys
+import threading
 from urllib.parse import quote
 
 import redis
@@ -92,6 +95,51 @@ def _import(name):
             raise
 
 
+@contextlib.contextmanager
+def running_user_code():
+    """Around importing the user's modules: they may call sys.exit() or
+    raise KeyboardInterrupt or SystemExit themselves, which is reported as
+    a configuration error (what_it_did), while a real Ctrl-C meanwhile
+    still ends the command as Ctrl-C does.  Yields a list that holds the
+    signal number once SIGINT arrived."""
+    received = []
+
+    def on_sigint(signum, frame):
+        received.append(signum)
+        raise KeyboardInterrupt
+
+    swapped = threading.current_thread() is threading.main_thread() and \
+        signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    if swapped:
+        signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield received
+    finally:
+        if swapped:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def reportable(exc, received):
+    """Whether an exception out of the user's code is to be reported as a
+    configuration error: anything but a KeyboardInterrupt from a real
+    Ctrl-C (and GeneratorExit, which is no error)."""
+    if isinstance(exc, GeneratorExit):
+        return False
+    return not (isinstance(exc, KeyboardInterrupt) and received)
+
+
+def what_it_did(exc):
+    """'called sys.exit(3)', 'raised KeyboardInterrupt', 'ValueError: x'."""
+    if isinstance(exc, SystemExit):
+        return 'called sys.exit(%s)' % ('' if exc.code is None
+                                        else repr(exc.code))
+    if isinstance(exc, BaseException) and not isinstance(exc, Exception):
+        text = ' '.join(str(exc).split())
+        return 'raised %s%s' % (type(exc).__name__,
+                                (': %s' % text) if text else '')
+    return '%s: %s' % (type(exc).__name__, exc)
+
+
 def load(cfg):
     """The Huey instance [huey] app names, imported and validated (not
     changed)."""
@@ -99,20 +147,32 @@ def load(cfg):
         if directory not in sys.path:
             sys.path.insert(0, directory)
     module_name, attr = split_spec(cfg.huey.app)
-    try:
-        obj = _import(module_name)
-    except Exception as exc:
-        raise _error(cfg, 'cannot import module %r: %s: %s (the module and '
-                          'everything it imports must be importable here: '
-                          'same virtualenv, [tasks] python_path or the '
-                          'working directory)' % (
-                              module_name, type(exc).__name__, exc))
-    for part in attr.split('.'):
+    with running_user_code() as received:
         try:
-            obj = getattr(obj, part)
-        except AttributeError:
-            raise _error(cfg, 'module %r has no attribute %r' % (
-                module_name, attr))
+            obj = _import(module_name)
+        except BaseException as exc:
+            if not reportable(exc, received):
+                raise
+            raise _error(cfg, 'cannot import module %r: %s (the module and '
+                              'everything it imports must be importable '
+                              'here: same virtualenv, [tasks] python_path or '
+                              'the working directory)' % (
+                                  module_name, what_it_did(exc))) from None
+        for part in attr.split('.'):
+            try:
+                obj = getattr(obj, part)
+            except AttributeError:
+                raise _error(cfg, 'module %r has no attribute %r' % (
+                    module_name, attr)) from None
+            except BaseException as exc:
+                if not reportable(exc, received):
+                    raise
+                did = what_it_did(exc)
+                if isinstance(exc, Exception):
+                    did = 'raised ' + did
+                raise _error(cfg, 'cannot import module %r: getting its '
+                                  'attribute %r %s' % (module_name, part,
+                                                       did)) from None
     if not isinstance(obj, Huey):
         raise _error(cfg, '%s is a %s, not a Huey instance' % (
             attr, type(obj).__name__))

@@ -63,8 +63,21 @@ class SuiteHuey(Huey):
         if self._storage is None:
             with self._configure_lock:
                 if self._storage is None:
-                    self.configure(config_module.load())
+                    self._configure_on_first_use()
         return self._storage
+
+    def _configure_on_first_use(self):
+        """A producer's first enqueue: the file and environment settings.
+        With [huey] app set, that app is adopted first, which points this
+        app at its queue, serializer and Redis: a web app enqueueing
+        through `huey_worker.huey` must fill the queue the consumers of the
+        adopted app read."""
+        cfg = config_module.load()
+        if cfg.huey.app:
+            from . import adopt
+            adopt.adopt(cfg, with_tasks=False)
+        if self._storage is None:
+            self.configure(cfg)
 
     @storage.setter
     def storage(self, value):
@@ -119,15 +132,21 @@ def load_task_modules(cfg, app=huey):
             sys.path.insert(0, directory)
     names = list(BUILTIN_TASK_MODULES) if cfg.tasks.builtin else []
     names += [m for m in cfg.tasks.modules if m not in names]
+    from .adopt import reportable, running_user_code, what_it_did
     for name in names:
-        try:
-            module = importlib.import_module(name)
-        except Exception as exc:
-            raise ConfigError(
-                'cannot import task module %r: %s: %s' % (
-                    name, type(exc).__name__, exc),
-                'tasks', 'modules', ', '.join(cfg.tasks.modules),
-                origin=str(cfg.source('tasks.modules')))
+        # A module that calls sys.exit() or raises KeyboardInterrupt or
+        # SystemExit is reported too (a real Ctrl-C still stops).
+        with running_user_code() as received:
+            try:
+                module = importlib.import_module(name)
+            except BaseException as exc:
+                if not reportable(exc, received):
+                    raise
+                raise ConfigError(
+                    'cannot import task module %r: %s' % (
+                        name, what_it_did(exc)),
+                    'tasks', 'modules', ', '.join(cfg.tasks.modules),
+                    origin=str(cfg.source('tasks.modules'))) from None
         others = foreign_apps(module, app)
         if others:
             attribute, other = others[0]

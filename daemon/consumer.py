@@ -10,7 +10,9 @@ import logging
 import multiprocessing
 import os
 import secrets
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -18,6 +20,7 @@ import redis
 
 from . import __version__, adopt, cpus, delivery, logs, redisconn
 from .app import hostname
+from .config import ConfigError
 from .mainloop import MainLoop, refuse_immediate, reread_config
 from .notify import Notifier
 from .signals import name as signal_name
@@ -158,7 +161,8 @@ class Consumer(MainLoop):
         # RELOADING=1 before anything slow: systemd then holds the reload job
         # (and systemctl reload) until READY=1, after the drain.
         self.notifier.reloading()
-        if reread_config(self.reload_config, self.cfg) is None:
+        if reread_config(self.reload_config, self.cfg,
+                         self._new_image_starts) is None:
             self.notifier.ready(self.status_line())
             return
         self.shutdown(for_reload=True)
@@ -168,6 +172,26 @@ class Consumer(MainLoop):
         # A fresh process image picks up the new configuration and any new
         # code; the PID stays, so systemd and supervisord keep tracking it.
         os.execv(sys.executable, [sys.executable] + sys.orig_argv[1:])
+
+    def _new_image_starts(self, new_cfg):
+        """Raise ConfigError unless the process image a reload execs would
+        start: it imports the app and the task modules afresh (new code
+        included), which this process cannot check in itself."""
+        argv = [sys.executable] + sys.orig_argv[1:] + ['--check-config']
+        with tempfile.TemporaryFile() as errors:
+            checker = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
+                                       stdout=subprocess.DEVNULL,
+                                       stderr=errors)
+            while checker.poll() is None:
+                self.notifier.keep_alive()   # imports may take seconds
+                time.sleep(0.1)
+            errors.seek(0)
+            text = errors.read().decode('utf-8', 'replace').strip()
+        if checker.returncode != 0:
+            lines = [l for l in text.splitlines() if l.strip()]
+            raise ConfigError('the new process would not start (exit %d): %s'
+                              % (checker.returncode,
+                                 lines[-1] if lines else 'no message'))
 
     def reopen_logs(self):
         super().reopen_logs()
@@ -190,6 +214,14 @@ class Consumer(MainLoop):
                         self.identity, self.in_process, self.incarnation)
         name = 'Worker-%d' % index
         if self.in_process:
+            # A process worker gets SIGKILL when the *thread* that forked it
+            # ends (PR_SET_PDEATHSIG, see Worker.run), so every fork, the
+            # first ones and the replacements after max_tasks or a crash
+            # alike, is made by the main loop's thread: the main thread,
+            # which lives as long as the consumer.
+            if threading.current_thread() is not threading.main_thread():
+                raise RuntimeError('process workers must be started from '
+                                   'the main thread')
             runner = multiprocessing.get_context('fork').Process(
                 target=worker.run, name=name, daemon=True)
         else:

@@ -183,16 +183,62 @@ def process_start_time(pid):
 
 
 def write_run_record(path, **fields):
-    """Replace the record atomically: a reader sees the old one or the new."""
+    """Replace the record atomically: a reader sees the old one or the new.
+    A `run` still alive that the new one replaces is kept inside it
+    ('previous'), so that it is found again when the newer one stops."""
     os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
     fields.setdefault('pid', os.getpid())
     fields.setdefault('started', process_start_time(fields['pid']))
+    previous = _live(_load(path))
+    if previous is not None and previous['pid'] != fields['pid']:
+        fields['previous'] = previous
+    _replace(path, fields)
+
+
+def _replace(path, record):
     temporary = '%s.%d' % (path, os.getpid())
     with open(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
                       0o600), 'w') as fh:
-        json.dump(fields, fh, indent=2, sort_keys=True)
+        json.dump(record, fh, indent=2, sort_keys=True)
         fh.write('\n')
     os.replace(temporary, path)
+
+
+def _load(path):
+    try:
+        with open(path) as fh:
+            record = json.load(fh)
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _live(record):
+    """`record` if its `run` is alive, else the newest live one it kept
+    ('previous'), else None."""
+    while isinstance(record, dict):
+        try:
+            pid = int(record['pid'])
+            alive = isinstance(record.get('redis_url'), str)
+        except (ValueError, TypeError, KeyError):
+            pid, alive = None, False
+        if alive:
+            try:
+                os.kill(pid, 0)
+            except (ProcessLookupError, PermissionError):
+                # Gone, or another user's process: not this user's `run`.
+                alive = False
+        if alive:
+            # A zombie is a `run` killed and not yet reaped by its parent;
+            # another start time is another process with a reused pid.
+            state, started = _proc_stat(pid)
+            alive = state != 'Z' and (record.get('started') is None or
+                                      started is None or
+                                      started == record['started'])
+        if alive:
+            return record
+        record = record.get('previous')
+    return None
 
 
 def read_run_record(environ=None):
@@ -200,37 +246,27 @@ def read_run_record(environ=None):
     path = run_record_path(environ)
     if path is None:
         return None
-    try:
-        with open(path) as fh:
-            record = json.load(fh)
-        pid = int(record['pid'])
-        if not isinstance(record.get('redis_url'), str):
-            return None
-    except (OSError, ValueError, TypeError, KeyError):
+    record = _live(_load(path))
+    if record is None:
         return None
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return None
-    except PermissionError:
-        return None   # another user's process: not this user's `run`
-    # A zombie is a `run` killed and not yet reaped by its parent.
-    state, started = _proc_stat(pid)
-    if state == 'Z' or (record.get('started') is not None and
-                        started is not None and started != record['started']):
-        return None
-    record['path'] = path
+    record = dict(record, path=path)
+    record.pop('previous', None)
     return record
 
 
 def remove_run_record(path, pid=None):
-    """Remove the record if it is still this process's (a `run` started
-    later may have replaced it)."""
+    """Remove this process's record, putting back the newest `run` it had
+    replaced that is still alive; leave one that a `run` started later
+    wrote (it keeps this one inside, and drops it when it finds it dead)."""
     pid = os.getpid() if pid is None else pid
+    record = _load(path)
+    if record is None or record.get('pid') != pid:
+        return
     try:
-        with open(path) as fh:
-            if json.load(fh).get('pid') != pid:
-                return
-        os.unlink(path)
-    except (OSError, ValueError, AttributeError):
+        previous = _live(record.get('previous'))
+        if previous is not None:
+            _replace(path, previous)
+        else:
+            os.unlink(path)
+    except OSError:
         pass

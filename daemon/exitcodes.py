@@ -7,6 +7,7 @@ EX_DATAERR = 65      # bad input data given to a CLI command
 EX_NOINPUT = 66      # a named task or file does not exist
 EX_UNAVAILABLE = 69  # Redis or the status endpoint could not be reached
 EX_SOFTWARE = 70     # an internal error (a bug): please report it
+EX_IOERR = 74        # the output (stdout, stderr) could not be written
 EX_TEMPFAIL = 75     # timed out waiting (CLI wait --timeout)
 EX_CONFIG = 78       # configuration error: fix the config, do not restart
 # A command stopped by a closed output pipe or Ctrl-C is killed by SIGPIPE
@@ -20,6 +21,7 @@ DESCRIPTIONS = {
     EX_NOINPUT: 'the named task or file does not exist',
     EX_UNAVAILABLE: 'Redis or the status endpoint unreachable',
     EX_SOFTWARE: 'internal error',
+    EX_IOERR: 'the output could not be written',
     EX_TEMPFAIL: 'timed out',
     EX_CONFIG: 'configuration error (systemd does not restart on it)',
 }

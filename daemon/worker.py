@@ -33,6 +33,7 @@ from huey.exceptions import HueyException, TaskTimeout
 from . import context, delivery, hooks, logs
 from .storage import message_data
 from .app import hostname
+from .devredis import dies_with_this_process
 from .tasks.runtime import TaskRejected
 
 log = logging.getLogger('huey_worker.worker')
@@ -190,11 +191,23 @@ class Worker:
         self.log_end = cfg.logging.task_events != 'none'
         # Here, in the consumer's main thread: process workers inherit it.
         install_rejection_filter()
+        # Made here, in the consumer just before the fork, so it holds the
+        # consumer's pid: the child compares its parent with it (run()).
+        self._die_with_consumer = \
+            dies_with_this_process(signal.SIGKILL) if in_process else None
 
     # -- lifecycle (initialize / loop / shutdown, as in Huey) --------------
 
     def run(self):
         if self.in_process:
+            # First thing in the child: a worker must not outlive its
+            # consumer (kill -9, OOM killer), or it goes on taking tasks
+            # while the next consumer puts back the ones it is running, and
+            # they run twice.  SIGKILL, not SIGTERM: the orphan must not
+            # finish and ack its task in a race with that recovery (the
+            # at-least-once design runs it again).  A consumer that died
+            # between the fork and this is noticed too (the child exits).
+            self._die_with_consumer()
             self._init_child()
         self.storage = self.app.storage
         self.storage.pin_connection()

@@ -386,3 +386,76 @@ def test_config_check_imports_the_app_and_modules_and_config_shows_its_values(
         bad = cli(env, SEED001, 'config', '--check', *args)
         assert bad.returncode == 78, bad.stderr
         assert named in bad.stderr and 'configuration OK' not in bad.stderr
+
+
+def test_a_producer_of_the_shared_app_fills_the_adopted_apps_queue(
+        base_env, start_in, redis_url, tmp_path):
+    # A web app whose tasks are written against `from huey_worker import
+    # huey`, with [huey] app naming the project's app (queue pixcollector):
+    # its enqueues must land where the consumers of that app read.
+    code = tmp_path / 'shared_tasks_mod'
+    code.mkdir()
+    (code / 'shared_tasks.py').write_text(
+        'from huey_worker import huey\n\n\n@huey.task()\n'
+        'def triple(x):\n    return 3 * x\n')
+    env = project_env(base_env, PIXCOLLECTOR_REDIS_URL=redis_url,
+                      HUEY_WORKER_HUEY_APP='core.huey:huey',
+                      HUEY_WORKER_TASKS_PYTHON_PATH=str(code),
+                      HUEY_MODULES='shared_tasks')
+    del env['HUEY_REDIS_URL']
+    consumer = start_in(['consumer'], env, SEED000, 'consumer')
+    consumer.wait_for_output('consumer ready')
+    printed = run_python('''
+import sys
+sys.path.insert(0, %r)
+from huey_worker import huey
+import shared_tasks
+result = shared_tasks.triple(14)
+print(huey.name)
+print(result.get(blocking=True, timeout=30))
+''' % str(code), env, SEED000).split()
+    assert printed == ['pixcollector', '42']
+
+
+# --- an app that exits at import, or is built immediate ----------------------
+
+@pytest.mark.parametrize('body, did', [
+    ('import sys\nsys.exit(3)\nhuey = None\n', 'called sys.exit(3)'),
+    ('raise KeyboardInterrupt\n', 'raised KeyboardInterrupt'),
+    ('import sys, types\n\n\nclass M(types.ModuleType):\n    @property\n'
+     '    def huey(self):\n        raise RuntimeError("no app here")\n\n\n'
+     'sys.modules[__name__].__class__ = M\n',
+     "getting its attribute 'huey' raised RuntimeError: no app here"),
+], ids=['sys.exit', 'KeyboardInterrupt', 'property'])
+def test_an_app_module_that_exits_or_raises_is_a_config_error(
+        base_env, tmp_path, body, did):
+    (tmp_path / 'leaving.py').write_text(body)
+    env = project_env(base_env)
+    for args in (('config', '--check', '--app', 'leaving:huey'),
+                 ('status', '--app', 'leaving:huey')):
+        run = cli(env, str(tmp_path), *args)
+        assert run.returncode == 78, (args, run.returncode, run.stderr)
+        lines = run.stderr.splitlines()
+        assert len(lines) == 1, run.stderr
+        assert lines[0].startswith(
+            "huey-worker: config error: [huey] app = 'leaving:huey' (cli "
+            "--app): cannot import module 'leaving': %s" % did), lines[0]
+
+
+def test_operator_commands_refuse_an_app_built_immediate(base_env, tmp_path,
+                                                         redis_url):
+    (tmp_path / 'eager.py').write_text(
+        'from huey import RedisHuey\n\n'
+        'huey = RedisHuey("eager", url=%r, immediate=True)\n\n\n'
+        '@huey.task()\ndef echo(x):\n    return x\n' % redis_url)
+    env = project_env(base_env, HUEY_WORKER_HUEY_APP='eager:huey')
+    del env['HUEY_REDIS_URL']
+    for args in (('status',), ('task', 'x'), ('workers',),
+                 ('dead-letters', 'list'), ('submit', 'echo', '1'),
+                 ('status-server', '--port', '0')):
+        run = cli(env, str(tmp_path), *args)
+        assert run.returncode == 78, (args, run.returncode, run.stderr)
+        assert run.stderr.splitlines()[-1].startswith(
+            "huey-worker: config error: [huey] immediate = 'true' (app "
+            "eager:huey (built with immediate=True)): immediate mode runs "
+            "tasks in the producer, so there is no queue for "), run.stderr

@@ -198,3 +198,134 @@ def test_ctrl_c_ends_as_killed_by_sigint(producer, base_env):
     assert out == ''
     assert json.loads(cli(base_env, 'task', task_id, '--json').stdout)[
         'state'] == 'pending'
+
+
+# -- immediate mode: no queue to operate on, a config error (78) ---------------
+
+IMMEDIATE_COMMANDS = [
+    ('status',), ('status', '--json'), ('task', 'some-id'),
+    ('wait', 'some-id'), ('workers',), ('dead-letters', 'list'),
+    ('dead-letters', 'purge', '--all'), ('dead-letters', 'requeue', '--all'),
+    ('submit', 'add', '1', '2'), ('submit', 'add', '1', '2', '--wait'),
+]
+
+
+@pytest.mark.parametrize('args', IMMEDIATE_COMMANDS, ids=' '.join)
+def test_operator_commands_refuse_immediate_mode(base_env, args):
+    run = cli(dict(base_env, HUEY_IMMEDIATE='1'), *args)
+    assert run.returncode == 78, (run.returncode, run.stderr)
+    lines = run.stderr.splitlines()
+    assert len(lines) == 1, run.stderr
+    assert lines[0].startswith("huey-worker: config error: [huey] immediate "
+                               "= 'true' (env HUEY_IMMEDIATE): immediate "
+                               "mode runs tasks in the producer, so there is "
+                               "no queue for `huey-worker "), lines[0]
+    assert run.stdout == ''
+
+
+def test_submit_in_immediate_mode_runs_nothing(base_env, tmp_path):
+    marker = tmp_path / 'ran'
+    code = tmp_path / 'mods'
+    code.mkdir()
+    (code / 'touching.py').write_text(
+        'from huey_worker import huey\n\n\n@huey.task()\n'
+        'def touch(path):\n    open(path, "w").close()\n')
+    env = dict(base_env, HUEY_IMMEDIATE='1', HUEY_MODULES='touching',
+               PYTHONPATH=str(code))
+    run = cli(env, 'submit', 'touch', str(marker))
+    assert run.returncode == 78, run.stderr
+    assert 'to enqueue into: it would run the task in this command' in \
+        run.stderr
+    assert not marker.exists()
+
+
+def test_status_server_refuses_immediate_mode(base_env):
+    run = cli(dict(base_env, HUEY_IMMEDIATE='true'), 'status-server',
+              '--port', '0', timeout=30)
+    assert run.returncode == 78, (run.returncode, run.stderr)
+    assert ("[huey] immediate = 'true' (env HUEY_IMMEDIATE): immediate mode "
+            "runs tasks in the producer, so there is no queue for the status "
+            "endpoint to report") in run.stderr
+    assert 'Traceback' not in run.stderr
+
+
+# -- a task module that exits at import: a config error (78) -----------------
+
+@pytest.mark.parametrize('body, did', [
+    ('import sys\nsys.exit(3)\n', 'called sys.exit(3)'),
+    ('raise SystemExit\n', 'called sys.exit()'),
+    ('raise KeyboardInterrupt\n', 'raised KeyboardInterrupt'),
+], ids=['sys.exit(3)', 'SystemExit', 'KeyboardInterrupt'])
+def test_task_module_exiting_at_import_is_a_config_error(base_env, tmp_path,
+                                                         body, did):
+    (tmp_path / 'quitter.py').write_text(body)
+    env = dict(base_env, HUEY_MODULES='quitter', PYTHONPATH=str(tmp_path))
+    for args in (('config', '--check'), ('submit', 'add', '1')):
+        run = cli(env, *args)
+        assert run.returncode == 78, (args, run.returncode, run.stderr)
+        assert run.stderr.splitlines() == [
+            "huey-worker: config error: [tasks] modules = 'quitter' (env "
+            "HUEY_MODULES): cannot import task module 'quitter': %s" % did]
+
+
+# -- output that cannot be written: 74, never 69 -------------------------------
+
+FULL = '/dev/full'
+
+
+def into_full_disk(env, *args):
+    with open(FULL, 'w') as full:
+        return cli(env, *args, capture_output=False, stdout=full,
+                   stderr=subprocess.PIPE)
+
+
+@pytest.mark.skipif(not os.path.exists(FULL), reason='no /dev/full')
+@pytest.mark.parametrize('args', [
+    ('config',), ('config', '--json'), ('--help',), ('--version',),
+    ('status',), ('status', '--json'), ('workers',),
+    ('dead-letters', 'list', '--json'),
+], ids=' '.join)
+def test_output_to_a_full_disk_is_74_not_69(producer, base_env, args):
+    run = into_full_disk(base_env, *args)
+    assert run.returncode == 74, (run.returncode, run.stderr)
+    assert run.stderr.splitlines() == [
+        'huey-worker: cannot write the output: No space left on device']
+
+
+@pytest.mark.skipif(not os.path.exists(FULL), reason='no /dev/full')
+def test_task_wait_to_a_full_disk_is_74(producer, base_env):
+    import sample_tasks
+    task_id = sample_tasks.add(1, 2).id
+    for args in (('task', task_id), ('task', task_id, '--json'),
+                 ('wait', task_id, '--timeout', '0.1', '--json')):
+        run = into_full_disk(base_env, *args)
+        assert run.returncode == 74, (args, run.returncode, run.stderr)
+        assert run.stderr.splitlines()[-1] == (
+            'huey-worker: cannot write the output: No space left on device')
+
+
+@pytest.mark.skipif(not os.path.exists(FULL), reason='no /dev/full')
+def test_submit_to_a_full_disk_says_the_task_was_enqueued(producer,
+                                                          base_env):
+    import sample_tasks
+    run = into_full_disk(base_env, 'submit', 'add', '1', '2')
+    assert run.returncode == 74, (run.returncode, run.stderr)
+    lines = run.stderr.splitlines()
+    assert len(lines) == 1, run.stderr
+    assert lines[0].startswith('huey-worker: cannot write the output: No '
+                               'space left on device (the task '), lines[0]
+    assert 'WAS enqueued, id ' in lines[0]
+    task_id = lines[0].split('WAS enqueued, id ')[1].split(';')[0]
+    # It is in the queue: nobody needs to submit it again.
+    assert sample_tasks.huey.pending_count() == 1
+    shown = json.loads(cli(base_env, 'task', task_id, '--json').stdout)
+    assert shown['state'] == 'pending'
+
+
+def test_closed_stdout_is_74_too(base_env):
+    run = cli(base_env, 'config', capture_output=False,
+              stderr=subprocess.PIPE, close_fds=True,
+              preexec_fn=lambda: os.close(1))
+    assert run.returncode == 74, (run.returncode, run.stderr)
+    assert run.stderr.splitlines() == [
+        'huey-worker: cannot write the output: Bad file descriptor']

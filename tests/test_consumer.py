@@ -165,6 +165,44 @@ def test_sighup_reloads_the_config_in_place(producer, base_env, start_daemon,
     assert daemon.wait() == 0
 
 
+def test_sighup_refuses_what_the_new_process_would_refuse(
+        producer, base_env, start_daemon, tmp_path):
+    # The reload re-executes the consumer, which imports the task modules
+    # and the app afresh: a module changed on disk since the start, a new
+    # module that does not import, or an app that cannot be adopted must be
+    # refused like a bad value, not end the consumer with 78.
+    import sample_tasks
+    code = tmp_path / 'code'
+    code.mkdir()
+    (code / 'reload_mod.py').write_text('VALUE = 1\n')
+    config_path = base_env['HUEY_WORKER_CONFIG']
+    good = ('[tasks]\nmodules = sample_tasks, reload_mod\npython_path = %s\n'
+            % code)
+    with open(config_path, 'w') as fh:
+        fh.write(good)
+    env = {k: v for k, v in base_env.items() if k != 'HUEY_MODULES'}
+    daemon = start_daemon(['consumer', '--workers', '1'], env)
+    daemon.wait_for_output('consumer ready')
+    (code / 'reload_mod.py').write_text('raise RuntimeError("broken on '
+                                        'disk")\n')
+    daemon.signal(signal.SIGHUP)
+    wait_until(lambda: daemon.output().count('configuration not reloaded')
+               == 1, what='the reload refused')
+    assert 'broken on disk' in daemon.output()
+    (code / 'reload_mod.py').write_text('VALUE = 2\n')
+    with open(config_path, 'w') as fh:
+        fh.write(good + '[huey]\napp = no_such_project.tasks:huey\n')
+    daemon.signal(signal.SIGHUP)
+    wait_until(lambda: daemon.output().count('configuration not reloaded')
+               == 2, what='the second reload refused')
+    assert 'no_such_project' in daemon.output()
+    assert daemon.proc.poll() is None
+    assert daemon.output().count('consumer ready') == 1
+    assert sample_tasks.add(1, 2).get(blocking=True, timeout=20) == 3
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait() == 0
+
+
 @pytest.mark.parametrize('worker_type', ['thread', 'process'])
 def test_sigusr1_reopens_the_log_file_after_rotation(
         producer, base_env, start_daemon, tmp_path, worker_type):

@@ -107,3 +107,32 @@ def test_private_redis_stops_at_once_and_keeps_its_data(tmp_path):
         assert server.client().get('kept') == b'1'
     finally:
         server.cleanup()
+
+
+def test_two_runs_the_later_stops_the_earlier_is_found_again(environ):
+    # Run A (a live process of its own), then run B (this process) over
+    # it; B stops: the CLI must find A, not fall back to 127.0.0.1:6379.
+    path = run_record_path(environ)
+    first = subprocess.Popen([sys.executable, '-c',
+                              'import time; time.sleep(60)'])
+    try:
+        write_run_record(path, redis_url='redis://127.0.0.1:1111/0',
+                         pid=first.pid)
+        write_run_record(path, redis_url=URL)
+        assert read_run_record(environ)['redis_url'] == URL
+        remove_run_record(path)
+        assert read_run_record(environ)['redis_url'] == \
+            'redis://127.0.0.1:1111/0'
+        assert config.load(environ=environ).get('redis.url') == \
+            'redis://127.0.0.1:1111/0'
+        # A stopped before B: B's record stands, and when B stops too the
+        # file goes (A is dead).
+        write_run_record(path, redis_url=URL)
+        first.kill()
+        first.wait()
+        assert read_run_record(environ)['redis_url'] == URL
+        remove_run_record(path)
+        assert not os.path.exists(path)
+    finally:
+        first.kill()
+        first.wait()

@@ -4,9 +4,13 @@ own module, listed here.
 Calling main() gives every command the same exits (docs/exit-codes.md):
 a usage error is click's message and 64; output into a closed pipe ends the
 process quietly as killed by SIGPIPE, and Ctrl-C as killed by SIGINT, like
-GNU tools, so a shell sees 141 and 130 and a script stops on Ctrl-C."""
+GNU tools, so a shell sees 141 and 130 and a script stops on Ctrl-C; any
+other failure to write stdout or stderr (a full disk, stdout closed) is one
+line and 74, never mistaken for Redis being unreachable."""
 import contextlib
+import errno
 import importlib
+import io
 import os
 import signal
 import sys
@@ -14,8 +18,8 @@ import sys
 import click
 
 from .. import __version__
-from ..exitcodes import EX_FAILURE, EX_OK, EX_USAGE
-from .ops_common import output_closed
+from ..exitcodes import EX_FAILURE, EX_IOERR, EX_OK, EX_USAGE
+from .ops_common import output_closed, writing_output
 
 COMMAND_MODULES = (
     'huey_worker.cli.config_cmd',
@@ -40,18 +44,73 @@ def die_of(signum):
     os._exit(128 + signum)   # only if the signal could not end us
 
 
+class OutputError(Exception):
+    """Writing stdout or stderr failed (the OSError is its __cause__).  Not
+    an OSError, so that click does not turn it into exit 1 on the way."""
+
+
 @contextlib.contextmanager
 def quiet_when_output_closed():
     """Python ignores SIGPIPE, so a write into a pipe whose reader left
     raises instead of ending the process; end it the way the signal would.
     SIGPIPE is not restored for the whole run because redis-py writes to
-    sockets, and a dropped Redis connection must be reported, not fatal."""
+    sockets, and a dropped Redis connection must be reported, not fatal.
+    Any other failed write of the output becomes an OutputError."""
     try:
         yield
-    except BrokenPipeError:
-        if not output_closed():
-            raise
-        die_of(signal.SIGPIPE)
+    except OSError as exc:
+        if isinstance(exc, BrokenPipeError) and output_closed():
+            die_of(signal.SIGPIPE)
+        if writing_output(exc):
+            raise OutputError(exc) from exc
+        raise
+
+
+class _ClosedOutput(io.RawIOBase):
+    """sys.stdout when the process started with fd 1 closed (`>&-`; Python
+    then sets sys.stdout to None and click.echo drops everything): a write
+    fails as writing to the closed descriptor does."""
+    failing = True
+
+    def writable(self):
+        return True
+
+    def write(self, data):
+        if self.failing:
+            raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+        return len(data)
+
+
+def _closed_stdout():
+    return io.TextIOWrapper(_ClosedOutput(), encoding='utf-8',
+                            write_through=True)
+
+
+def report_output_error(exc):
+    """One line on stderr (if it still takes one), then exit 74.  What
+    could not be written stays in the streams' buffers: the flush at exit
+    goes to /dev/null, instead of failing again (exit 120)."""
+    error = exc.__cause__ if isinstance(exc, OutputError) else exc
+    message = 'huey-worker: cannot write the output: %s' % (
+        error.strerror or error)
+    note = getattr(error, 'hw_note', None)
+    if note:
+        message += ' (%s)' % note
+    try:
+        sys.stderr.write(message + '\n')
+        sys.stderr.flush()
+    except (OSError, ValueError, AttributeError):
+        pass
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(getattr(stream, 'raw', None), _ClosedOutput):
+            stream.raw.failing = False
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        for fd in (1, 2):
+            os.dup2(devnull, fd)
+    except OSError:
+        pass
+    return EX_IOERR
 
 
 class Group(click.Group):
@@ -63,8 +122,14 @@ class Group(click.Group):
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, False,
                                 **extra)
-        with quiet_when_output_closed():
-            sys.exit(self._exit_code(args, prog_name, complete_var, extra))
+        if sys.stdout is None:
+            sys.stdout = _closed_stdout()
+        try:
+            with quiet_when_output_closed():
+                code = self._exit_code(args, prog_name, complete_var, extra)
+        except OutputError as exc:
+            code = report_output_error(exc)
+        sys.exit(code)
 
     def _exit_code(self, args, prog_name, complete_var, extra):
         try:

@@ -5,34 +5,99 @@ huey_worker.overview, like the status endpoint, so both always show the same
 data."""
 import functools
 import json
+import os
 import select
 import sys
 import time
 
 import click
+import click.utils
 import redis
 
 from .. import app as app_module
 from .. import redisconn
+from ..config import ConfigError
 from ..exitcodes import EX_UNAVAILABLE
+from ..mainloop import refuse_immediate
 from .common import config_options, exits_78_on_config_error, load_from
 
 OPS_SECTIONS = ('redis', 'huey', 'tasks', 'delivery', 'journal', 'status')
-REDIS_ERRORS = (redis.exceptions.RedisError, OSError)
+_REDIS_PACKAGE = os.path.dirname(os.path.abspath(redis.__file__)) + os.sep
+
+
+def _frames(exc):
+    tb = exc.__traceback__
+    while tb is not None:
+        yield tb.tb_frame
+        tb = tb.tb_next
+
+
+def writing_output(exc):
+    """Whether `exc` is an OSError raised writing stdout or stderr (every
+    command writes through click.echo, which flushes each time): no news
+    about Redis; huey_worker.cli reports it (74) or, for a pipe whose
+    reader has gone, ends as killed by SIGPIPE."""
+    return isinstance(exc, OSError) and any(
+        frame.f_code is click.utils.echo.__code__ for frame in _frames(exc))
+
+
+def redis_error(exc):
+    """Redis's own errors (ConnectionError, TimeoutError...), and an
+    OSError only when redis-py itself let it through."""
+    if isinstance(exc, redis.exceptions.RedisError):
+        return True
+    return isinstance(exc, OSError) and not writing_output(exc) and any(
+        os.path.abspath(frame.f_code.co_filename).startswith(_REDIS_PACKAGE)
+        for frame in _frames(exc))
 
 
 def exits_69_when_redis_unreachable(fn):
+    """Redis errors -> one line and 69.  Also: an operator command that
+    fails in immediate mode (the adopted app built with immediate=True, for
+    commands that do not go through connect()) is refused as a
+    configuration error, since there is no queue to operate on."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except REDIS_ERRORS as exc:
-            # A write into a closed stdout is an OSError too; it is no
-            # news about Redis (huey_worker.cli ends the process quietly).
-            if isinstance(exc, BrokenPipeError) and output_closed():
-                raise
-            redis_unreachable(exc)
+        except (ConfigError, click.exceptions.ClickException,
+                click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except Exception as exc:
+            if redis_error(exc):
+                redis_unreachable(exc)
+            cfg = app_module.current().config
+            if cfg is not None and cfg.huey.immediate:
+                refuse_immediate_mode(cfg)
+            raise
     return wrapper
+
+
+def command_name(ctx=None):
+    """'huey-worker dead-letters list', whatever the program was called."""
+    ctx = ctx or click.get_current_context(silent=True)
+    names = []
+    while ctx is not None and ctx.parent is not None:
+        names.append(ctx.info_name)
+        ctx = ctx.parent
+    return ' '.join(['huey-worker'] + names[::-1])
+
+
+def refuse_immediate_mode(cfg, what=None, doing='report'):
+    """ConfigError (78) when [huey] immediate is on (naming where it was
+    set): tasks then run in the producer, there is no queue for an
+    operator command or the status endpoint to report, as there is none
+    for the consumer and scheduler (huey_worker.mainloop.refuse_immediate,
+    whose check and source this is)."""
+    what = what or '`%s`' % command_name()
+    try:
+        refuse_immediate(cfg, what)
+    except ConfigError as exc:
+        raise ConfigError(
+            'immediate mode runs tasks in the producer, so there is no queue '
+            'for %s to %s (the consumer and scheduler refuse it too); set it '
+            'false' % (what, doing), exc.section, exc.key, exc.value,
+            origin=exc.origin) from None
 
 
 def redis_unreachable(error):
@@ -69,12 +134,20 @@ def connect(params, with_tasks=False):
     cfg = load_from(params)
     for warning in cfg.warnings:
         click.echo('huey-worker: warning: %s' % warning, err=True)
+    doing = 'enqueue into: it would run the task in this command' \
+        if with_tasks else 'report'
+    # Before the app and task modules load; the adopted app's own
+    # immediate=True is known after (nothing has run yet).
+    refuse_immediate_mode(cfg, doing=doing)
     if cfg.huey.app:
         from .. import adopt
-        return adopt.adopt(cfg, with_tasks=with_tasks)
-    if with_tasks:
-        return app_module.configure(cfg)
-    return app_module.huey.configure(cfg)
+        app = adopt.adopt(cfg, with_tasks=with_tasks)
+    elif with_tasks:
+        app = app_module.configure(cfg)
+    else:
+        app = app_module.huey.configure(cfg)
+    refuse_immediate_mode(app.config or cfg, doing=doing)
+    return app
 
 
 def fail(code, message):

@@ -6,7 +6,8 @@ import click
 from .. import tasknames
 from ..exitcodes import EX_DATAERR, EX_NOINPUT, EX_USAGE
 from . import wait_cmd
-from .ops_common import connect, fail, ops_command, print_json
+from .ops_common import (connect, fail, ops_command, print_json,
+                         writing_output)
 
 
 def parse_arg(text):
@@ -37,7 +38,9 @@ def command(name, args, kwargs_json, delay, task_id, wait, timeout, as_json,
     """Enqueue task NAME (full registered name, alias such as pdf.extract,
     or an unambiguous suffix) with ARGS (each JSON if it parses, else a
     string) and print its id.  Exit 66 for an unknown task, 64 for an
-    ambiguous name, 65 for bad --kwargs."""
+    ambiguous name, 65 for bad --kwargs, 74 when the id cannot be written
+    (the task is enqueued all the same: the line says so, with the id).
+    Refused in immediate mode (78): there is no queue to enqueue into."""
     kwargs = {}
     if kwargs_json is not None:
         try:
@@ -55,11 +58,19 @@ def command(name, args, kwargs_json, delay, task_id, wait, timeout, as_json,
         fail(EX_NOINPUT, str(exc))
     except tasknames.AmbiguousTask as exc:
         fail(EX_USAGE, str(exc))
-    if as_json and not wait:
-        print_json({'task_id': new_id, 'task': full,
-                    'state': 'scheduled' if delay else 'pending'})
-    elif not as_json:
-        click.echo(new_id)
-    if wait:
-        raise SystemExit(wait_cmd.follow(app, new_id, timeout,
-                                         as_json=as_json))
+    try:
+        if as_json and not wait:
+            print_json({'task_id': new_id, 'task': full,
+                        'state': 'scheduled' if delay else 'pending'})
+        elif not as_json:
+            click.echo(new_id)
+        if wait:
+            raise SystemExit(wait_cmd.follow(app, new_id, timeout,
+                                             as_json=as_json))
+    except OSError as exc:
+        if writing_output(exc):
+            # huey_worker.cli reports it (74): say the task is in the queue,
+            # so that nobody submits it again for want of the id.
+            exc.hw_note = 'the task %s WAS enqueued, id %s; do not submit ' \
+                          'it again' % (full, new_id)
+        raise

@@ -97,6 +97,11 @@ class StatusServer:
         self.routes = Routes(app)
 
     def run(self):
+        # Immediate mode has no queue, journal or workers to report: refuse
+        # it (78) as the consumer and scheduler do, instead of answering 500.
+        from ..cli.ops_common import refuse_immediate_mode
+        with logs.config_errors_to_file():
+            refuse_immediate_mode(self.cfg, 'the status endpoint')
         sock = activated_socket()
         how = 'socket activation'
         if sock is None:
