@@ -1,9 +1,11 @@
 """Helpers for the journal, status endpoint and CLI tests: waiting for a
 condition, talking HTTP to a real status-server, reading the journal."""
+import contextlib
 import http.client
 import json
 import re
 import socket
+import threading
 import time
 
 
@@ -17,6 +19,34 @@ def wait_until(condition, timeout=20, interval=0.05, what='condition'):
             return last
         time.sleep(interval)
     raise AssertionError('timed out waiting for %s (last: %r)' % (what, last))
+
+
+@contextlib.contextmanager
+def monitored(redis_server, conn):
+    """Yields the list MONITOR fills with every command the server runs
+    while the block runs; `conn` ends the watch (ECHO stop-monitor) after
+    the block, once the last replies had time to show."""
+    entries, ready = [], threading.Event()
+
+    def watch():
+        client = redis_server.client()
+        with client.monitor() as m:
+            ready.set()
+            for entry in m.listen():
+                entries.append(entry)
+                if entry['command'] == 'ECHO stop-monitor':
+                    break
+        client.close()
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    ready.wait(5)
+    time.sleep(0.2)
+    try:
+        yield entries
+    finally:
+        time.sleep(0.3)
+        conn.echo('stop-monitor')
+        thread.join(10)
 
 
 def start_status_server(start_daemon, env, extra_args=(), name='status'):

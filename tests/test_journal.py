@@ -9,8 +9,8 @@ import time
 import pytest
 import redis
 
-from ops_helpers import (history_states, task_record, wait_for_state,
-                         wait_until)
+from ops_helpers import (history_states, monitored, task_record,
+                         wait_for_state, wait_until)
 
 import sample_tasks
 
@@ -319,27 +319,9 @@ def test_worker_writes_ride_its_own_round_trips(producer, base_env,
     producer's one; none goes alone, and nothing uses KEYS."""
     consumer = start_daemon(['consumer', '--workers', '1'], base_env)
     consumer.wait_for_output('consumer ready')
-    entries = []
-    ready = threading.Event()
-
-    def watch():
-        client = redis_server.client()
-        with client.monitor() as m:
-            ready.set()
-            for entry in m.listen():
-                entries.append(entry)
-                if entry['command'] == 'ECHO stop-monitor':
-                    break
-        client.close()
-    thread = threading.Thread(target=watch, daemon=True)
-    thread.start()
-    ready.wait(5)
-    time.sleep(0.2)
-    result = sample_tasks.add(2, 3)
-    wait_for_state(producer, result.id, 'complete')
-    time.sleep(0.3)   # let the monitor see the last replies
-    producer.storage.conn.echo('stop-monitor')
-    thread.join(10)
+    with monitored(redis_server, producer.storage.conn) as entries:
+        result = sample_tasks.add(2, 3)
+        wait_for_state(producer, result.id, 'complete')
 
     record_key = producer.keys.task(result.id)
     in_multi, blocks, alone = {}, set(), []

@@ -10,15 +10,14 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 import uuid
 
 import pytest
 import redis
 
-from ops_helpers import (Client, history_states, start_status_server,
-                         wait_for_state, wait_until)
+from ops_helpers import (Client, history_states, monitored,
+                         start_status_server, wait_for_state, wait_until)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -257,28 +256,11 @@ def test_first_seen_by_the_worker(webapp, start_daemon, producer,
     whole record, in one more round trip for such a task only."""
     env, produce = webapp
     env = dict(env, HUEY_WORKER_TYPE=worker_type)
-    entries, ready = [], threading.Event()
-
-    def watch():
-        client = redis_server.client()
-        with client.monitor() as m:
-            ready.set()
-            for entry in m.listen():
-                entries.append(entry)
-                if entry['command'] == 'ECHO stop-monitor':
-                    break
-        client.close()
     consumer = start_daemon(['consumer', '--workers', '1'], env, 'consumer')
     consumer.wait_for_output('consumer ready')
-    thread = threading.Thread(target=watch, daemon=True)
-    thread.start()
-    ready.wait(5)
-    time.sleep(0.2)
-    task_id, = produce(('add', [1, 2], {}))
-    record = wait_for_state(producer, task_id, 'complete')
-    time.sleep(0.3)
-    producer.storage.conn.echo('stop-monitor')
-    thread.join(10)
+    with monitored(redis_server, producer.storage.conn) as entries:
+        task_id, = produce(('add', [1, 2], {}))
+        record = wait_for_state(producer, task_id, 'complete')
 
     assert record['result'] == 3 and record['name'] == 'webapp_tasks.add'
     assert record['args'] == {'args': [1, 2], 'kwargs': {}}
@@ -307,26 +289,9 @@ def test_suite_tasks_pay_nothing_more(producer, base_env, start_daemon,
     import sample_tasks
     consumer = start_daemon(['consumer', '--workers', '1'], base_env)
     consumer.wait_for_output('consumer ready')
-    entries, ready = [], threading.Event()
-
-    def watch():
-        client = redis_server.client()
-        with client.monitor() as m:
-            ready.set()
-            for entry in m.listen():
-                entries.append(entry)
-                if entry['command'] == 'ECHO stop-monitor':
-                    break
-        client.close()
-    thread = threading.Thread(target=watch, daemon=True)
-    thread.start()
-    ready.wait(5)
-    time.sleep(0.2)
-    result = sample_tasks.add(2, 3)
-    record = wait_for_state(producer, result.id, 'complete')
-    time.sleep(0.3)
-    producer.storage.conn.echo('stop-monitor')
-    thread.join(10)
+    with monitored(redis_server, producer.storage.conn) as entries:
+        result = sample_tasks.add(2, 3)
+        record = wait_for_state(producer, result.id, 'complete')
     assert record['first_seen'] is None and record['first_seen_in'] is None
     assert record['enqueued'] is not None
     blocks = _transactions_touching(entries, producer.keys.task(result.id))
