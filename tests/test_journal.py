@@ -39,6 +39,12 @@ def test_producer_records_pending_scheduled_and_args(producer):
     record = task_record(producer, partly.id)
     assert record['args']['args'] == ['https://example.test']
     assert record['args']['kwargs'] == {'token': '********'}
+    # The same name passed by position is masked too.
+    by_position = sample_tasks.call_api('https://example.test', 't0ps3cret')
+    record = task_record(producer, by_position.id)
+    assert record['args']['args'] == ['https://example.test', '********']
+    raw = producer.storage.conn.hgetall(producer.keys.task(by_position.id))
+    assert b't0ps3cret' not in b''.join(raw.values())
 
     huge = sample_tasks.add('y' * 100000, 'z')
     record = task_record(producer, huge.id)

@@ -1,6 +1,7 @@
 """The journal's record layout: states, limits, and how values are
 encoded into the Redis hash (see daemon/journal/__init__.py for the keys)."""
 import datetime
+import inspect
 import json
 
 from .. import progress
@@ -111,15 +112,45 @@ def args_summary(task, limit):
         return None, False
     kwargs = dict(task.kwargs or {})
     kwargs.pop('task', None)   # a context task's own instance
+    args = list(task.args or ())
     for name in hidden or ():
         if name in kwargs:
             kwargs[name] = '********'
-    summary = {'args': _clip(list(task.args or ()), limit),
+    if hidden and args:
+        # A hidden name passed by position: its place in the signature.
+        names = _positional_names(type(task))
+        for index in range(len(args)):
+            if names is None or (index < len(names) and names[index] in
+                                 hidden):
+                args[index] = '********'
+    summary = {'args': _clip(args, limit),
                'kwargs': _clip(kwargs, limit)}
     text = json.dumps(summary, default=repr, sort_keys=True)
     if len(text) > limit:
         text = text[:limit] + '...'
     return text, bool(hidden)
+
+
+_POSITIONAL = {}
+
+
+def _positional_names(task_class):
+    """The names of the task function's positional parameters, in order,
+    or None when they cannot be known (then every positional argument of
+    a task with hidden names is masked).  Huey keeps the function only in
+    the closure of the class's execute(); read once per class."""
+    if task_class not in _POSITIONAL:
+        names = None
+        try:
+            func = inspect.getclosurevars(task_class.execute).nonlocals[
+                'func']
+            names = [p.name for p in inspect.signature(func).parameters
+                     .values() if p.kind in (p.POSITIONAL_ONLY,
+                                             p.POSITIONAL_OR_KEYWORD)]
+        except (AttributeError, KeyError, TypeError, ValueError):
+            pass
+        _POSITIONAL[task_class] = names
+    return _POSITIONAL[task_class]
 
 
 def result_json(value, limit):
