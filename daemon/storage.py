@@ -190,7 +190,14 @@ return 1
 def priority_text(priority):
     """The priority as a priority message holds it: one spelling per
     number (5, 5.0 and True are all b'5'), which Lua's tonumber reads."""
-    value = float(priority)
+    # A number, not a numeric string: Huey compares priorities as given.
+    try:
+        if isinstance(priority, (str, bytes)):
+            raise TypeError
+        value = float(priority)
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError('a task priority must be a finite number, not %r'
+                         % (priority,))
     if not math.isfinite(value):
         raise ValueError('a task priority must be a finite number, not %r'
                          % (priority,))

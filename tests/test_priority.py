@@ -212,8 +212,9 @@ def test_a_read_whose_script_redis_forgot_is_sent_again(storage):
 
 
 def test_priorities_must_be_numbers(storage):
-    for bad in (float('nan'), float('inf')):
-        with pytest.raises(ValueError):
+    for bad in (float('nan'), float('inf'), 'high', '7', b'7', 10 ** 400,
+                object()):
+        with pytest.raises(ValueError, match='must be a finite number'):
             storage.enqueue(b'\x80x', bad)
     assert storage.queue_size() == 0
 
