@@ -164,3 +164,14 @@ class NotifySocket:
 
     def close(self):
         self.sock.close()
+
+
+def delivery_env(base_env, **extra):
+    """base_env for delivery tests: sample_tasks and delivery_tasks loaded,
+    a heartbeat every 0.5 s, a dead consumer recovered after 3 s; `extra`
+    (VARIABLE=value) wins."""
+    env = dict(base_env, HUEY_MODULES='sample_tasks,delivery_tasks',
+               HUEY_WORKER_DELIVERY_HEARTBEAT_INTERVAL='0.5',
+               HUEY_WORKER_DELIVERY_RECOVERY_TIMEOUT='3')
+    env.update({k: str(v) for k, v in extra.items()})
+    return env

@@ -12,17 +12,7 @@ import time
 import pytest
 
 from conftest import ROOT
-from ops_helpers import wait_until
-
-MODULES = 'sample_tasks,delivery_tasks'
-
-
-def env_for(base_env, **extra):
-    env = dict(base_env, HUEY_MODULES=MODULES,
-               HUEY_WORKER_DELIVERY_HEARTBEAT_INTERVAL='0.5',
-               HUEY_WORKER_DELIVERY_RECOVERY_TIMEOUT='3')
-    env.update({k: str(v) for k, v in extra.items()})
-    return env
+from ops_helpers import delivery_env, wait_until
 
 
 def consumers(app):
@@ -51,7 +41,7 @@ def tasks(producer):
 def test_killed_worker_process_task_runs_again(producer, tasks, base_env,
                                                start_daemon):
     daemon = start_daemon(['consumer', '--workers', '2', '--worker-type',
-                           'process'], env_for(base_env))
+                           'process'], delivery_env(base_env))
     daemon.wait_for_output('consumer ready')
     result = tasks.slow_counted(2, 'a')
     worker = wait_until(lambda: worker_running(producer, result.id),
@@ -70,7 +60,7 @@ def test_killed_worker_process_task_runs_again(producer, tasks, base_env,
 
 def test_killed_consumer_requeues_at_once_on_restart(producer, tasks,
                                                      base_env, start_daemon):
-    env = env_for(base_env, HUEY_WORKER_DELIVERY_RECOVERY_TIMEOUT=60)
+    env = delivery_env(base_env, HUEY_WORKER_DELIVERY_RECOVERY_TIMEOUT=60)
     first = start_daemon(['consumer', '--workers', '1'], env)
     first.wait_for_output('consumer ready')
     result = tasks.slow_counted(1, 'b')
@@ -89,7 +79,7 @@ def test_killed_consumer_requeues_at_once_on_restart(producer, tasks,
 def test_dead_consumer_is_recovered_by_another_one(producer, tasks, base_env,
                                                    start_daemon):
     doomed = start_daemon(['consumer', '--workers', '1'],
-                          env_for(base_env, HUEY_CONSUMER_ID='doomed'))
+                          delivery_env(base_env, HUEY_CONSUMER_ID='doomed'))
     doomed.wait_for_output('consumer ready')
     result = tasks.slow_counted(1, 'c')
     wait_until(lambda: worker_running(producer, result.id),
@@ -99,7 +89,7 @@ def test_dead_consumer_is_recovered_by_another_one(producer, tasks, base_env,
     # Two living consumers race to recover it; the task runs exactly once
     # more (two runs in all).
     survivors = [start_daemon(['consumer', '--workers', '1'],
-                              env_for(base_env, HUEY_CONSUMER_ID=name))
+                              delivery_env(base_env, HUEY_CONSUMER_ID=name))
                  for name in ('alive-1', 'alive-2')]
     assert result.get(blocking=True, timeout=30) == 2
     time.sleep(1.5)  # any second recovery would have happened by now
@@ -143,7 +133,7 @@ def test_concurrent_recovery_moves_each_message_once(producer):
 
 def test_poison_task_goes_to_dead_letters(producer, tasks, base_env,
                                           start_daemon):
-    env = env_for(base_env, HUEY_WORKER_DELIVERY_MAX_DELIVERIES=3)
+    env = delivery_env(base_env, HUEY_WORKER_DELIVERY_MAX_DELIVERIES=3)
     daemon = start_daemon(['consumer', '--workers', '1', '--worker-type',
                            'process'], env)
     daemon.wait_for_output('consumer ready')
@@ -183,7 +173,7 @@ def hw(*args, env):
 def test_dead_letters_cli_lists_requeues_and_purges(producer, base_env,
                                                     start_daemon):
     import sample_tasks
-    env = env_for(base_env)
+    env = delivery_env(base_env)
     storage = producer.storage
     # Two messages for a task the consumer does not know, one garbage.
     no_modules = dict(env, HUEY_MODULES='delivery_tasks')
@@ -233,7 +223,7 @@ def test_outcome_written_after_redis_comes_back(tmp_path, base_env,
     from huey_worker.app import huey
     server = EmbeddedRedis(str(tmp_path / 'r')).start()
     try:
-        env = env_for(base_env, HUEY_REDIS_URL=server.url,
+        env = delivery_env(base_env, HUEY_REDIS_URL=server.url,
                       HUEY_WORKER_REDIS_RETRY_MAX_DELAY=0.5)
         daemon = start_daemon(['consumer', '--workers', '1'], env)
         daemon.wait_for_output('consumer ready')
@@ -264,13 +254,13 @@ def test_dead_letters_through_the_status_endpoint(producer, base_env,
     from ops_helpers import Client, start_status_server
     storage = producer.storage
     storage.conn.lpush(storage.queue_key, b'garbage-1', b'garbage-2')
-    consumer = start_daemon(['consumer', '--workers', '1'], env_for(base_env))
+    consumer = start_daemon(['consumer', '--workers', '1'], delivery_env(base_env))
     wait_until(lambda: storage.conn.llen(producer.keys.dead) == 2,
                what='two dead letters')
     consumer.signal(signal.SIGTERM)
     assert consumer.wait() == 0
 
-    env = dict(env_for(base_env), HUEY_STATUS_TOKEN='t0ken')
+    env = dict(delivery_env(base_env), HUEY_STATUS_TOKEN='t0ken')
     server, port = start_status_server(start_daemon, env)
     client = Client(port, token='t0ken')
     status, body = client.get('/dead-letters')
@@ -302,7 +292,7 @@ def test_a_late_read_into_a_predecessors_list_is_swept(producer, base_env,
     the successor puts it back within a heartbeat."""
     import sample_tasks
     keys, conn = producer.keys, producer.storage.conn
-    daemon = start_daemon(['consumer', '--workers', '1'], env_for(base_env))
+    daemon = start_daemon(['consumer', '--workers', '1'], delivery_env(base_env))
     daemon.wait_for_output('consumer ready')
     identity = conn.zrange(keys.consumers, 0, 0)[0].decode()
     stale = keys.inflight(identity, 0, 'killed-predecessor')

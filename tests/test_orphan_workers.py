@@ -7,18 +7,15 @@ import os
 import signal
 import time
 
-from ops_helpers import wait_until
+from ops_helpers import delivery_env, wait_until
 
-MODULES = 'sample_tasks,delivery_tasks'
 TASKS = 40
 
 
 def env_for(base_env, **extra):
-    env = dict(base_env, HUEY_MODULES=MODULES,
-               HUEY_WORKER_DELIVERY_HEARTBEAT_INTERVAL='0.5',
-               HUEY_WORKER_DELIVERY_RECOVERY_TIMEOUT='60')
-    env.update({k: str(v) for k, v in extra.items()})
-    return env
+    # Recovery by another consumer is not what these tests watch.
+    return delivery_env(base_env, HUEY_WORKER_DELIVERY_RECOVERY_TIMEOUT=60,
+                        **extra)
 
 
 def children(pid):
