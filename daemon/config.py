@@ -151,8 +151,8 @@ def load(cli_path=None, environ=None, overrides=None):
 
     if explicit or _exists(path):
         _read_file(config, path)
-    for file_path in _dropins(os.path.join(os.path.dirname(os.path.abspath(
-            path)), 'conf.d')):
+    conf_d = os.path.join(os.path.dirname(os.path.abspath(path)), 'conf.d')
+    for file_path in dropin_paths(conf_d):
         _read_file(config, file_path)
 
     _apply_environment(config, environ)
@@ -252,7 +252,7 @@ def _exists(path):
     return True
 
 
-def _dropins(conf_d):
+def dropin_paths(conf_d):
     """conf.d/*.ini in name order; a conf.d this user may not list is an
     error, as drop-ins skipped unseen would be (glob() says nothing)."""
     try:

@@ -113,13 +113,18 @@ def log_file_despite_errors(params, environ=None):
     sources that can still be read, with load()'s precedence (files, then
     the environment, then the command line).  '' when none sets it."""
     import configparser
-    import glob
     import os
     environ = os.environ if environ is None else environ
     value = ''
     path, _ = config_module.resolve_path(params.get('opt_config'), environ)
-    for file_path in [path] + sorted(glob.glob(os.path.join(
-            os.path.dirname(os.path.abspath(path)), 'conf.d', '*.ini'))):
+    try:
+        # The drop-ins load() reads, in its order; a conf.d this user may
+        # not list is one of the errors being reported: none then.
+        dropins = config_module.dropin_paths(os.path.join(
+            os.path.dirname(os.path.abspath(path)), 'conf.d'))
+    except ConfigError:
+        dropins = []
+    for file_path in [path] + dropins:
         parser = configparser.ConfigParser(interpolation=None, strict=False,
                                            default_section='\x00none')
         try:
