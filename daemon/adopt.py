@@ -10,8 +10,9 @@ instance, with everything the suite adds:
    attribute; anything that fails is a ConfigError naming [huey] app.
 2. validate: only a Redis list queue can be made crash-safe (the atomic
    move into an in-flight list, the journal and dead letters live beside
-   it); SqliteHuey, FileHuey, MemoryHuey, PriorityRedisHuey and anything
-   else are refused with the reason.
+   it); SqliteHuey, FileHuey, MemoryHuey and anything else are refused
+   with the reason.  A PriorityRedisHuey keeps its sorted set, which the
+   workers read through a script (storage.NativePriorityQueue).
 3. derive: the app's name, result expiry (RedisExpireStorage), store_none,
    immediate and Redis connection become the configuration's [huey] queue,
    result_timeout, store_none, immediate and [redis] values wherever the
@@ -55,7 +56,8 @@ from huey.storage import (BlackHoleStorage, FileStorage, MemoryStorage,
 from . import app as app_module
 from . import hooks, journal, redisconn
 from .config import NAMES_A_REDIS, ConfigError, Source
-from .storage import SuiteStorage
+from .storage import (NativePriorityQueue, NativePriorityStorage,
+                      SuiteStorage)
 
 log = logging.getLogger('huey_worker.adopt')
 
@@ -200,12 +202,6 @@ def refusal(app, storage_class):
     """Why the suite cannot make this storage crash-safe, or None."""
     kind = type(app).__name__
     name = storage_class.__name__
-    if issubclass(storage_class, RedisPriorityQueue):
-        return ('%s keeps its queue in a sorted set (huey.redis.%s), which '
-                'the crash-safe dequeue (BRPOPLPUSH into an in-flight list) '
-                'cannot read; build it as RedisHuey (priority= then works '
-                'for tasks enqueued through huey_worker; docs/adoption.md)'
-                % (kind, app.name))
     if issubclass(storage_class, RedisStorage):
         return None
     why = 'it is not Redis-based'
@@ -263,7 +259,9 @@ def _original(app):
                                   if storage is not None else
                                   app.storage_kwargs.get('notify_result')),
             'hash_results': not issubclass(storage_class,
-                                           RedisExpireStorage)}
+                                           RedisExpireStorage),
+            'native_priority': issubclass(storage_class,
+                                          RedisPriorityQueue)}
     return original
 
 
@@ -357,6 +355,17 @@ def derive(cfg, app):
                      'connection' % ', '.join(sorted(set(
                          str(cfg.source(n)) for n in NAMES_A_REDIS
                          if _explicit(cfg, n)))))
+    replacing = [n for n in ('huey.secret_key', 'huey.compression')
+                 if _explicit(cfg, n)]
+    if replacing:
+        # _apply then swaps the app's serializer for the suite's: the
+        # app's producers must sign and compress the same way.
+        notes.append('%s replace the app\'s own serializer (%s): its '
+                     'producers must use SignedSerializer(..., salt='
+                     '\'huey-worker\') with the same key and compression'
+                     % (', '.join('[%s] %s (%s)' % (tuple(n.split('.')) + (
+                         cfg.source(n),)) for n in replacing),
+                        type(original['serializer']).__name__))
     derived = dataclasses.replace(cfg, values=values, sources=sources,
                                   warnings=list(cfg.warnings))
     return derived, notes
@@ -380,9 +389,22 @@ class AdoptedStorage(SuiteStorage):
             self._write('HSET', self.results_hash, key, value)
 
 
-class AdoptedApp:
+class NativePriorityAdoptedStorage(NativePriorityQueue, AdoptedStorage):
+    """AdoptedStorage on a PriorityRedisHuey's own sorted set."""
+
+
+# (results in Huey's hash, queue in Huey's priority set) -> storage class
+_STORAGES = {(False, False): SuiteStorage,
+             (True, False): AdoptedStorage,
+             (False, True): NativePriorityStorage,
+             (True, True): NativePriorityAdoptedStorage}
+
+
+class AdoptedApp(app_module.SuiteApp):
     """Mixed into the adopted instance's class: what the daemons call on
-    the shared app."""
+    the shared app, and what the suite adds to its Huey (SuiteApp: task
+    locks with owners, the journal's enqueue record, sys.exit() in a
+    task)."""
 
     hw_adopted = None      # the [huey] app value
     config = None
@@ -424,7 +446,8 @@ def _apply(app, cfg):
     if cfg.huey.immediate:
         app.storage = MemoryStorage(app.name)
     else:
-        kind = AdoptedStorage if original['hash_results'] else SuiteStorage
+        kind = _STORAGES[original['hash_results'],
+                         original['native_priority']]
         app.storage = kind(app.name, expire_time=cfg.huey.result_timeout,
                            connection_pool=redisconn.connection_pool(cfg),
                            notify_result=original['notify_result'])

@@ -19,6 +19,7 @@ from huey.storage import MemoryStorage
 
 from . import config as config_module
 from . import journal
+from . import locks
 from . import redisconn
 from .config import ConfigError
 from .storage import SuiteStorage
@@ -48,7 +49,96 @@ class SuiteRegistry(Registry):
         return super().string_to_task(task_str)
 
 
-class SuiteHuey(Huey):
+class TaskExit(Exception):
+    """A task body raised SystemExit (sys.exit()), KeyboardInterrupt or
+    another BaseException that is no Exception: the task fails with this,
+    which names what it did, instead of the exception ending the worker
+    (a thread worker would end without a traceback and the task run again
+    as "lost")."""
+
+
+# BaseExceptions a task body may raise that are not its doing: a greenlet
+# killed (gevent), a generator closed.
+_NOT_THE_TASKS = ('GreenletExit', 'GeneratorExit')
+
+
+def _from_interrupt_signal(exc):
+    """Whether a KeyboardInterrupt is the worker's own interrupt: raised by
+    the process worker's SIGTERM handler (its frame is the innermost of
+    the traceback), which puts the task back in the queue."""
+    from .worker import Worker
+    handler = getattr(getattr(Worker, '_on_interrupt', None), '__code__',
+                      None)
+    if handler is None:
+        return True   # no handler to tell by: an interrupt, as before
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and tb.tb_frame.f_code is handler
+
+
+def _task_body(body):
+    def run():
+        try:
+            return body()
+        except Exception:
+            raise
+        except BaseException as exc:
+            if type(exc).__name__ in _NOT_THE_TASKS or (
+                    isinstance(exc, KeyboardInterrupt) and
+                    _from_interrupt_signal(exc)):
+                raise
+            from .adopt import what_it_did
+            raise TaskExit('%s raised by the task (it %s); the task fails, '
+                           'the worker goes on' % (
+                               _exception_text(exc), what_it_did(exc))
+                           ) from exc
+    return run
+
+
+def _exception_text(exc):
+    if isinstance(exc, SystemExit):
+        return 'SystemExit(%s)' % ('' if exc.code is None else
+                                   repr(exc.code))
+    return type(exc).__name__
+
+
+class SuiteApp:
+    """What the suite adds to a Huey instance, the shared one and an
+    adopted one alike (mixed in before Huey's class):
+
+    * locks taken by a task a suite worker runs carry their owner, so a
+      dead worker's locks are released when its task goes back to the
+      queue (daemon/locks.py);
+    * the journal's record of an enqueue is sent only with the enqueue
+      itself: an enqueue that fails (an argument that cannot be pickled,
+      Redis down) leaves no record and nothing staged behind;
+    * a task body that calls sys.exit() fails with a clear error instead
+      of ending its worker."""
+
+    def put_if_empty(self, key, data, ttl=None):
+        taken = locks.acquire(self, key, ttl)
+        if taken is locks.NOT_MINE:
+            return super().put_if_empty(key, data, ttl)
+        return taken
+
+    def delete(self, key):
+        deleted = locks.release(self, key)
+        if deleted is locks.NOT_MINE:
+            return super().delete(key)
+        return deleted
+
+    def enqueue(self, task):
+        with journal.enqueueing(self, task):
+            return super().enqueue(task)
+
+    def deserialize_task(self, data):
+        task = super().deserialize_task(data)
+        task.execute = _task_body(task.execute)
+        return task
+
+
+class SuiteHuey(SuiteApp, Huey):
     storage_class = SuiteStorage
 
     def __init__(self):
@@ -122,6 +212,7 @@ class SuiteHuey(Huey):
 
 huey = SuiteHuey()
 journal.install(huey)  # records every task's life; [journal] enabled
+locks.install()        # a dead worker's task locks are released
 
 
 def load_task_modules(cfg, app=huey):

@@ -21,6 +21,48 @@ from .settings import InvalidValue
 DEFAULT_PATH = '/etc/huey-worker/huey-worker.ini'
 CONFIG_ENV = 'HUEY_WORKER_CONFIG'
 REDACTED = '********'
+# A password= parameter of a Redis URL's query (redis-py reads it there too).
+_QUERY_PASSWORD = re.compile(r'((?:^|&)[^=&]*password[^=&]*=)([^&]*)', re.I)
+
+
+def redact_url(url):
+    """`url` with the password it carries, in its user part
+    (redis://user:PASSWORD@host) or its query (?password=PASSWORD), as
+    ***; any other URL unchanged.  Text in, text out."""
+    scheme, sep, rest = url.partition('://')
+    # The last @ ends the user part, even with a ? or / left unencoded in
+    # the password; unless that @ is in the query's values.
+    creds, at, host = rest.rpartition('@')
+    if at and '=' in host:
+        before, qmark, query = rest.partition('?')
+        creds, at, host = before.rpartition('@')
+        host += qmark + query
+    if at and ':' in creds:   # without a colon it is a user name only
+        user = creds.partition(':')[0]
+    else:
+        user, host = None, rest
+    host, qmark, query = host.partition('?')
+    query = _QUERY_PASSWORD.sub(lambda m: m.group(1) + '***' if m.group(2)
+                                else m.group(0), query)
+    return scheme + sep + ('' if user is None else user + ':***@') + \
+        host + qmark + query
+
+
+def shown_value(setting, value):
+    """`value` of `setting` as it may be printed or logged: a secret as
+    REDACTED, a URL without its password."""
+    if setting.secret and value:
+        return REDACTED
+    if isinstance(setting.type, registry.RedisUrl) and value:
+        return redact_url(value)
+    return value
+
+
+def holds_secret(setting, value):
+    """Whether `value` of `setting` is, or carries, a password or secret."""
+    return bool(value) and (setting.secret or (
+        isinstance(setting.type, registry.RedisUrl) and
+        redact_url(value) != value))
 
 
 class ConfigError(Exception):
@@ -95,14 +137,14 @@ class Config:
         value = self.values[name]
         if setting.secret and value:
             return REDACTED
-        return setting.type.format(value)
+        return setting.type.format(shown_value(setting, value))
 
     def as_dict(self, redact=True):
         out = {}
         for s in registry.SETTINGS:
             value = self.values[s.name]
-            if redact and s.secret and value:
-                value = REDACTED
+            if redact:
+                value = shown_value(s, value)
             out.setdefault(s.section, {})[s.key] = {
                 'value': list(value) if isinstance(value, tuple) else value,
                 'source': str(self.sources[s.name])}
@@ -160,10 +202,11 @@ def load(cli_path=None, environ=None, overrides=None):
         setting = registry.BY_NAME.get(name)
         if setting is None:
             raise ConfigError('unknown setting %r%s' % (name, _did_you_mean(
-                name, list(registry.BY_NAME))), origin='command line')
-        config.values[name] = _parse(setting, raw, origin='command line %s'
-                                     % flag)
+                name, list(registry.BY_NAME))), origin=str(Source('cli')))
         config.sources[name] = Source('cli', flag)
+        # Errors name the flag as `huey-worker config` shows its source.
+        config.values[name] = _parse(setting, raw,
+                                     origin=str(config.sources[name]))
 
     _use_running_dev_suite(config, environ)
     _check_consistency(config)
@@ -212,7 +255,7 @@ def _parse(setting, raw, path=None, line=None, origin=None):
     try:
         return setting.type.parse(raw)
     except InvalidValue as exc:
-        shown = REDACTED if setting.secret else raw
+        shown = shown_value(setting, raw)
         raise ConfigError(str(exc), setting.section, setting.key, shown,
                           path=path, line=line, origin=origin)
 
@@ -370,7 +413,7 @@ def _read_file(config, path):
 
     lines, section_lines = _line_numbers(text)
     config.files.append(path)
-    holds_secret = False
+    secret_found = False
     for section in parser.sections():
         family = registry.family_of(section)
         if family is not None:
@@ -395,9 +438,9 @@ def _read_file(config, path):
             config.values[setting.name] = value
             config.sources[setting.name] = Source(
                 'file', '%s:%d' % (path, line) if line else path)
-            if setting.secret and value:
-                holds_secret = True
-    if holds_secret and mode & stat.S_IROTH:
+            if holds_secret(setting, value):
+                secret_found = True
+    if secret_found and mode & stat.S_IROTH:
         config.warnings.append(
             '%s holds a password or secret and is readable by all users; '
             'run: chmod o-r %s' % (path, path))

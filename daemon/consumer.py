@@ -18,15 +18,21 @@ import time
 
 import redis
 
-from . import __version__, adopt, cpus, delivery, logs, redisconn
+from . import __version__, adopt, cpus, delivery, locks, logs, redisconn
 from .app import hostname
 from .config import ConfigError
 from .mainloop import MainLoop, refuse_immediate, reread_config
 from .notify import Notifier
 from .signals import name as signal_name
-from .worker import REDIS_ERRORS, Slot, StopFlag, Worker
+from .worker import Slot, StopFlag, Worker
 
 log = logging.getLogger('huey_worker.consumer')
+
+# Whatever Redis answers or fails with, the consumer waits and tries again:
+# unreachable, or unavailable (a read-only replica after a failover, data
+# loading: redisconn.unavailable), or refusing one command.  It never
+# exits over it (a crash loop under systemd helps nobody).
+REDIS_ERRORS = (redis.exceptions.RedisError,)
 
 # Seconds after our start during which a killed predecessor's blocking read
 # may still be served by Redis into its old list; its lists stay indexed
@@ -98,6 +104,10 @@ class Consumer(MainLoop):
         if moved:
             log.warning('%d task(s) left in flight by the previous run of %s '
                         'put back in the queue', moved, self.identity)
+        if cfg.consumer.flush_locks and self._with_redis_or_stop(
+                lambda: locks.flush(self.app, cfg.consumer.extra_locks)) \
+                is None:
+            return False
         self._with_redis_or_stop(self._register_lists)
         self.stop_flag = StopFlag()
         for index in range(self.count):
@@ -293,11 +303,8 @@ class Consumer(MainLoop):
                 self.storage.conn.ping()
                 self.outage.ok()
                 return True
-            except REDIS_ERRORS + (redis.exceptions.ResponseError,) as exc:
-                self.outage.failed(exc)
-                self.notifier.status('waiting for Redis at %s: %s' % (
-                    redisconn.describe(self.cfg), exc))
-                self.pause(self.outage.delay)
+            except REDIS_ERRORS as exc:
+                self._waiting(exc)
         return False
 
     def _with_redis_or_stop(self, operation):
@@ -307,9 +314,16 @@ class Consumer(MainLoop):
                 self.outage.ok()
                 return result
             except REDIS_ERRORS as exc:
-                self.outage.failed(exc)
-                self.pause(min(self.cfg.redis.retry_max_delay, 1.0))
+                # E.g. READONLY from a replica that answers PING: the
+                # start waits as for an unreachable Redis.
+                self._waiting(exc)
         return None
+
+    def _waiting(self, exc):
+        self.outage.failed(exc)
+        self.notifier.status('waiting for Redis at %s: %s' % (
+            redisconn.describe(self.cfg), exc))
+        self.pause(self.outage.delay)
 
     def _inflight_keys(self):
         return [self.keys.inflight(self.identity, i, self.incarnation)
@@ -380,10 +394,11 @@ class Consumer(MainLoop):
             # was recovered (its index deleted) while still alive.
             pipe.sadd(self.keys.consumer_lists(self.identity),
                       *self._inflight_keys())
-            for command in self.storage.queue_size_commands():
+            sizing = self.storage.queue_size_commands()
+            for command in sizing:
                 pipe.execute_command(*command)
             self._queue_depth = self.storage.queue_size_of(
-                pipe.execute()[-3:])
+                pipe.execute()[-len(sizing):])
             self.delivery.recover_dead(self.cfg.delivery.recovery_timeout)
             self._sweep_predecessors()
             self.outage.ok()
@@ -422,9 +437,9 @@ class Consumer(MainLoop):
             self.count, self.cfg.consumer.worker_type, busy, done, failed,
             '?' if self._queue_depth is None else self._queue_depth)
         if self.outage.down:
-            text += '; Redis unreachable since %s: %s' % (
-                time.strftime('%H:%M:%S',
-                              time.localtime(self.outage.since)),
+            text += '; Redis %s since %s: %s' % (
+                self.outage.word, time.strftime(
+                    '%H:%M:%S', time.localtime(self.outage.since)),
                 self.outage.error)
         return text
 

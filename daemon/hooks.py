@@ -17,8 +17,10 @@ on_dequeued = []
 # delivery went through: the on_dequeued hooks' staged writes and the
 # delivery count.  `replies`: those of every command it sent, in order
 # (a hook that staged a callable learns its commands' places from the
-# pipeline's command_stack when the callable runs).  What a hook stages
-# here goes out before the task body runs (or with the outcome).
+# pipeline's command_stack when the callable runs).  The worker sends the
+# delivery count's HINCRBY and the read of Huey's revocation keys last:
+# delivery_count(replies) reads the first.  What a hook stages here goes
+# out before the task body runs (or with the outcome).
 on_started = []
 # (storage, task, state, duration) -- a worker is about to ack `task`;
 # state is the final word of this delivery: complete, failed, retrying,
@@ -33,6 +35,18 @@ on_requeued = []
 # message does not say; task_id_verified False when the id is only what a
 # message that failed its checks claims).  Its caller sends what is staged.
 on_dead_letter = []
+
+
+def delivery_count(replies):
+    """The delivery count in an on_started hook's `replies`: how many times
+    the message was handed to a worker without an outcome, this time
+    included (1 normally; more after its worker or consumer died).  None
+    when the replies do not say."""
+    try:
+        count = replies[-2]
+    except (IndexError, TypeError):
+        return None
+    return count if isinstance(count, int) else None
 
 
 def call(hooks, *args):

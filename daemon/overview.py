@@ -11,7 +11,7 @@ import time
 
 import redis
 
-from . import journal
+from . import journal, redisconn
 from .journal import reads
 from .scheduler.periodic import naive_utc
 from .storage import SuiteStorage
@@ -85,8 +85,10 @@ def snapshot(app, storage, counts=False, scheduler=False, metrics=False):
                   'WITHSCORES')]
     if counts:
         # The list and the priority set (less the marker that points at
-        # it): storage.queue_size_commands, three replies.
-        commands += storage.queue_size_commands()
+        # it), and an adopted PriorityRedisHuey's own set:
+        # storage.queue_size_commands.
+        sizing = storage.queue_size_commands()
+        commands += sizing
         commands += [('ZCARD', storage.schedule_key),
                      ('LLEN', keys.dead),
                      reads.results_held_command(storage)]
@@ -106,7 +108,7 @@ def snapshot(app, storage, counts=False, scheduler=False, metrics=False):
     out = {'beats': _scored(next(answers))}
     if counts:
         out['pending'] = storage.queue_size_of(
-            [next(answers) for _ in range(3)])
+            [next(answers) for _ in sizing])
         out['scheduled'], out['dead'], out['results_held'] = (
             int(next(answers)) for _ in range(3))
     if scheduler:
@@ -257,21 +259,55 @@ def _scheduler(lease, lease_ms, raw_info):
 # interval (1 s), so a few seconds late is a scheduler missing, not slow.
 OVERDUE_GRACE = 10
 
+def write_refusal(storage):
+    """Why Redis, though it answers reads, refuses every write (str), or
+    None: it is a replica (as the old master is after a failover, until
+    the daemons' connections follow Sentinel to the new one).  None too
+    when ROLE is not allowed (an ACL): nothing known then."""
+    try:
+        role = reads.replies(storage.pool, [('ROLE',)])[0]
+    except redis.exceptions.ResponseError:
+        return None
+    kind = role[0].decode('utf-8', 'replace') if isinstance(
+        role[0], bytes) else str(role[0])
+    if kind == 'master':
+        return None
+    if kind == 'slave' and len(role) >= 4:
+        master = '%s:%s' % tuple(
+            x.decode('utf-8', 'replace') if isinstance(x, bytes) else x
+            for x in role[1:3])
+        link = role[3].decode('utf-8', 'replace') if isinstance(
+            role[3], bytes) else role[3]
+        return ('READONLY: Redis is a read-only replica of %s (replication '
+                'link: %s); every write is refused' % (master, link))
+    return 'Redis is a %s, not a master: writes are refused' % kind
+
+
 def health_report(app):
-    """(healthy, body).  Ready when Redis answers, each reported queue has
-    a live consumer, and, where a scheduler was ever deployed, it has a
-    leader."""
+    """(healthy, body).  Ready when Redis answers and takes writes (no
+    replica), each reported queue has a live consumer, and, where a
+    scheduler was ever deployed, it has a leader."""
     reasons = []
     checks = {'redis': {'ok': True}}
     queues = {}
     for name, storage in queue_storages(app):
         try:
             snap = snapshot(app, storage, scheduler=True)
+            # One Redis for every queue: asked once.
+            refusal = None if queues else write_refusal(storage)
         except REDIS_ERRORS as exc:
             if queues:
                 raise   # Redis answered for the first queue
-            checks['redis'] = {'ok': False, 'error': str(exc)}
-            reasons.append('Redis unreachable: %s' % exc)
+            checks['redis'] = {'ok': False,
+                               'error': redisconn.error_text(exc)}
+            reasons.append('Redis %s: %s' % (redisconn.outage_word(exc),
+                                             redisconn.error_text(exc)))
+            return False, {'status': 'unhealthy', 'live': True,
+                           'ready': False, 'checks': checks,
+                           'reasons': reasons}
+        if refusal is not None:
+            checks['redis'] = {'ok': False, 'error': refusal}
+            reasons.append('Redis unavailable: %s' % refusal)
             return False, {'status': 'unhealthy', 'live': True,
                            'ready': False, 'checks': checks,
                            'reasons': reasons}

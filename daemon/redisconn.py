@@ -1,6 +1,8 @@
 """Redis connections built from [redis] settings: plain, TLS, unix socket or
 through Sentinel."""
 import logging
+import random
+import re
 import time
 
 import redis
@@ -8,7 +10,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 from redis.sentinel import Sentinel
 
-from .config import ConfigError
+from .config import ConfigError, redact_url
 
 log = logging.getLogger('huey_worker.redis')
 
@@ -74,7 +76,7 @@ def connection_pool(cfg):
         try:
             return redis.ConnectionPool.from_url(r.url, **kwargs)
         except ValueError as exc:
-            raise ConfigError(str(exc), 'redis', 'url', _redact_url(r.url),
+            raise ConfigError(str(exc), 'redis', 'url', redact_url(r.url),
                               origin=str(cfg.source('redis.url')))
     return redis.ConnectionPool(host=r.host, port=r.port, db=r.db, **kwargs)
 
@@ -86,23 +88,113 @@ def describe(cfg):
         return 'sentinel master %s via %s' % (r.sentinel_master,
                                               ', '.join(r.sentinels))
     if r.url:
-        return _redact_url(r.url)
+        return redact_url(r.url)
     return 'redis://%s:%d/%d' % (r.host, r.port, r.db)
 
 
-def _redact_url(url):
-    scheme, sep, rest = url.partition('://')
-    creds, at, host = rest.rpartition('@')
-    if not at:
-        return url
-    user = creds.partition(':')[0]
-    return '%s%s%s:***@%s' % (scheme, sep, user, host)
+# Redis answers, but cannot do what was asked for now: a replica (READONLY,
+# as after a failover), a replica that lost its master (MASTERDOWN), data
+# still loading (LOADING), writes stopped by a failed save (MISCONF) or by
+# min-replicas-to-write (NOREPLICAS), a script or module busy (BUSY), a
+# blocking read ended by a role change (UNBLOCKED), memory full (OOM), a
+# cluster state (TRYAGAIN, CLUSTERDOWN).  Each passes by itself or by an
+# operator's hand: the same as an outage, never a reason to exit or to fail
+# a task.
+UNAVAILABLE_CODES = frozenset((
+    'READONLY', 'MASTERDOWN', 'LOADING', 'MISCONF', 'NOREPLICAS', 'BUSY',
+    'UNBLOCKED', 'OOM', 'TRYAGAIN', 'CLUSTERDOWN'))
+# redis-py's pipelines prefix the error of the command that failed.
+_ANNOTATED = re.compile(r'^Command # \d+ \(.*\) of pipeline caused error: ',
+                        re.S)
+
+
+def error_code(exc):
+    """The code a Redis error reply starts with ('READONLY', 'ERR', ...),
+    or None for errors that are not replies."""
+    code = getattr(exc, 'status_code', None)
+    if code:
+        return code
+    if not isinstance(exc, redis.exceptions.ResponseError) or not exc.args:
+        return None
+    text = _ANNOTATED.sub('', str(exc.args[0]), count=1)
+    word = text.split(' ', 1)[0]
+    return word if word.isupper() else None
+
+
+def error_text(exc):
+    """`exc` as a line for logs and STATUS, with the code redis-py strips
+    from the replies it knows ('READONLY You can't write against...')."""
+    text = str(exc)
+    code = getattr(exc, 'status_code', None)
+    if code and not text.startswith(code):
+        return '%s %s' % (code, text)
+    return text
+
+
+def unavailable(exc):
+    """True when `exc` (any exception) means Redis cannot be used now
+    (unreachable, or answering one of UNAVAILABLE_CODES): wait and try
+    again.  False for anything else, such as a reply refusing this one
+    command (a wrong type, a value too large), which trying again cannot
+    mend."""
+    if isinstance(exc, (redis.exceptions.ConnectionError,
+                        redis.exceptions.TimeoutError, OSError)):
+        return True   # BusyLoadingError (LOADING) is one too
+    return isinstance(exc, redis.exceptions.ResponseError) and \
+        error_code(exc) in UNAVAILABLE_CODES
+
+
+def unreachable(exc):
+    """Whether `exc` is a lost or refused connection (as opposed to an
+    answer saying Redis cannot serve now)."""
+    return isinstance(exc, (redis.exceptions.ConnectionError,
+                            redis.exceptions.TimeoutError, OSError)) and \
+        not isinstance(exc, redis.exceptions.BusyLoadingError)
+
+
+def outage_word(exc):
+    """'unreachable' or 'unavailable', for log and STATUS lines."""
+    return 'unreachable' if unreachable(exc) else 'unavailable'
+
+
+# os.urandom underneath: nothing to share with a forked worker, whose
+# draws must differ from its siblings'.
+_random = random.SystemRandom()
+
+
+def jitter(ceiling):
+    """A wait drawn uniformly from [0, ceiling] seconds ("full jitter"): so
+    that the threads of many hosts that lost Redis at the same moment do
+    not all come back at the same moments."""
+    return _random.uniform(0, ceiling) if ceiling > 0 else 0.0
+
+
+class Backoff:
+    """Waits between attempts: the n-th is drawn from [0, ceiling_n] (full
+    jitter), where ceiling_1 = `first` and each next ceiling doubles, up to
+    `maximum` (seconds).  reset() starts over from `first`."""
+
+    def __init__(self, first, maximum):
+        self.first, self.maximum = first, maximum
+        self.ceiling = None
+
+    def next(self):
+        """The next wait, in seconds (0 <= wait <= maximum)."""
+        if self.ceiling is None:
+            self.ceiling = min(self.first, self.maximum)
+        else:
+            self.ceiling = min(self.ceiling * 2, self.maximum)
+        return jitter(self.ceiling)
+
+    def reset(self):
+        self.ceiling = None
 
 
 class RedisOutage:
-    """One daemon's view of Redis being unreachable: one log line when it
-    goes, one when it comes back (never a line per retry), the error for
-    STATUS, and the backoff delay for the next try."""
+    """One daemon's view of Redis being unreachable or unavailable: one log
+    line when it goes, one when it comes back (never a line per retry),
+    the error for STATUS, and the backoff delay for the next try (full
+    jitter, Backoff)."""
 
     FIRST_DELAY = 0.2
 
@@ -110,6 +202,8 @@ class RedisOutage:
         self.cfg, self.clock = cfg, clock
         self.since = None        # clock() when Redis was first missed
         self.error = None
+        self.word = 'unreachable'
+        self.backoff = Backoff(self.FIRST_DELAY, cfg.redis.retry_max_delay)
         self.delay = self.FIRST_DELAY
 
     @property
@@ -119,16 +213,17 @@ class RedisOutage:
     def failed(self, exc):
         if self.since is None:
             self.since = self.clock()
-            log.warning('Redis unreachable at %s (%s); retrying with backoff '
-                        'up to %gs', describe(self.cfg), exc,
+            self.word = outage_word(exc)
+            log.warning('Redis %s at %s (%s); retrying with backoff up to '
+                        '%gs', self.word, describe(self.cfg), error_text(exc),
                         self.cfg.redis.retry_max_delay)
-        else:
-            self.delay = min(self.delay * 2, self.cfg.redis.retry_max_delay)
-        self.error = str(exc)
+        self.delay = self.backoff.next()
+        self.error = error_text(exc)
 
     def ok(self):
         if self.since is not None:
             log.warning('Redis reachable again after %.1fs',
                         self.clock() - self.since)
         self.since = self.error = None
+        self.backoff.reset()
         self.delay = self.FIRST_DELAY

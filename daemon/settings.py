@@ -169,6 +169,27 @@ class HostPortList(WordList):
         return tuple(pairs)
 
 
+class NetworkList(WordList):
+    """Comma-separated networks in CIDR form (a bare address: just it)."""
+    name = 'comma-separated list of networks (CIDR)'
+
+    def parse(self, raw):
+        import ipaddress
+        out = []
+        for word in super().parse(raw):
+            try:
+                out.append(str(ipaddress.ip_network(word, strict=True)))
+            except ValueError as exc:
+                hint = ''
+                if 'host bits set' in str(exc):
+                    hint = '; did you mean %s?' % ipaddress.ip_network(
+                        word, strict=False)
+                raise InvalidValue('expected networks in CIDR form such as '
+                                   '10.0.0.0/8, 192.168.1.0/24 or fd00::/8, '
+                                   'got %r%s' % (word, hint))
+        return tuple(out)
+
+
 class JsonValue:
     def __init__(self, kind):
         self.kind = kind
@@ -409,6 +430,10 @@ SETTINGS = (
       'before the watchdog stops being fed.'),
     S('consumer', 'read_timeout', Number(0.1, 60), 1.0,
       'Seconds one blocking queue read waits before checking for stop.'),
+    S('consumer', 'max_result_bytes', Integer(0, 1 << 40), 64 << 20,
+      'Largest task result (serialized bytes) a worker stores; a task '
+      'returning more fails with ResultTooLarge.  Keep it under Redis\'s '
+      'proto-max-bulk-len (512 MB by default); 0: no limit.'),
     S('consumer', 'identity', Text(), '',
       'Stable consumer identity (default: host name:instance, unique per queue); a '
       'restarted consumer with the same identity requeues its tasks at once.',
@@ -416,6 +441,15 @@ SETTINGS = (
     S('consumer', 'instance', Text(), 'main',
       'Instance name, for several consumers on one host '
       '(huey-worker@NAME.service sets it).', env=('HUEY_WORKER_INSTANCE',)),
+    S('consumer', 'flush_locks', Boolean(), False,
+      'Delete every task lock the app declares (lock_task) at start, '
+      'whoever holds it, as huey_consumer --flush-locks does; the locks '
+      'of dead workers are released without it (docs/delivery.md).',
+      cli='--flush-locks'),
+    S('consumer', 'extra_locks', WordList(), (),
+      'More lock names to delete at start with flush_locks (locks taken '
+      'inside task bodies, which the app declares only when they run), as '
+      'huey_consumer --extra-locks.', cli='--extra-locks'),
 
     # [delivery]
     S('delivery', 'heartbeat_interval', Number(0.2, 60), 2.0,
@@ -459,18 +493,29 @@ SETTINGS = (
 
     # [status]
     S('status', 'bind', Text(), '127.0.0.1',
-      'Address the status endpoint listens on (keep it on loopback).',
+      'Address the status endpoint listens on.  Beyond loopback (0.0.0.0, '
+      'a LAN address) it needs a token, which then guards every route but '
+      'GET /health/live; without one it refuses to start.',
       env=('HUEY_STATUS_BIND',)),
     S('status', 'port', Integer(0, 65535), 8470,
       'Port of the status endpoint.', env=('HUEY_STATUS_PORT',),
       cli='--port'),
     S('status', 'token', Secret(), '',
       'Bearer token; when set, POST /tasks and POST /tasks/ID/revoke are '
-      'enabled and require it.', env=('HUEY_STATUS_TOKEN',)),
+      'enabled and require it (and so do reads, when bind is beyond '
+      'loopback).', env=('HUEY_STATUS_TOKEN',)),
     S('status', 'max_body_bytes', Integer(0, 64 << 20), 1 << 20,
       'Largest request body accepted.'),
     S('status', 'request_timeout', Number(0.1, 600), 10.0,
       'Seconds a client has to send its request.'),
+    S('status', 'head_timeout', Number(0.1, 600), 5.0,
+      'Seconds a client has to send its request line and headers, from its '
+      'first byte (or from connecting, when it sends nothing); '
+      'request_timeout when that is lower.'),
+    S('status', 'max_connections_per_client', Integer(1, 100000), 64,
+      'Connections one client address may hold open (of 256); over it, its '
+      'slowest or longest idle one is closed, or the newcomer refused.  '
+      'Raise it for a reverse proxy on the same host.'),
     S('status', 'queues', WordList(), (),
       'Other queue names to report besides [huey] queue (several apps '
       'sharing one Redis).'),
@@ -514,10 +559,11 @@ SETTINGS = (
     S('collect', 'retries', Integer(0, 100), 3,
       'Retries of one request on connection errors, 5xx and 429.'),
     S('collect', 'retry_delay', Number(0, 3600), 1.0,
-      'Seconds before the first retry of a request, doubled after each '
-      '(a Retry-After header from the server wins).'),
+      'Longest wait (seconds) before the first retry of a request, doubled '
+      'after each; the wait is drawn at random below it (full jitter; a '
+      'Retry-After header from the server wins).'),
     S('collect', 'retry_max_delay', Number(0, 86400), 120.0,
-      'Longest wait before retrying a request; a Retry-After asking for '
+      'Cap on the wait before retrying a request; a Retry-After asking for '
       'more fails the item (the task itself is retried later).'),
     S('collect', 'max_body_bytes', Integer(1, 1 << 40), 50 << 20,
       'Largest response body saved.'),
@@ -528,6 +574,11 @@ SETTINGS = (
     S('collect', 'max_redirects', Integer(0, 100), 5, 'Redirects followed.'),
     S('collect', 'user_agent', Text(), 'huey-worker-collect/1',
       'User-Agent header sent.'),
+    S('collect', 'allow_networks', NetworkList(), (),
+      'Networks that collect.* and pdf.extract URLs (and their redirects) '
+      'may reach although they are loopback, private, link-local, '
+      'unique-local, multicast, reserved or unspecified, which are refused '
+      'by default; e.g. 10.0.0.0/8, 192.168.1.0/24 (docs/tasks.md).'),
 )
 
 PERIODIC = SectionFamily(

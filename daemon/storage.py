@@ -42,7 +42,9 @@ BRPOPLPUSH as before.  The marker is not a message: queue_size() leaves it
 out.
 """
 import math
+import struct
 import threading
+import time
 
 import redis
 from huey.storage import RedisExpireStorage
@@ -123,7 +125,7 @@ return 1
 # the set still holds}.  The common case (a priority above 0 waiting, read
 # without BRPOPLPUSH first) is ZPOPMIN, LPUSH and ZCARD: it leaves the
 # list, and so its marker, alone.
-TAKE = PRIORITY_LUA + r"""
+TAKE_BODY = r"""
 local list, set, inflight = KEYS[1], KEYS[2], KEYS[3]
 local held = ARGV[1]
 local touched = held ~= ''
@@ -173,6 +175,45 @@ else
 end
 return {msg, left}
 """
+TAKE = PRIORITY_LUA + TAKE_BODY
+
+# KEYS: list, priority set, the worker's in-flight list, Huey's sorted set
+# (an adopted PriorityRedisHuey's queue), sequence.  ARGV: as TAKE.  First
+# files up to NATIVE_BATCH of the best messages of Huey's set into the
+# suite's list (priority 0) and priority set, in Huey's order (priority,
+# then the time prefix), then TAKE: whatever Huey's set still holds ranks
+# no higher than what was just filed, so the best message overall is
+# always taken.
+NATIVE_BATCH = 100
+BRIDGE_TAKE = PRIORITY_LUA + r"""
+local moved = redis.call('ZPOPMIN', KEYS[4], %d)
+if moved[1] then
+  hw_unmark(KEYS[1])
+  for i = 1, #moved, 2 do
+    local data = string.sub(moved[i], 9)
+    local score = tonumber(moved[i + 1])
+    if score == 0 then
+      redis.call('LPUSH', KEYS[1], data)
+    else
+      hw_enqueue(KEYS[2], KEYS[5], '\0' .. string.rep('0', 16) ..
+                 tostring(-score) .. '\0' .. data, score)
+    end
+  end
+  hw_mark(KEYS[1], KEYS[2])
+end
+""" % NATIVE_BATCH + TAKE_BODY
+
+# KEYS: Huey's sorted set, the wake-up list.  ARGV: member (Huey's time
+# prefix and message), score (-priority).  An enqueue in Huey's own form,
+# so the suite's producers and plain PriorityRedisHuey ones share one
+# order, and a token that wakes one idle worker at once.
+NATIVE_ENQUEUE = r"""
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
+redis.call('LPUSH', KEYS[2], '1')
+redis.call('LTRIM', KEYS[2], 0, 63)
+redis.call('EXPIRE', KEYS[2], 60)
+return 1
+"""
 
 # KEYS: the worker's in-flight list, list, priority set.  ARGV: message.
 # A message whose run was cut short goes back: a plain one to the head of
@@ -204,6 +245,12 @@ def priority_text(priority):
     if value.is_integer() and abs(value) < 2 ** 53:
         return b'%d' % value
     return repr(value).encode('ascii')
+
+
+def priority_text_value(priority):
+    """The priority as the number a priority message holds (ValueError as
+    priority_text)."""
+    return float(priority_text(priority))
 
 
 def tag_message(data, priority, seq=None):
@@ -545,8 +592,8 @@ class SuiteStorage(RedisExpireStorage):
         return int(llen) + int(zcard) - (1 if head == MARKER else 0)
 
     def queue_size(self):
-        return self.queue_size_of(self.flush_all(*self.queue_size_commands(
-        ))[-3:])
+        commands = self.queue_size_commands()
+        return self.queue_size_of(self.flush_all(*commands)[-len(commands):])
 
     def enqueued_items(self, limit=None):
         """The messages in the order they will run (Huey's messages:
@@ -626,3 +673,118 @@ class SuiteStorage(RedisExpireStorage):
         if self.has_pending():
             self.flush()
         return [message_data(m) for m in super().read_schedule(ts)]
+
+
+class NativePriorityQueue:
+    """Mixed into SuiteStorage for an adopted PriorityRedisHuey: its
+    producers, plain huey ones included, keep Huey's own queue, a sorted
+    set at huey.redis.NAME (member: an 8-byte time prefix and the message;
+    score: -priority).  No Redis command moves a sorted set's member into a
+    list atomically while blocking, so a worker does not block on that set:
+    its read is BRIDGE_TAKE, which files Huey's best messages into the
+    suite's own list (hw:NAME:queue) and priority set and takes the best
+    into its in-flight list in one script; with nothing there it waits up
+    to WAKE_POLL seconds on a wake-up list the suite's producers push to.
+    A task enqueued through the suite thus starts at once, one enqueued by
+    a plain producer within WAKE_POLL.  Everything behind the read (the
+    in-flight lists, recovery, the schedule, dead letters) is the suite's
+    usual list and set."""
+
+    WAKE_POLL = 1   # seconds; an integer, as Redis 5's BLPOP takes it
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.native_key = self.queue_key
+        self.queue_key = self.keys.prefix + 'queue'
+        self.wake_key = self.keys.prefix + 'wake'
+        self._bridge = self.conn.register_script(BRIDGE_TAKE)
+
+    def _take_keys(self, inflight_key):
+        return (self.queue_key, self.priority_key, inflight_key,
+                self.native_key, self.keys.priority_seq)
+
+    def enqueue(self, data, priority=None):
+        # Huey's own form (RedisPriorityQueue.enqueue), plus the wake-up.
+        score = -priority_text_value(priority) if priority else 0
+        member = struct.pack('>Q', int(time.time() * 1e6)) + data
+        self._write('EVAL', NATIVE_ENQUEUE, 2, self.native_key,
+                    self.wake_key, member, score)
+
+    def _dequeue_command(self, inflight_key, timeout):
+        return ('EVALSHA', self._bridge.sha, 5) + \
+            self._take_keys(inflight_key) + (b'',)
+
+    def _take_now(self, inflight_key, held, cached=True):
+        keys = self._take_keys(inflight_key)
+        conn = getattr(self._local, 'own', None)
+        if conn is None:
+            return self._bridge(keys=keys, args=[held])
+        if cached:
+            try:
+                return transaction.command(conn, 'EVALSHA', self._bridge.sha,
+                                           5, *keys, held)
+            except redis.exceptions.NoScriptError:
+                pass
+        return transaction.command(conn, 'EVAL', BRIDGE_TAKE, 5, *keys, held)
+
+    def dequeue_into(self, inflight_key, timeout):
+        """As SuiteStorage.dequeue_into; an empty read waits for a wake-up
+        (at most WAKE_POLL seconds) and reads once more."""
+        local = self._local
+        if getattr(local, 'prefetch', None) == inflight_key or \
+                getattr(local, 'prefetched', None) is not None:
+            message = super().dequeue_into(inflight_key, timeout)
+        else:
+            message = self._received(self._take_now(inflight_key, b''),
+                                     inflight_key)
+        if message is not None:
+            return message
+        conn = getattr(local, 'own', None)
+        wait = max(1, min(self.WAKE_POLL, int(round(timeout))))
+        if conn is None:
+            self.conn.blpop([self.wake_key], timeout=wait)
+        else:
+            transaction.command(conn, 'BLPOP', self.wake_key, wait)
+        return self._received(self._take_now(inflight_key, b''),
+                              inflight_key)
+
+    def dequeue(self):
+        """Huey's own read (at most once): the best message."""
+        scratch = self.keys.prefix + 'dequeue'
+        pipe = self.conn.pipeline(transaction=True)
+        self._bridge(keys=self._take_keys(scratch), args=[b''], client=pipe)
+        pipe.delete(scratch)
+        message = pipe.execute()[0][0]
+        return None if message is None else message_data(message)
+
+    def queue_size_commands(self):
+        return super().queue_size_commands() + [('ZCARD', self.native_key)]
+
+    @staticmethod
+    def queue_size_of(replies):
+        llen, zcard, head, native = replies
+        return int(llen) + int(zcard) + int(native) - \
+            (1 if head == MARKER else 0)
+
+    def enqueued_items(self, limit=None):
+        pipe = self.conn.pipeline(transaction=True)
+        pipe.zrange(self.native_key, 0, -1, withscores=True)
+        pipe.zrange(self.priority_key, 0, -1, withscores=True)
+        pipe.lrange(self.queue_key, 0, -1)
+        native, ranked, plain = pipe.execute()
+        # Filed messages first within a priority: they are older.
+        order = [(score, 0, i, message_data(m))
+                 for i, (m, score) in enumerate(ranked)]
+        order += [(0, 0, len(ranked) + i, m)
+                  for i, m in enumerate(reversed(plain)) if m != MARKER]
+        order += [(score, 1, i, m[8:]) for i, (m, score) in enumerate(native)]
+        items = [m for *_, m in sorted(order, key=lambda o: o[:3])]
+        return items[:limit] if limit else items
+
+    def flush_queue(self):
+        self.conn.delete(self.native_key, self.queue_key, self.priority_key,
+                         self.wake_key)
+
+
+class NativePriorityStorage(NativePriorityQueue, SuiteStorage):
+    """SuiteStorage on an adopted PriorityRedisHuey's queue."""

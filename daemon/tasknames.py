@@ -74,15 +74,18 @@ def task_class(app, name):
     return registered(app)[resolve_task(app, name)]
 
 
-def submit(app, name, args=(), kwargs=None, delay=None, task_id=None):
+def submit(app, name, args=(), kwargs=None, delay=None, task_id=None,
+           priority=None):
     """Enqueue the task `name` resolves to; returns (task id, full name).
-    The journal records it as pending (or scheduled with a delay)."""
+    The journal records it as pending (or scheduled with a delay).
+    `priority` (a number, higher runs first) overrides the task's own."""
     full = resolve_task(app, name)
     cls = registered(app)[full]
     eta = None
     if delay:
         from huey.utils import normalize_time
         eta = normalize_time(delay=delay, utc=app.utc)
-    task = cls(tuple(args or ()), dict(kwargs or {}), id=task_id, eta=eta)
+    task = cls(tuple(args or ()), dict(kwargs or {}), id=task_id, eta=eta,
+               priority=priority)
     app.enqueue(task)
     return task.id, full

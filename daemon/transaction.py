@@ -23,9 +23,19 @@ same; the text costs a few hundred bytes on the wire.
 With hiredis installed, commands are packed by hiredis.pack_command
 directly, as redis-py itself does but without its per-command Python
 wrapper; anything it does not take goes through redis-py's packer.
+
+All this leans on redis-py internals (the pipeline's command stack and
+error helpers, the connection's packer and hiredis reader), so setup.cfg
+pins redis-py to the majors CI tests (REDIS_PY, tests/test_redis_py.py)
+and this module refuses to load, with one line naming the installed
+version and that range, when any of them is missing: a redis-py that
+changed them fails at import, in CI or at a daemon's start, not deep
+inside a worker.
 """
 from redis.exceptions import (ConnectionError, ExecAbortError, ResponseError,
                               WatchError)
+
+from .exitcodes import EX_CONFIG
 
 try:   # hiredis packs in C; redis-py's wrapper around it costs more
     import hiredis
@@ -36,6 +46,92 @@ try:   # what redis-py's hiredis reader answers while a reply is incomplete
     from redis._parsers.hiredis import NOT_ENOUGH_DATA as _NOT_ENOUGH_DATA
 except ImportError:
     _NOT_ENOUGH_DATA = None
+
+# The range setup.cfg's install_requires allows; tests/test_redis_py.py
+# checks the two agree and runs the Redis-heavy tests at both ends of it.
+REDIS_PY = '>=5.3,<9'
+
+
+class UnsupportedRedisPy(ImportError):
+    """The installed redis-py lacks internals this module uses.  The CLI
+    prints it as one line on stderr and exits with `exit_code`."""
+    exit_code = EX_CONFIG   # an installation to fix: systemd must not loop
+
+
+def missing_internals():
+    """The redis-py internals this module needs that the installed
+    redis-py lacks, as names ('Pipeline.raise_first_error', ...); empty
+    when all are there.  Builds an unconnected client: no network."""
+    import inspect
+
+    import redis
+    from redis.connection import Connection, ConnectionPool
+    from redis.utils import HIREDIS_AVAILABLE
+
+    missing = []
+    # Nothing connects: the pool and connection are only constructed.
+    pipe = redis.Redis(connection_pool=ConnectionPool()).pipeline()
+    for name in ('command_stack', 'watching', 'transaction',
+                 'explicit_transaction', 'connection', 'connection_pool',
+                 'scripts', 'response_callbacks', 'raise_first_error',
+                 'annotate_exception', 'reset', 'execute'):
+        if not hasattr(pipe, name):
+            missing.append('Pipeline.' + name)
+    script = pipe.register_script('return 1')
+    missing += ['Script.' + n for n in ('sha', 'script')
+                if not hasattr(script, n)]
+    # Taken with no command name: redis-py before 5.3 requires one.
+    parameters = list(inspect.signature(
+        ConnectionPool.get_connection).parameters.values())[1:]
+    if any(p.default is p.empty and p.kind in (p.POSITIONAL_ONLY,
+                                               p.POSITIONAL_OR_KEYWORD)
+           for p in parameters):
+        missing.append('ConnectionPool.get_connection() without arguments')
+    conn = Connection()
+    for name in ('pack_commands', 'send_packed_command', 'send_command',
+                 'read_response', 'disconnect'):
+        if not hasattr(conn, name):
+            missing.append('Connection.' + name)
+    if HIREDIS_AVAILABLE:   # the fast path redis-py's own hiredis use opens
+        if _NOT_ENOUGH_DATA is None:
+            missing.append('redis._parsers.hiredis.NOT_ENOUGH_DATA')
+        if HiredisRespSerializer is None or not isinstance(
+                getattr(conn, '_command_packer', None),
+                HiredisRespSerializer):
+            missing.append('Connection._command_packer '
+                           '(HiredisRespSerializer)')
+        parser = getattr(conn, '_parser', None)
+        if not hasattr(parser, 'read_from_socket'):
+            missing.append('Connection._parser.read_from_socket')
+        else:
+            # The reader exists once connected; on_connect only stores the
+            # (absent) socket and builds it.
+            try:
+                parser.on_connect(conn)
+                if getattr(parser, '_reader', None) is None:
+                    missing.append('Connection._parser._reader')
+                parser.on_disconnect()
+            except Exception as exc:
+                missing.append('Connection._parser.on_connect (%s)' % exc)
+    return missing
+
+
+def _check_redis_py():
+    import redis
+    try:
+        missing = missing_internals()
+    except Exception as exc:   # a redis-py changed past what the check knows
+        missing = ['what the check looks at (%s: %s)' % (
+            type(exc).__name__, exc)]
+    if missing:
+        raise UnsupportedRedisPy(
+            'redis-py %s is not supported (huey-worker needs redis%s): it '
+            'lacks %s; pip install "redis%s"' % (
+                getattr(redis, '__version__', '?'), REDIS_PY,
+                ', '.join(missing), REDIS_PY))
+
+
+_check_redis_py()
 
 _ACKS = (bytes, str)   # +OK and +QUEUED, raw or decoded
 _MULTI = ('MULTI',)

@@ -18,6 +18,7 @@ SuiteStorage.pin_connection and flush_and_prefetch, and docs/benchmarks.md
 for what each step cost).
 """
 import ctypes
+import datetime
 import logging
 import multiprocessing
 import os
@@ -28,9 +29,11 @@ import time
 
 import redis
 from huey import signals as S
+from huey.api import PeriodicTask
 from huey.exceptions import HueyException, TaskTimeout
+from huey.utils import Error
 
-from . import context, delivery, hooks, logs
+from . import context, delivery, hooks, logs, redisconn
 from .storage import message_data
 from .app import hostname
 from .devredis import dies_with_this_process
@@ -38,8 +41,6 @@ from .tasks.runtime import TaskRejected
 
 log = logging.getLogger('huey_worker.worker')
 task_log = logging.getLogger('huey_worker.task')
-
-REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 
 # The last Huey signal seen in this thread names a delivery's outcome.
 _SIGNAL_STATE = {
@@ -69,6 +70,66 @@ def install_outcome_receiver(app):
     if id(app) not in _receivers_installed:
         app._signal.connect(_remember_signal)
         _receivers_installed.add(id(app))
+
+
+class ResultTooLarge(Exception):
+    """A task's result, serialized, is over [consumer] max_result_bytes:
+    the task fails with it rather than send Redis a write it may refuse
+    (proto-max-bulk-len) or that would crowd its memory."""
+
+    def __repr__(self):
+        # The stored error result is repr(exception): keep it readable.
+        return '%s: %s' % (type(self).__name__, self)
+
+
+class OutcomeRefused(ResultTooLarge):
+    """Redis refused the write of a task's outcome itself (an error reply
+    for it, or the connection closed on it twice while Redis answered in
+    between): the task fails with it; sending it again cannot help."""
+
+
+def install_result_limit(app, limit):
+    """Make `app.put_result` (Huey's, which stores a task's result or
+    error) raise ResultTooLarge for a result over `limit` bytes once
+    serialized; 0: no limit.  The worker turns that, as any exception
+    from storing an outcome, into the task's failure."""
+    if not limit or getattr(app, '_hw_result_limit', None) == limit:
+        return
+
+    def put_result(key, data):
+        raw = app.serializer.serialize(data)
+        if len(raw) > limit:
+            raise ResultTooLarge(
+                'the result is %d bytes serialized, more than [consumer] '
+                'max_result_bytes (%d)' % (len(raw), limit))
+        return app.storage.put_data(key, raw, is_result=True)
+    app.put_result = put_result
+    app._hw_result_limit = limit
+
+
+def install_retry_jitter(app):
+    """Draw the delay of each retry Huey schedules from retry_delay (which
+    grows by retry_backoff after each retry) with jitter: uniformly
+    between half that delay and the delay itself.  Tasks that failed
+    together (a database restart) then come back spread out, not in one
+    wave per retry, while a task still waits at least half of what its
+    author asked for (full jitter, down to 0, would retry a task written
+    to wait out a minute's rate limit within a second).  A delay or eta
+    the task asked for itself (RetryTask, rate limits) is kept as it is."""
+    if getattr(app, '_hw_retry_jitter', False):
+        return
+    requeue = app._requeue_task
+
+    def requeue_with_jitter(task, timestamp, retry_eta=None):
+        if retry_eta is None and task.retry_delay:
+            half = task.retry_delay / 2.0
+            retry_eta = timestamp + datetime.timedelta(
+                seconds=half + redisconn.jitter(half))
+            if task.retry_backoff:
+                task.retry_delay *= task.retry_backoff
+        return requeue(task, timestamp, retry_eta)
+    app._requeue_task = requeue_with_jitter
+    app._hw_retry_jitter = True
 
 
 def _not_a_rejection(record):
@@ -172,7 +233,7 @@ class Worker:
         self.name = 'Worker-%d' % index
         self.task_count = 0
         self._redis_down_since = None
-        self._delay = 0.1
+        self._retry = redisconn.Backoff(0.1, cfg.redis.retry_max_delay)
         self._in_body = False
         self._interrupted = False
         self._rejected = None
@@ -187,6 +248,7 @@ class Worker:
         self.max_tasks = cfg.consumer.max_tasks
         self.default_timeout = cfg.tasks.timeout
         self.max_deliveries = cfg.delivery.max_deliveries
+        self.max_result_bytes = cfg.consumer.max_result_bytes
         self.log_start = cfg.logging.task_events == 'both'
         self.log_end = cfg.logging.task_events != 'none'
         # Here, in the consumer's main thread: process workers inherit it.
@@ -218,6 +280,8 @@ class Worker:
         self.worker_info = {'host': hostname(), 'pid': os.getpid(),
                             'consumer': self.identity, 'worker': self.index}
         install_outcome_receiver(self.app)
+        install_result_limit(self.app, self.max_result_bytes)
+        install_retry_jitter(self.app)
         self.slot.pid = os.getpid()
         try:
             self.initialize()
@@ -260,15 +324,17 @@ class Worker:
         try:
             raw = self.storage.dequeue_into(self.inflight_key,
                                             self.read_timeout)
-        except REDIS_ERRORS as exc:
-            # The move may have happened with its reply lost: look in our
-            # in-flight list once Redis answers again.
-            self._orphan_check = True
-            self._redis_failed(exc)
-            return
-        except redis.exceptions.ResponseError as exc:
+        except redis.exceptions.RedisError as exc:
+            if redisconn.unavailable(exc):
+                # The move may have happened with its reply lost: look in
+                # our in-flight list once Redis answers again.
+                self._orphan_check = True
+                self._redis_failed(exc)
+                return
+            if not isinstance(exc, redis.exceptions.ResponseError):
+                raise
             log.error('%s: Redis refused the queue read: %s', self.name, exc)
-            self.stop_flag.wait(self._backoff())
+            self.stop_flag.wait(self._retry.next())
             return
         self._redis_ok()
         if raw is not None:
@@ -281,7 +347,9 @@ class Worker:
         whose reply was lost; safe because this idle worker owns the list."""
         try:
             moved = self.delivery.requeue_list(self.inflight_key, 'lost')
-        except REDIS_ERRORS as exc:
+        except redis.exceptions.RedisError as exc:
+            # A refusal other than a Redis state (unavailable()) repeats
+            # too: waiting with backoff is all that is left either way.
             self._redis_failed(exc)
             return False
         self._orphan_check = False
@@ -380,13 +448,27 @@ class Worker:
             state = _outcome.state or 'complete'
         except KeyboardInterrupt:
             state = 'interrupted'
-        except Exception:
-            # Only storage failures escape Huey.execute: the outcome may be
-            # half written, so the task runs again rather than be lost.
-            log.exception('%s: could not record the outcome of %s %s; it '
-                          'goes back to the queue', self.name,
-                          self.task_name(task), task.id)
-            state = 'error'
+        except Exception as exc:
+            # Only the outcome's own failures escape Huey.execute: the body
+            # is over.  Redis gone meanwhile: the outcome may be half
+            # written, so the task runs again rather than be lost.
+            if redisconn.unavailable(exc):
+                log.warning('%s: could not record the outcome of %s %s '
+                            '(Redis %s: %s); it goes back to the queue',
+                            self.name, self.task_name(task), task.id,
+                            redisconn.outage_word(exc), exc)
+                state = 'error'
+            else:
+                # Anything else (a result pickle cannot serialize, one over
+                # max_result_bytes, a reply refusing a write) would fail
+                # the same way in every run: the task's failure, once.
+                log.error('%s: the outcome of %s %s cannot be stored; the '
+                          'task fails (%s: %s)', self.name,
+                          self.task_name(task), task.id, type(exc).__name__,
+                          exc, exc_info=not isinstance(exc, ResultTooLarge))
+                storage.discard_pending()   # Huey's half-staged outcome
+                self._record_failure(task, exc)
+                state = 'failed'
         finally:
             storage.deferring = False
             if priority:
@@ -395,24 +477,50 @@ class Worker:
             state = 'interrupted'
         return state, time.monotonic() - started
 
+    def _record_failure(self, task, exc):
+        """Stage what Huey records of a task that failed with `exc` (its
+        error result) and tell the post-execute hooks (the journal) and
+        signal receivers, for an outcome that could not be stored."""
+        app = self.app
+        deferring, self.storage.deferring = self.storage.deferring, True
+        try:
+            if app.results and not isinstance(task, PeriodicTask):
+                try:
+                    app.put_result(task.id, Error(
+                        app.build_error_result(task, exc)))
+                except Exception:
+                    log.exception('%s: the error of %s cannot be stored '
+                                  'either', self.name, task.id)
+            app._run_post_execute(task, None, exc)
+            app._emit(S.SIGNAL_ERROR, task, exc)
+        finally:
+            self.storage.deferring = deferring
+
+    def _stage_ack(self, raw, task, state, duration):
+        storage = self.storage
+        storage.stage_command('LREM', self.inflight_key, 1, raw)
+        storage.stage_command('HDEL', self.keys.deliveries, task.id)
+        hooks.call(hooks.on_outcome, storage, task, state, duration)
+
     def _finish(self, raw, task, state, duration):
         storage, slot = self.storage, self.slot
         slot.busy = 0
         rejected, self._rejected = self._rejected, None
-        if state in ('interrupted', 'error'):
+        putting_back = state in ('interrupted', 'error')
+        if putting_back:
             storage.discard_pending()
             storage.stage_put_back(self.inflight_key, raw)
             hooks.call(hooks.on_requeued, storage, [message_data(raw)],
                        'interrupted')
         else:
-            storage.stage_command('LREM', self.inflight_key, 1, raw)
-            storage.stage_command('HDEL', self.keys.deliveries, task.id)
-            hooks.call(hooks.on_outcome, storage, task, state, duration)
-        prefetch = state not in ('interrupted', 'error') and \
-            not self.stop_flag.is_set() and \
+            self._stage_ack(raw, task, state, duration)
+        prefetch = not putting_back and not self.stop_flag.is_set() and \
             not (self.max_tasks and self.task_count >= self.max_tasks)
         try:
-            self._ack(prefetch)
+            refused = self._ack(raw, prefetch)
+            if refused is not None:
+                state = self._outcome_refused(raw, task, state, duration,
+                                              refused)
         except _Stopped:
             return
         if state == 'failed':
@@ -430,26 +538,110 @@ class Worker:
             task_log.info('end %s %s %s %.3fs', self._name, task.id, state,
                           duration)
 
-    def _ack(self, prefetch):
-        """Send the outcome and the ack; with `prefetch`, the next queue
-        read goes in the same write (one round trip less per task).  If
-        that fails, the read may have moved a message into our in-flight
+    def _ack(self, raw, prefetch):
+        """Send the outcome and the ack of `raw`; with `prefetch`, the next
+        queue read goes in the same write (one round trip less per task).
+        If that fails, the read may have moved a message into our in-flight
         list with its reply lost: it is looked for there once Redis
-        answers, and the ack is retried alone."""
+        answers, and the ack is retried alone (_send_ack).  Returns None,
+        or the error with which Redis refuses this write itself."""
         storage = self.storage
+        error = None
         if prefetch:
             try:
                 storage.flush_and_prefetch(self.inflight_key,
                                            self.read_timeout)
                 self._redis_ok()
-                return
-            except REDIS_ERRORS as exc:
+                return None
+            except redis.exceptions.RedisError as exc:
                 self._orphan_check = True
-                self._redis_failed(exc)
+                error = exc
             except BaseException:
                 self._orphan_check = True
                 raise
-        self._with_redis(storage.flush, give_up_on_stop=False)
+        return self._send_ack(raw, error)
+
+    def _send_ack(self, raw, error=None):
+        """Send what is staged, a write that takes `raw` out of our
+        in-flight list, until it went through: Redis unreachable or
+        unavailable is waited out (never given up, not even on stop: the
+        outcome is written before the message is let go).  `error`: how
+        a first attempt failed.  Returns None once sent, or the error with
+        which Redis refuses this write itself: an error reply that is no
+        Redis state (redisconn.unavailable), or the connection dropped on
+        it twice while Redis answered in between (a value over Redis's
+        proto-max-bulk-len: Redis closes the connection on it).  The
+        staged commands are kept then, for the caller to discard."""
+        dropped = 0
+        while True:
+            if error is not None:
+                if not redisconn.unavailable(error):
+                    return error
+                if redisconn.unreachable(error):
+                    held = self._still_in_flight(raw)
+                    if held is False:
+                        # The write went through, its reply was lost.
+                        self.storage.discard_pending()
+                        self._redis_ok()
+                        return None
+                    if held:
+                        dropped += 1
+                        if dropped >= 2:
+                            return error
+                    else:
+                        self._redis_failed(error)
+                else:
+                    self._redis_failed(error)
+            try:
+                self.storage.flush()
+            except redis.exceptions.RedisError as exc:
+                error = exc
+                continue
+            self._redis_ok()
+            return None
+
+    def _still_in_flight(self, raw):
+        """Whether `raw` is still in our in-flight list (None: Redis does
+        not answer).  On a connection of the pool: ours was dropped with
+        the failed write.  The list holds one or two messages."""
+        try:
+            return raw in self.storage.conn.lrange(self.inflight_key, 0, -1)
+        except redis.exceptions.RedisError:
+            return None
+
+    def _outcome_refused(self, raw, task, state, duration, error):
+        """Redis refused the write of `task`'s outcome (still staged) with
+        `error`: the task fails with OutcomeRefused instead, recorded in a
+        small write.  Returns the state the delivery ended in."""
+        storage = self.storage
+        size = _staged_bytes(storage)
+        storage.discard_pending()
+        if state in ('interrupted', 'error'):
+            # Only a put-back was staged: leave the message in flight; it
+            # goes back with the next start of this consumer.
+            log.error('%s: Redis refused to put %s back in the queue (%s); '
+                      'it stays in flight', self.name, task.id, error)
+            return state
+        exc = OutcomeRefused(
+            'Redis refused the write of the outcome (%s, %d bytes): %s; '
+            'results over [consumer] max_result_bytes are refused before '
+            'they reach Redis' % (state, size, error))
+        log.error('%s: the outcome of %s %s cannot be stored; the task '
+                  'fails (%s)', self.name, self._name, task.id, exc)
+        self._record_failure(task, exc)
+        self._stage_ack(raw, task, 'failed', duration)
+        refused = self._send_ack(raw)
+        if refused is not None:
+            log.error('%s: even the failure of %s could not be stored (%s); '
+                      'acknowledged without an outcome', self.name, task.id,
+                      refused)
+            storage.discard_pending()
+            storage.stage_command('LREM', self.inflight_key, 1, raw)
+            storage.stage_command('HDEL', self.keys.deliveries, task.id)
+            if self._send_ack(raw) is not None:
+                storage.discard_pending()
+                log.error('%s: %s stays in flight', self.name, task.id)
+        return 'failed'
 
     def _dead_letter(self, raw, exc):
         if isinstance(exc, HueyException) and 'not found' in str(exc):
@@ -495,10 +687,7 @@ class Worker:
             record['hint'] = hint
         delivery.stage_dead_letter(self.storage, raw, record,
                                    self.inflight_key)
-        try:
-            self._with_redis(self.storage.flush, give_up_on_stop=False)
-        except _Stopped:
-            pass
+        self._send_dead_letter(raw)
 
     def _poison(self, raw, task, deliveries):
         detail = 'delivered %d times without an outcome (its worker died ' \
@@ -511,20 +700,30 @@ class Worker:
                                              self.task_name(task))
         delivery.stage_dead_letter(self.storage, raw, record,
                                    self.inflight_key)
-        try:
-            self._with_redis(self.storage.flush, give_up_on_stop=False)
-        except _Stopped:
-            pass
+        self._send_dead_letter(raw)
+
+    def _send_dead_letter(self, raw):
+        refused = self._send_ack(raw)
+        if refused is not None:
+            # A record too large for Redis (it holds the message): the
+            # message stays in flight, for the next start of this consumer.
+            self.storage.discard_pending()
+            log.error('%s: Redis refused the dead letter (%s); the message '
+                      'stays in flight', self.name, refused)
 
     # -- Redis trouble -----------------------------------------------------
 
     def _with_redis(self, operation, give_up_on_stop=True):
-        """Run `operation` until Redis answers.  Staged commands survive a
-        failed attempt, so a retry sends them again."""
+        """Run `operation` until Redis answers: unreachable or unavailable
+        (redisconn.unavailable) is waited out with backoff; any other
+        Redis error is raised.  Staged commands survive a failed attempt,
+        so a retry sends them again."""
         while True:
             try:
                 result = operation()
-            except REDIS_ERRORS as exc:
+            except redis.exceptions.RedisError as exc:
+                if not redisconn.unavailable(exc):
+                    raise
                 self._redis_failed(exc)
                 if give_up_on_stop and self.stop_flag.is_set():
                     raise _Stopped()
@@ -532,26 +731,22 @@ class Worker:
             self._redis_ok()
             return result
 
-    def _backoff(self):
-        delay = self._delay
-        self._delay = min(self._delay * 2, self.cfg.redis.retry_max_delay)
-        return delay
-
     def _redis_failed(self, exc):
         if self._redis_down_since is None:
             self._redis_down_since = time.monotonic()
-            log.warning('%s: Redis unreachable (%s); retrying with backoff up '
-                        'to %gs', self.name, exc,
+            log.warning('%s: Redis %s (%s); retrying with backoff up to %gs',
+                        self.name, redisconn.outage_word(exc),
+                        redisconn.error_text(exc),
                         self.cfg.redis.retry_max_delay)
         self.slot.tick = time.monotonic()
-        self.stop_flag.wait(self._backoff())
+        self.stop_flag.wait(self._retry.next())
 
     def _redis_ok(self):
         if self._redis_down_since is not None:
             log.warning('%s: Redis reachable again after %.1fs', self.name,
                         time.monotonic() - self._redis_down_since)
             self._redis_down_since = None
-        self._delay = 0.1
+        self._retry.reset()
 
     # -- process workers ---------------------------------------------------
 
@@ -574,6 +769,17 @@ class Worker:
 
     def _on_reopen(self, signum, frame):
         self._reopen_logs = True
+
+
+def _staged_bytes(storage):
+    """Bytes in the commands staged on this thread (argument tuples; the
+    scripts hooks stage are small), for error messages."""
+    total = 0
+    for command in getattr(storage._local, 'pending', None) or ():
+        if type(command) is tuple:
+            total += sum(len(a) for a in command
+                         if isinstance(a, (bytes, str)))
+    return total
 
 
 class _Stopped(Exception):

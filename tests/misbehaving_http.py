@@ -1,5 +1,7 @@
-"""A local HTTP server on 127.0.0.1 that misbehaves on purpose, for the
-collect and pdf.extract tests.
+"""A local HTTP server (127.0.0.1 unless told another address: 127.0.0.2,
+::1) that misbehaves on purpose, for the collect, pdf.extract and fetch
+guard tests.  It also serves requests in proxy form (GET http://host/path):
+the path decides, the log keeps what was asked.
 
 Routes (query parameters in brackets):
   /ok/NAME [size, type]          200, `size` bytes of content type `type`
@@ -10,6 +12,7 @@ Routes (query parameters in brackets):
   /oversized/NAME [size, length] `size` bytes; Content-Length only if length=1
   /loop/a, /loop/b               redirect to each other
   /chain/N                       redirects N times, then 200
+  /redirect [to, code]           `code` (302) redirect to the URL `to`
   /wrongtype/NAME                200 with application/x-msdownload
   /inflight/NAME [delay]         200 after `delay`; counts requests in flight
   /api/next [page, pages, per]   JSON {"items": [...], "next": link or null}
@@ -21,6 +24,7 @@ Routes (query parameters in brackets):
 Every request is logged (path, arrival time) for the tests to inspect.
 """
 import json
+import socket
 import threading
 import time
 from collections import Counter
@@ -31,8 +35,10 @@ from urllib.parse import parse_qs, urlsplit
 class Server(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self):
-        super().__init__(('127.0.0.1', 0), Handler)
+    def __init__(self, host='127.0.0.1', port=0):
+        if ':' in host:
+            self.address_family = socket.AF_INET6
+        super().__init__((host, port), Handler)
         self.lock = threading.Lock()
         self.log = []              # (path, monotonic arrival time)
         self.hits = Counter()      # path without query -> requests
@@ -44,8 +50,14 @@ class Server(ThreadingHTTPServer):
                                        daemon=True)
 
     @property
+    def port(self):
+        return self.server_address[1]
+
+    @property
     def base(self):
-        return 'http://127.0.0.1:%d' % self.server_address[1]
+        host = self.server_address[0]
+        return 'http://%s:%d' % ('[%s]' % host if ':' in host else host,
+                                 self.port)
 
     def url(self, path):
         return self.base + path
@@ -170,6 +182,9 @@ class Handler(BaseHTTPRequestHandler):
         if left > 0:
             return self.redirect('/chain/%d' % (left - 1), 301)
         self.send_body(b'end of the chain', 'text/plain')
+
+    def route_redirect(self, path, q, hits):
+        self.redirect(q['to'], int(q.get('code', 302)))
 
     def route_wrongtype(self, path, q, hits):
         self.send_body(b'MZ\x90\x00', 'application/x-msdownload')

@@ -326,6 +326,25 @@ def test_derive_lets_values_the_config_sets_win(tmp_path, redis_url):
     assert any('huey.queue' in n for n in notes)
 
 
+def test_a_configured_secret_key_replacing_the_apps_signer_is_noted(
+        tmp_path):
+    from huey import RedisHuey
+    from huey.serializer import SignedSerializer
+    from huey_worker import adopt
+    app = RedisHuey('reports', url='redis://10.1.2.3:6390/4',
+                    serializer=SignedSerializer('app-own-key'))
+    cfg = _config(tmp_path, {'HUEY_WORKER_HUEY_SECRET_KEY': 's3cr3t-value'},
+                  '[huey]\napp = x:huey\n')
+    derived, notes = adopt.derive(cfg, app)
+    note, = [n for n in notes if 'serializer' in n]
+    assert '[huey] secret_key (env HUEY_WORKER_HUEY_SECRET_KEY)' in note
+    assert 'SignedSerializer' in note and "salt='huey-worker'" in note
+    assert 's3cr3t-value' not in note
+    assert not [n for n in adopt.derive(_config(
+        tmp_path, text='[huey]\napp = x:huey\n'), app)[1]
+        if 'serializer' in n]
+
+
 def test_derive_treats_an_immediate_app_as_immediate(tmp_path):
     from huey import RedisHuey
     from huey_worker import adopt
@@ -337,11 +356,20 @@ def test_derive_treats_an_immediate_app_as_immediate(tmp_path):
         'huey.immediate'))
 
 
-def test_priority_and_file_apps_are_refused_with_the_reason(tmp_path):
-    from huey import FileHuey, PriorityRedisHuey
+def test_file_apps_are_refused_with_the_reason_priority_apps_taken(
+        tmp_path):
+    from huey import FileHuey, PriorityRedisExpireHuey, PriorityRedisHuey
     from huey_worker import adopt
-    app = PriorityRedisHuey('p', url='redis://127.0.0.1:1/0')
-    assert 'sorted set' in adopt.refusal(app, adopt.storage_class_of(app))
+    from huey_worker.storage import NativePriorityQueue
+    for kind in (PriorityRedisHuey, PriorityRedisExpireHuey):
+        app = kind('p', url='redis://127.0.0.1:1/0')
+        assert adopt.refusal(app, adopt.storage_class_of(app)) is None
+        original = adopt._original(app)
+        assert original['native_priority'] is True
+        storage_class = adopt._STORAGES[original['hash_results'], True]
+        assert issubclass(storage_class, NativePriorityQueue)
+        assert issubclass(storage_class, adopt.AdoptedStorage) == (
+            kind is PriorityRedisHuey)
     files = FileHuey('f', path=str(tmp_path / 'queue'))
     assert 'files in a local directory' in adopt.refusal(
         files, adopt.storage_class_of(files))

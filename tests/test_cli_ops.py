@@ -144,3 +144,27 @@ def test_wait_exit_codes_by_final_state(producer, env, start_daemon):
     run = cli(env, 'wait', revoked.id, '-q')
     assert run.returncode == 1 and 'revoked' in run.stdout
     assert run.stderr == ''
+
+
+def test_submit_priority_ranks_the_task_and_refuses_non_numbers(producer,
+                                                                 env):
+    from huey_worker.storage import message_data, message_priority
+    storage = producer.storage
+    plain = cli(env, 'submit', 'sample_tasks.add', '1', '2')
+    assert plain.returncode == 0, plain.stderr
+    ranked = cli(env, 'submit', 'sample_tasks.add', '3', '4',
+                 '--priority', '5', '--json')
+    assert ranked.returncode == 0, ranked.stderr
+    task_id = json.loads(ranked.stdout)['task_id']
+    members = storage.conn.zrange(storage.priority_key, 0, -1)
+    assert [message_priority(m) for m in members] == [5]
+    first = producer.serializer.deserialize(storage.enqueued_items()[0])
+    assert first.id == task_id and first.priority == 5
+    assert producer.serializer.deserialize(message_data(members[0])).id == \
+        task_id
+    for bad in ('nan', 'inf', 'high'):
+        refused = cli(env, 'submit', 'sample_tasks.add', '1', '2',
+                      '--priority', bad)
+        assert refused.returncode == 64, (bad, refused.stderr)
+        assert '--priority' in refused.stderr, refused.stderr
+    assert storage.queue_size() == 2   # the refusals enqueued nothing

@@ -4,6 +4,7 @@ import grp
 import json
 import os
 import pwd
+import re
 import shutil
 import subprocess
 import sys
@@ -77,6 +78,26 @@ def test_environment_beats_files_and_command_line_beats_environment(tmp_path):
                overrides=[('consumer.workers', '7', '--workers')])
     assert cfg.consumer.workers == 7
     assert str(cfg.source('consumer.workers')) == 'cli --workers'
+
+
+def test_a_yes_no_flag_alone_means_yes_and_errors_name_the_flag(tmp_path):
+    import click.testing
+    from huey_worker.cli import main
+    path = write(tmp_path / 'hw.ini', '')
+    runner = click.testing.CliRunner()
+
+    def shown(*args):
+        done = runner.invoke(main, ['config', '-c', str(path)] + list(args))
+        return done.exit_code, done.output
+    code, out = shown('--flush-locks', '--workers', '3')
+    assert code == 0, out
+    assert re.search(r'flush_locks += true +# cli --flush-locks', out), out
+    assert re.search(r'workers += 3 +# cli --workers', out), out
+    code, out = shown('--flush-locks', 'off')
+    assert re.search(r'flush_locks += false +# cli --flush-locks', out), out
+    code, out = shown('--flush-locks', 'maybe')
+    assert code == 78
+    assert "[consumer] flush_locks = 'maybe' (cli --flush-locks)" in out
 
 
 def test_the_seeds_environment_names_work():

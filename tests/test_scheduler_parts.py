@@ -162,6 +162,33 @@ def test_each_slot_is_enqueued_once(producer, conn, keys):
     assert 86000 < conn.ttl(enqueuer.dedupe_key(entry_a, minute)) <= 86400
 
 
+def test_a_periodic_task_with_a_priority_keeps_it(producer, conn, keys):
+    """@huey.periodic_task(..., priority=N): its slots enter the queue
+    ranked, as any task enqueued with that priority."""
+    import sample_tasks
+    from huey_worker.storage import message_data, message_priority
+    storage = producer.storage
+    conn.set(keys.scheduler_lease, 'a:1:x')
+    enqueuer = periodic.SlotEnqueuer(conn, producer, keys.scheduler_lease,
+                                     86400)
+    minute = periodic.minute_of(T0)
+    sample_tasks.add(0, 0)                       # plain, already waiting
+    ranked = _entry('code:ranked',
+                    lambda: sample_tasks.add.s(7, 7, priority=4))
+    done, still = enqueuer.enqueue('a:1:x', [(ranked, minute),
+                                             (_entry(), minute)], T0)
+    assert still and len(done) == 2
+    members = conn.zrange(storage.priority_key, 0, -1, withscores=True)
+    assert [(message_priority(m), score) for m, score in members] == \
+        [(4, -4.0)]
+    assert producer.serializer.deserialize(message_data(
+        members[0][0])).args == (7, 7)
+    assert storage.queue_size() == 3
+    taken = [producer.serializer.deserialize(m).args
+             for m in storage.enqueued_items()]
+    assert taken == [(7, 7), (0, 0), (1, 2)]
+
+
 def test_due_tasks_move_in_order_in_bounded_batches(producer, conn, keys):
     import sample_tasks
     storage = producer.storage

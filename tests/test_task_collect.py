@@ -1,14 +1,20 @@
 """collect.urls and collect.pages against a local HTTP server that
 misbehaves: the task code called directly for the many edge cases, then
-end to end through a real consumer and `huey-worker submit`."""
+end to end through a real consumer and `huey-worker submit`.
+
+The server listens on 127.0.0.1, which the fetch guard refuses by default:
+these tests allow it with [collect] allow_networks (tests/test_fetch_guard.py
+tests the refusals)."""
 import json
 import os
+import random
+import statistics
 import subprocess
 import sys
 
 import pytest
 
-from huey_worker.tasks import collect
+from huey_worker.tasks import collect, http
 from huey_worker.tasks.collect import CollectIncomplete, collect_pages, \
     collect_urls, url_file
 from huey_worker.tasks.paths import OutsideRoot
@@ -17,6 +23,7 @@ from misbehaving_http import Server
 from task_helpers import Progress, make_cfg, wait_terminal
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LOCAL = '127.0.0.1/32'   # where the test server listens
 
 
 @pytest.fixture
@@ -27,6 +34,7 @@ def web():
 
 
 def run_urls(tmp_path, urls, progress=None, name=None, task=None, **cfg):
+    cfg.setdefault('collect__allow_networks', LOCAL)
     run = TaskRun(make_cfg(tmp_path, **cfg), task=task,
                   progress=progress or Progress())
     return collect_urls(run, urls, name=name)
@@ -115,25 +123,77 @@ def test_5xx_beyond_the_retries_fails_the_item(tmp_path, web):
     assert summary['errors'][0]['item'] == url
 
 
-def test_retries_back_off_exponentially(tmp_path, web):
-    url = web.url('/flaky/backoff?fail=3')
-    summary = run_urls(tmp_path, [url], collect__retries=3,
-                       collect__retry_delay=0.1)
-    assert summary['saved'] == 1
-    arrivals = web.arrivals('/flaky/backoff')
-    gaps = [b - a for a, b in zip(arrivals, arrivals[1:])]
-    assert len(gaps) == 3
-    for gap, delay in zip(gaps, (0.1, 0.2, 0.4)):
-        assert gap >= delay * 0.9, gaps
+class HalfOfTheBound:
+    """Stands in for the jitter's random generator: records each draw's
+    bounds and returns their middle."""
+
+    def __init__(self):
+        self.draws = []
+
+    def uniform(self, low, high):
+        self.draws.append((low, high))
+        return (low + high) / 2
 
 
-def test_429_waits_as_long_as_retry_after_says(tmp_path, web):
+@pytest.fixture
+def waits(monkeypatch):
+    """The waits of every Fetcher (gates and retries), in seconds."""
+    seen = []
+    original = http.Fetcher.wait
+
+    def wait(self, seconds):
+        seen.append(seconds)
+        return original(self, seconds)
+
+    monkeypatch.setattr(http.Fetcher, 'wait', wait)
+    return seen
+
+
+def test_retries_back_off_exponentially_with_full_jitter(tmp_path, web,
+                                                         monkeypatch, waits):
+    jitter = HalfOfTheBound()
+    monkeypatch.setattr(http, '_jitter', jitter)
+    url = web.url('/flaky/backoff?fail=4')
+    summary = run_urls(tmp_path, [url], collect__retries=4,
+                       collect__retry_delay=0.1, collect__retry_max_delay=0.3)
+    assert summary['saved'] == 1 and web.count('/flaky/backoff') == 5
+    # Bounds double from retry_delay up to retry_max_delay; the wait is
+    # what was drawn below them.
+    assert jitter.draws == [(0, 0.1), (0, 0.2), (0, 0.3), (0, 0.3)]
+    assert [w for w in waits if w] == [0.05, 0.1, 0.15, 0.15]
+
+
+def test_backoff_draws_spread_over_the_whole_range():
+    # A statistical check that no fixed delay can pass: 4000 draws for the
+    # third retry (bound 0.5 * 2**2 = 2 s) must cover [0, 2] evenly.
+    bound = 2.0
+    draws = [http.backoff_delay(3, 0.5, 120) for _ in range(4000)]
+    assert all(0 <= d <= bound for d in draws)
+    assert min(draws) < 0.02 * bound and max(draws) > 0.98 * bound
+    assert abs(statistics.mean(draws) - bound / 2) < 0.05 * bound
+    assert abs(statistics.pstdev(draws) - bound / 12 ** 0.5) < 0.05 * bound
+    assert len(set(draws)) > 3900
+    # Every retry number has its own bound, capped by retry_max_delay.
+    for retry, expected in ((1, 0.5), (2, 1.0), (8, 60.0), (30, 60.0),
+                            (100, 60.0)):
+        draws = [http.backoff_delay(retry, 0.5, 60) for _ in range(500)]
+        assert max(draws) <= expected and max(draws) > 0.9 * expected
+    # A seeded random module in a task does not line the retries up.
+    random.seed(7)
+    first = http.backoff_delay(5, 1, 120)
+    random.seed(7)
+    assert http.backoff_delay(5, 1, 120) != first
+
+
+def test_429_waits_as_long_as_retry_after_says(tmp_path, web, monkeypatch,
+                                               waits):
+    jitter = HalfOfTheBound()
+    monkeypatch.setattr(http, '_jitter', jitter)
     url = web.url('/ratelimited/x?after=1')
     summary = run_urls(tmp_path, [url], collect__retry_delay=0.01)
-    assert summary['saved'] == 1
-    first, second = web.arrivals('/ratelimited/x')
-    # retry_delay is 0.01 s: only Retry-After explains the wait.
-    assert second - first >= 0.9
+    assert summary['saved'] == 1 and web.count('/ratelimited/x') == 2
+    # Retry-After wins over the backoff: nothing drawn, 1 s waited.
+    assert jitter.draws == [] and [w for w in waits if w] == [1.0]
 
 
 def test_retry_after_longer_than_allowed_fails_the_item(tmp_path, web):
@@ -295,6 +355,7 @@ def test_builtin_tasks_take_retries_from_the_config(producer, monkeypatch):
 
 def run_pages(tmp_path, url, progress=None, **kwargs):
     cfg = {k: kwargs.pop(k) for k in list(kwargs) if '__' in k}
+    cfg.setdefault('collect__allow_networks', LOCAL)
     run = TaskRun(make_cfg(tmp_path, **cfg), progress=progress or Progress())
     return collect_pages(run, url, **kwargs)
 
@@ -375,6 +436,7 @@ def consumer_env(base_env, tmp_path, **extra):
         'HUEY_WORKER_COLLECT_OUTPUT_ROOT': str(tmp_path / 'collected'),
         'HUEY_WORKER_COLLECT_RATE_LIMIT': '0',
         'HUEY_WORKER_COLLECT_RETRY_DELAY': '0.01',
+        'HUEY_WORKER_COLLECT_ALLOW_NETWORKS': LOCAL,
         'HUEY_WORKERS': '2',
     })
     env.update(extra)

@@ -85,9 +85,12 @@ def _save(doc, path):
     doc.close()
 
 
+LOCAL = '127.0.0.1/32'   # the test web server's; refused by default
+
+
 @pytest.fixture
 def cfg(tmp_path):
-    return make_cfg(tmp_path)
+    return make_cfg(tmp_path, collect__allow_networks=LOCAL)
 
 
 @pytest.fixture
@@ -334,7 +337,8 @@ def test_url_failures_permanent_or_for_a_retry(cfg, tmp_path, web):
     with pytest.raises(PdfRejected, match='cannot download .*HTTP 404'):
         extract(cfg, web.url('/file/absent.pdf'))
     with pytest.raises(FetchError, match='HTTP 500') as failure:
-        extract(make_cfg(tmp_path, collect__retries=0),
+        extract(make_cfg(tmp_path, collect__retries=0,
+                         collect__allow_networks=LOCAL),
                 web.url('/flaky/pdf?fail=5'))
     assert failure.value.transient
     web.serve_bytes('page.html', b'<html>not a pdf</html>', 'text/html')

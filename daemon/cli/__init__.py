@@ -19,7 +19,16 @@ import click
 
 from .. import __version__
 from ..exitcodes import EX_FAILURE, EX_IOERR, EX_OK, EX_USAGE
-from .ops_common import output_closed, writing_output
+
+try:   # a redis-py whose internals changed: one line, not a traceback
+    from .. import transaction  # noqa: F401
+except ImportError as _exc:
+    if getattr(_exc, 'exit_code', None) is None:
+        raise
+    sys.stderr.write('huey-worker: %s\n' % _exc)
+    sys.exit(_exc.exit_code)
+
+from .ops_common import output_closed, writing_output  # noqa: E402
 
 COMMAND_MODULES = (
     'huey_worker.cli.config_cmd',

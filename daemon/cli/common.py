@@ -24,11 +24,17 @@ def config_options(*sections):
         wanted = [s for s in registry.SETTINGS
                   if s.cli and (not sections or s.section in sections)]
         for setting in reversed(wanted):
+            # A yes/no setting's flag alone means yes (`--flush-locks`, as
+            # huey_consumer has it); `--flush-locks false` still works.
+            boolean = isinstance(setting.type, registry.Boolean)
+            extra = {'is_flag': False, 'flag_value': 'true'} if boolean \
+                else {}
             fn = click.option(
                 setting.cli, _param(setting), default=None,
-                multiple=setting.name in MULTIPLE, metavar='VALUE',
+                multiple=setting.name in MULTIPLE,
+                metavar='[VALUE]' if boolean else 'VALUE',
                 help='%s [%s] %s' % (setting.help, setting.section,
-                                     setting.key))(fn)
+                                     setting.key), **extra)(fn)
         fn = click.option(
             '--set', 'opt_set', multiple=True, metavar='SECTION.KEY=VALUE',
             help='Override any setting, e.g. --set consumer.max_tasks=100.')(fn)
@@ -55,7 +61,7 @@ def overrides_from(params):
         name, sep, raw = item.partition('=')
         if not sep:
             raise ConfigError('expected SECTION.KEY=VALUE, got %r' % item,
-                              origin='command line --set')
+                              origin='cli --set')
         out.append((name.strip(), raw, '--set %s' % item))
     return out
 

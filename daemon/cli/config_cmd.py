@@ -44,6 +44,10 @@ def command(check, as_json, sample, reference, **params):
         cfg = app.config
         periodic.load_entries(cfg, app)
     if check:
+        # What the status endpoint would refuse at start (an open bind
+        # without a token) is refused here too.
+        from ..status.server import check_exposure
+        check_exposure(cfg)
         sources = list(cfg.files)
         if cfg.huey.app:
             sources.append('app %s' % cfg.huey.app)

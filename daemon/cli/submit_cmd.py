@@ -4,6 +4,7 @@ import json
 import click
 
 from .. import tasknames
+from ..storage import priority_text
 from ..exitcodes import EX_DATAERR, EX_NOINPUT, EX_USAGE
 from . import wait_cmd
 from .ops_common import (connect, fail, ops_command, print_json,
@@ -19,6 +20,16 @@ def parse_arg(text):
         return text
 
 
+def _priority(value):
+    if value is None:
+        return None
+    try:
+        priority_text(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="'--priority'")
+    return int(value) if value.is_integer() else value
+
+
 @click.command('submit')
 @click.argument('name')
 @click.argument('args', nargs=-1)
@@ -26,6 +37,10 @@ def parse_arg(text):
               help='Keyword arguments as a JSON object.')
 @click.option('--delay', type=click.FloatRange(0, 365 * 86400),
               default=None, metavar='SECONDS', help='Run no sooner than this.')
+@click.option('--priority', type=float, default=None, metavar='NUMBER',
+              callback=lambda ctx, param, value: _priority(value),
+              help="Higher runs first (Huey's priority=); default: the "
+                   "task's own, else 0.")
 @click.option('--id', 'task_id', default=None, help='Use this task id.')
 @click.option('--wait', 'wait', is_flag=True,
               help='Then wait for the outcome (exit code as `wait`).')
@@ -33,14 +48,15 @@ def parse_arg(text):
               metavar='SECONDS', help='With --wait: give up after this long '
                                       '(exit 75).')
 @ops_command
-def command(name, args, kwargs_json, delay, task_id, wait, timeout, as_json,
-            **params):
+def command(name, args, kwargs_json, delay, priority, task_id, wait, timeout,
+            as_json, **params):
     """Enqueue task NAME (full registered name, alias such as pdf.extract,
     or an unambiguous suffix) with ARGS (each JSON if it parses, else a
     string) and print its id.  Exit 66 for an unknown task, 64 for an
     ambiguous name, 65 for bad --kwargs, 74 when the id cannot be written
     (the task is enqueued all the same: the line says so, with the id).
-    Refused in immediate mode (78): there is no queue to enqueue into."""
+    Refused in immediate mode (78): there is no queue to enqueue into.
+    --priority: higher runs first; 64 when it is not a finite number."""
     kwargs = {}
     if kwargs_json is not None:
         try:
@@ -53,7 +69,8 @@ def command(name, args, kwargs_json, delay, task_id, wait, timeout, as_json,
     app = connect(params, with_tasks=True)
     try:
         new_id, full = tasknames.submit(app, name, [parse_arg(a) for a in args],
-                                        kwargs, delay=delay, task_id=task_id)
+                                        kwargs, delay=delay, task_id=task_id,
+                                        priority=priority)
     except tasknames.UnknownTask as exc:
         fail(EX_NOINPUT, str(exc))
     except tasknames.AmbiguousTask as exc:

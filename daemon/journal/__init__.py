@@ -15,7 +15,8 @@ bound.
 
 Writers:
   producer  Huey's SIGNAL_ENQUEUED: pending (scheduled with a future eta);
-            staged, so it rides the LPUSH of the enqueue itself.
+            staged, so it rides the LPUSH of the enqueue itself, and only
+            that: an enqueue that raises (pickling, Redis) leaves none.
   worker    huey_worker.hooks: on_dequeued -> running (and on_started, for
             a task no producer recorded, the rest of its record: a plain
             Huey producer's); on_outcome -> complete,
@@ -36,6 +37,8 @@ the guarded changes), reads (for the endpoint and the CLI), seen (tasks
 found waiting in the queue with no record).  The
 in-task API lives in daemon/progress.py and is re-exported here.
 """
+import contextlib
+
 from huey import signals as S
 
 from .. import hooks
@@ -48,6 +51,17 @@ from .seen import find_queued, seen_queued
 from .writer import Journal
 
 _journals = {}
+
+
+def enqueueing(app, task):
+    """Context manager around Huey's enqueue of `task` by `app`
+    (huey_worker.app.SuiteApp.enqueue): the record the enqueue signal
+    stages is sent with the enqueue's write, or dropped when the enqueue
+    raises."""
+    journal = _journals.get(id(app))
+    if journal is None:
+        return contextlib.nullcontext()
+    return journal.enqueueing(task)
 
 
 def install(app):
@@ -69,6 +83,7 @@ def install(app):
 
 __all__ = [
     'report_progress', 'current_delivery', 'current_task_id', 'sensitive',
-    'install', 'Journal', 'STATES', 'TERMINAL', 'DURATION_BUCKETS',
+    'install', 'enqueueing', 'Journal', 'STATES', 'TERMINAL',
+    'DURATION_BUCKETS',
     'args_summary', 'result_json', 'read_task', 'list_tasks', 'shape',
     'decode_record', 'is_terminal', 'seen_queued', 'find_queued']

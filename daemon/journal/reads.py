@@ -126,8 +126,11 @@ def shape(record, history=None):
 
 
 def _decode_history(items):
-    """Oldest first, by time: writers on different hosts may append
-    slightly out of order."""
+    """Oldest first, in the order Redis took the events: the order things
+    happened.  Never sorted by their `at`, which comes from the clock of
+    whichever host wrote them (a few milliseconds of skew would put a
+    complete before its running); writers put each event in its place
+    (the loss of a delivery found at the next one: Journal.on_started)."""
     try:
         # One parse for the whole list; item by item if any is bad.
         events = json.loads(b'[' + b','.join(items) + b']' if items and
@@ -142,13 +145,7 @@ def _decode_history(items):
                 events.append(json.loads(item))
             except ValueError:
                 continue
-    out = [event for event in events if isinstance(event, dict)]
-    out.sort(key=_event_time)
-    return out
-
-
-def _event_time(event):
-    return event.get('at') or 0
+    return [event for event in events if isinstance(event, dict)]
 
 
 def read_task(app, storage, task_id, with_history=True):

@@ -5,10 +5,12 @@ known only from the claim of a message that failed its checks, and a task
 found waiting in the queue with no record; and the read of the queued
 messages' beginnings that finds it."""
 
-# KEYS: record, log, queue, recent index.  ARGV: message, now, ttl, log
-# length, task id, event (what happened), event (pending), reason, then
-# the record's new fields as name/value pairs.  The message is looked for
-# among the last REQUEUE_LOOK entries at the end workers take from.
+# KEYS: record, log, queue, recent index, priority set.  ARGV: message,
+# now, ttl, log length, task id, event (what happened), event (pending),
+# reason, then the record's new fields as name/value pairs.  The message
+# (Huey's, without a priority prefix) is looked for among the last
+# REQUEUE_LOOK entries at the end workers take from, then among the first
+# REQUEUE_LOOK of the priority set (a priority message goes back there).
 REQUEUE_LOOK = 1000
 GUARDED_REQUEUE = """
 local waiting = false
@@ -23,9 +25,23 @@ while not waiting and -from <= look do
   end
   from = from - step
 end
-redis.call('RPUSH', KEYS[2], ARGV[6])
+if not waiting then
+  -- A priority message: Huey's message behind the set's prefix.
+  local tail = #ARGV[1]
+  for _, m in ipairs(redis.call('ZRANGE', KEYS[5], 0, look - 1)) do
+    if #m > tail and string.byte(m, 1) == 0 and
+        string.sub(m, -tail) == ARGV[1] then
+      waiting = true
+      break
+    end
+  end
+end
 redis.call('HINCRBY', KEYS[1], 'requeues', 1)
+-- A worker that took the message since has written its running already:
+-- it notes the loss itself, before that (Journal.on_started), so the
+-- history keeps the order things happened in.
 if waiting then
+  redis.call('RPUSH', KEYS[2], ARGV[6])
   redis.call('HSET', KEYS[1], unpack(ARGV, 9))
   redis.call('RPUSH', KEYS[2], ARGV[7])
 else
@@ -85,15 +101,24 @@ return 1
 # and task name are there), never more: the reader looks for a task it has
 # no record of without copying whole messages out of Redis.  Returns
 # {bytes the messages had, {beginnings...}} (the reader sizes its next
-# call by the first); nothing when the key is not a list.
+# call by the first); nothing when the key is neither a list nor a sorted
+# set.  A sorted set is Huey's PriorityRedisHuey queue: its members start
+# with an 8-byte time prefix, left out.
 QUEUE_HEADS = """
-if redis.call('TYPE', KEYS[1])['ok'] ~= 'list' then return {0, {}} end
-local items = redis.call('LRANGE', KEYS[1], ARGV[1], ARGV[2])
+local kind = redis.call('TYPE', KEYS[1])['ok']
+local items, skip
+if kind == 'list' then
+  items, skip = redis.call('LRANGE', KEYS[1], ARGV[1], ARGV[2]), 0
+elseif kind == 'zset' then
+  items, skip = redis.call('ZRANGE', KEYS[1], ARGV[1], ARGV[2]), 8
+else
+  return {0, {}}
+end
 local keep = tonumber(ARGV[3])
 local size = 0
 for i = 1, #items do
-  size = size + #items[i]
-  if #items[i] > keep then items[i] = string.sub(items[i], 1, keep) end
+  size = size + #items[i] - skip
+  items[i] = string.sub(items[i], skip + 1, skip + keep)
 end
 return {size, items}
 """
@@ -109,6 +134,31 @@ redis.call('EXPIRE', KEYS[1], ARGV[2])
 redis.call('EXPIRE', KEYS[2], ARGV[2])
 redis.call('ZADD', KEYS[3], ARGV[1], ARGV[3])
 return 1
+"""
+# KEYS: log.  ARGV: this delivery's running event (as pushed), the lost
+# event, log length.  Run by a redelivery (the message was delivered
+# before without an outcome): when the event before its running is the
+# dead delivery's running (the consumer that put the message back found
+# this delivery running it already and noted nothing), the loss goes in
+# between.  Only what this suite writes between deliveries is passed
+# over (a revoke request).  Returns 1 when noted.
+NOTE_UNNOTED_LOSS = """
+local items = redis.call('LRANGE', KEYS[1], -tonumber(ARGV[3]), -1)
+for i = #items, 1, -1 do
+  if items[i] == ARGV[1] then
+    for j = i - 1, 1, -1 do
+      local ok, event = pcall(cjson.decode, items[j])
+      if ok and type(event) == 'table' and
+          event.state ~= 'revoke-requested' then
+        if event.state ~= 'running' then return 0 end
+        redis.call('LINSERT', KEYS[1], 'BEFORE', ARGV[1], ARGV[2])
+        return 1
+      end
+    end
+    return 0
+  end
+end
+return 0
 """
 _cache = {}
 

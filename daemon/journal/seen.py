@@ -31,6 +31,8 @@ The look is bounded and cheap:
 
 Messages in the suite's priority set are not looked at: only the suite's
 producers put them there, and they record each task as they enqueue it.
+An adopted PriorityRedisHuey's own sorted set, where its plain producers
+put theirs, is (whole, up to SCAN_MAX: it is ordered by priority).
 
 An id found is a claim of a queued message, like any message's; the
 record says only what the message says (id and task name: a Huey message
@@ -125,37 +127,52 @@ class QueueIndex:
 
     def _look(self, storage, now):
         script = script_for(storage, QUEUE_HEADS)
-        found, first, reached = {}, None, False
-        start, chunk = 0, FIRST_CHUNK
-        while start < SCAN_MAX and not reached:
-            stop = min(start + chunk, SCAN_MAX) - 1
-            try:
-                size, heads = script(keys=[storage.queue_key],
-                                     args=[start, stop, HEAD_BYTES])
-            except ResponseError:
-                size, heads = 0, []   # scripts refused (a Redis without Lua)
-            if heads:
-                chunk = max(FIRST_CHUNK, min(
-                    MAX_CHUNK, 16 * chunk,
-                    CALL_BYTES * len(heads) // max(1, size)))
-            for head in heads:
-                if first is None:
-                    first = head
-                if head == self.newest:
-                    reached = True   # seen at the last look, and all after
-                    break
-                claim = message_claims(head)
-                if claim is not None:
-                    found.setdefault(*claim)
-            if len(heads) <= stop - start:
-                break   # the end of the queue
-            start = stop + 1
+        found, first, reached = _scan(script, storage.queue_key, found={},
+                                      stop_at=self.newest)
+        native = getattr(storage, 'native_key', None)
+        if native is not None:
+            # An adopted PriorityRedisHuey's own set, where its producers
+            # put their tasks: ordered by priority, not by age, so read
+            # whole (up to SCAN_MAX) each time.
+            _scan(script, native, found=found)
         if reached:
             self.ids.update(found)
         else:
             # Read afresh: what was taken since is forgotten.
             self.ids, self.built = found, now
         self.newest = first
+
+
+def _scan(script, key, found, stop_at=None):
+    """Claims of the messages at `key` (a list from its newest end, or a
+    sorted set from its first member) added to `found`, up to SCAN_MAX
+    entries or the entry `stop_at`.  Returns (found, the first entry's
+    head, whether stop_at was reached)."""
+    first, reached = None, False
+    start, chunk = 0, FIRST_CHUNK
+    while start < SCAN_MAX and not reached:
+        stop = min(start + chunk, SCAN_MAX) - 1
+        try:
+            size, heads = script(keys=[key], args=[start, stop, HEAD_BYTES])
+        except ResponseError:
+            size, heads = 0, []   # scripts refused (a Redis without Lua)
+        if heads:
+            chunk = max(FIRST_CHUNK, min(
+                MAX_CHUNK, 16 * chunk,
+                CALL_BYTES * len(heads) // max(1, size)))
+        for head in heads:
+            if first is None:
+                first = head
+            if stop_at is not None and head == stop_at:
+                reached = True   # seen at the last look, and all after
+                break
+            claim = message_claims(head)
+            if claim is not None:
+                found.setdefault(*claim)
+        if len(heads) <= stop - start:
+            break   # the end of the queue
+        start = stop + 1
+    return found, first, reached
 
 
 _indexes = {}

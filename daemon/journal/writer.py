@@ -2,6 +2,7 @@
 the delivery hooks (daemon/hooks.py).  Every change is staged on the
 storage, so it rides the round trip its writer makes anyway."""
 import collections
+import contextlib
 import json
 import sys
 import threading
@@ -9,12 +10,12 @@ import time
 
 from huey import Huey
 
-from .. import deadletters, progress
+from .. import deadletters, hooks, progress
 from .layout import (DURATION_BUCKETS, ERROR_MAX_CHARS, EXECUTED, LOG_LENGTH,
                      TERMINAL, TRIM_EVERY, args_summary, encode, epoch,
                      error_fields, field_pairs, result_json, text, ttl_of)
 from .scripts import (GUARDED_DEAD_LETTER, GUARDED_ENQUEUE, GUARDED_REQUEUE,
-                      script_for)
+                      NOTE_UNNOTED_LOSS, script_for)
 
 
 # One encoder made once: json.dumps with an argument builds a new one each
@@ -57,15 +58,24 @@ class Journal:
     def task_name(self, task):
         return self.app._registry.task_to_string(type(task))
 
-    def _stage_change(self, storage, task_id, fields, event, drop=(),
-                      setnx=None, incr=None, extra=None, index=True,
-                      trim=True, expire=True, pairs=()):
-        """Stage one state change of `task_id`: a fixed set of commands.
+    def _stage_change(self, storage, task_id, fields, event, **options):
+        """Stage one state change of `task_id` (_change_commands); returns
+        the event as pushed on the history (JSON text)."""
+        commands, encoded = self._change_commands(storage, task_id, fields,
+                                                  event, **options)
+        storage.stage_commands(commands)
+        return encoded
+
+    def _change_commands(self, storage, task_id, fields, event, drop=(),
+                         setnx=None, incr=None, extra=None, index=True,
+                         trim=True, expire=True, pairs=()):
+        """The commands of one state change of `task_id`: a fixed set.
         `pairs`: more field/value arguments for the HSET, ready encoded;
         `index`: move it to the top of the listing index; `trim`: cut the
         history to LOG_LENGTH (skipped where it cannot have grown much);
         `expire`: renew the record's time to live (skipped where a later
-        change of the same delivery renews it anyway)."""
+        change of the same delivery renews it anyway).  Returns (the
+        commands, the event as pushed on the history: JSON text)."""
         keys = storage.keys
         key, log_key = keys.task(task_id), keys.task_log(task_id)
         now = time.time()
@@ -81,7 +91,8 @@ class Journal:
         commands.append(('HSET', key, 'updated', now, *pairs,
                          *field_pairs(fields)))
         event['at'] = now
-        commands.append(('RPUSH', log_key, _event_json(event)))
+        encoded = _event_json(event)
+        commands.append(('RPUSH', log_key, encoded))
         if trim:
             commands.append(('LTRIM', log_key, -LOG_LENGTH, -1))
         if expire:
@@ -91,7 +102,7 @@ class Journal:
             commands.append(('ZADD', keys.journal_recent, now, task_id))
         if extra is not None:
             extra(commands.append)
-        storage.stage_commands(commands)
+        return commands, encoded
 
     @staticmethod
     def _round_trip_follows():
@@ -120,6 +131,17 @@ class Journal:
                   'args': args_text, 'args_sensitive': hidden or None}
         event = {'state': state, **({'eta': eta} if eta else {})}
         first = {'enqueued': now, 'retries_total': task.retries}
+        entry = self._enqueue_entry(task)
+        if entry is not None:
+            # Staged as one callable that adds the record's commands only
+            # while this enqueue is under way: they ride its LPUSH, in the
+            # same MULTI, so no worker can see the task first; when the
+            # enqueue fails instead (an argument that cannot be pickled,
+            # Redis down) there is no record, and nothing left staged.
+            fields.update(first)
+            self._stage_enqueue_record(storage, entry, task.id, fields,
+                                       event)
+            return
         if _inside_huey_enqueue():
             # The LPUSH follows in this thread: the record rides with it,
             # in the same MULTI, so no worker can see the task first.
@@ -135,6 +157,58 @@ class Journal:
         self._stage_guarded_enqueue(storage, task.id, first, now)
         if not storage.deferring:
             storage.flush()
+
+    @contextlib.contextmanager
+    def enqueueing(self, task):
+        """Around Huey's enqueue of `task` (SuiteApp.enqueue): the record
+        staged by the enqueue signal is sent with the enqueue's own write,
+        or dropped when the enqueue raises."""
+        stack = getattr(self._stash, 'enqueues', None)
+        if stack is None:
+            stack = self._stash.enqueues = []
+        entry = {'task': task, 'storage': None, 'staged': None}
+        stack.append(entry)
+        try:
+            yield
+        except BaseException:
+            self._drop_staged(entry)
+            raise
+        finally:
+            stack.remove(entry)
+
+    def _enqueue_entry(self, task):
+        stack = getattr(self._stash, 'enqueues', None)
+        if stack and stack[-1]['task'] is task:
+            return stack[-1]
+        return None
+
+    def _stage_enqueue_record(self, storage, entry, task_id, fields, event):
+        commands, _ = self._change_commands(storage, task_id, fields, event,
+                                            trim=False)
+        stack = self._stash.enqueues
+
+        def write(pipe):
+            # Recorded into the transaction of a later write of this thread
+            # (the enqueue failed after staging): nothing of it goes out.
+            if any(e is entry for e in stack):
+                pipe.command_stack.extend((c, {}) for c in commands)
+        entry['storage'], entry['staged'] = storage, write
+        storage.stage(write)
+
+    @staticmethod
+    def _drop_staged(entry):
+        write, storage = entry['staged'], entry['storage']
+        entry['staged'] = None
+        if write is None:
+            return
+        # Still staged when the failure came before the write (pickling)
+        # or Redis refused it (flush keeps what is staged for a retry).
+        pending = getattr(getattr(storage, '_local', None), 'pending', None)
+        if pending:
+            try:
+                pending.remove(write)
+            except ValueError:
+                pass
 
     def _stage_guarded_enqueue(self, storage, task_id, fields, now):
         keys = storage.keys
@@ -183,7 +257,7 @@ class Journal:
         # Fewest commands on the hot path: the listing index, history trim
         # and time to live wait for the outcome (or the requeue of a
         # delivery that never gets one).
-        self._stage_change(
+        running_event = self._stage_change(
             storage, task.id,
             {'id': task.id, 'name': name, 'state': 'running',
              'started': now, 'retries_left': task.retries},
@@ -202,26 +276,33 @@ class Journal:
 
         def probe(pipe):
             stack = pipe.command_stack
-            stash.probe = (task_id, len(stack), now)
+            stash.probe = (task_id, len(stack), now, running_event)
             stack.append((command, {}))
         storage.stage(probe)
 
     def on_started(self, storage, task, replies):
-        """The worker's first transaction went through.  For a task the
-        journal first sees now, the rest of its record: the arguments (as
-        at enqueue), its expiry, when and where it was first seen, the
-        listing index and the time to live.  Sent before the task body
-        runs: one round trip, only for such tasks."""
+        """The worker's first transaction went through.  For a redelivery,
+        the loss of the delivery before, where the consumer that put the
+        message back left it unnoted (a worker had taken the message again
+        first): in the history before this delivery's running.  For a
+        task the journal first sees now, the rest of its record: the
+        arguments (as at enqueue), its expiry, when and where it was first
+        seen, the listing index and the time to live.  Sent before the
+        task body runs: one round trip, only for such tasks."""
         probe = getattr(self._stash, 'probe', None)
         if probe is None:
             return
         self._stash.probe = None
-        task_id, index, seen = probe
-        if task_id != task.id or index >= len(replies) or \
-                replies[index] != 1:
+        task_id, index, seen, running_event = probe
+        if task_id != task.id or index >= len(replies):
             return
         keys = storage.keys
         key, log_key = keys.task(task_id), keys.task_log(task_id)
+        deliveries = hooks.delivery_count(replies)
+        if deliveries is not None and deliveries > 1:
+            self._stage_unnoted_loss(storage, log_key, running_event, seen)
+        if replies[index] != 1:
+            return
         args_text, hidden = args_summary(task,
                                          self._settings().args_max_bytes)
         ttl = ttl_of(storage)
@@ -234,6 +315,17 @@ class Journal:
                     ('EXPIRE', key, ttl), ('EXPIRE', log_key, ttl),
                     ('ZADD', keys.journal_recent, seen, task_id)]
         storage.stage_commands(commands)
+
+    @staticmethod
+    def _stage_unnoted_loss(storage, log_key, running_event, seen):
+        script = script_for(storage, NOTE_UNNOTED_LOSS)
+        lost = _event_json({'state': 'lost', 'at': seen,
+                            'noted_by': 'redelivery'})
+
+        def write(pipe):
+            script(keys=[log_key], args=[running_event, lost, LOG_LENGTH],
+                   client=pipe)
+        storage.stage(write)
 
     def _worker_fields(self, worker_info):
         """The record's fields naming the worker, and its label in the
@@ -378,7 +470,8 @@ class Journal:
 
         def write(pipe):
             script(keys=[keys.task(task_id), keys.task_log(task_id),
-                         storage.queue_key, keys.journal_recent],
+                         storage.queue_key, keys.journal_recent,
+                         storage.priority_key],
                    args=[raw, text(now), ttl_of(storage), LOG_LENGTH,
                          task_id] + events + [reason] + mapping,
                    client=pipe)

@@ -20,6 +20,7 @@ from huey import crontab
 from huey.api import TaskWrapper
 
 from ..config import ConfigError
+from ..storage import PRIORITY_LUA, tag_message
 from .lease import LEADER_CHECK, NOT_LEADER
 
 log = logging.getLogger('huey_worker.scheduler')
@@ -34,18 +35,29 @@ MAX_WAIT_AHEAD = 300
 BATCH = 100
 PASS_LIMIT = 1000   # slots enqueued per main-loop pass (a long catch-up)
 
-# KEYS: lease, queue, dedupe key 1..n.  ARGV: token, dedupe ttl (ms), then
-# for each slot its dedupe value and its message.  Returns the positions
-# (1..n) of the slots enqueued now; a slot already done is left alone.
-ENQUEUE_SLOTS = LEADER_CHECK + """
+# KEYS: lease, queue, priority set, its sequence, dedupe key 1..n.  ARGV:
+# token, dedupe ttl (ms), then for each slot its dedupe value and its
+# message (with the priority prefix when the task has a priority:
+# storage.tag_message).  Returns the positions (1..n) of the slots
+# enqueued now; a slot already done is left alone.
+ENQUEUE_SLOTS = LEADER_CHECK + PRIORITY_LUA + """
 local added = {}
-for i = 3, #KEYS do
-  local at = 3 + (i - 3) * 2
+local ranked = false
+for i = 5, #KEYS do
+  local at = 3 + (i - 5) * 2
   if redis.call('SET', KEYS[i], ARGV[at], 'NX', 'PX', ARGV[2]) then
-    redis.call('LPUSH', KEYS[2], ARGV[at + 1])
-    added[#added + 1] = i - 2
+    local m = ARGV[at + 1]
+    local score = hw_score(m)
+    if score then
+      hw_enqueue(KEYS[3], KEYS[4], m, score)
+      ranked = true
+    else
+      redis.call('LPUSH', KEYS[2], m)
+    end
+    added[#added + 1] = i - 4
   end
 end
+if ranked then hw_mark(KEYS[2], KEYS[3]) end
 return added
 """
 
@@ -252,7 +264,9 @@ class SlotEnqueuer:
     def __init__(self, conn, app, lease_key, dedupe_ttl_seconds):
         self.conn, self.app = conn, app
         self.lease_key = lease_key
-        self.queue_key = app.storage.queue_key
+        storage = app.storage
+        self.queue_keys = [storage.queue_key, storage.priority_key,
+                           storage.keys.priority_seq]
         self.prefix = app.storage.keys.prefix + 'periodic:'
         self.ttl_ms = int(dedupe_ttl_seconds * 1000)
         self._script = conn.register_script(ENQUEUE_SLOTS)
@@ -278,9 +292,11 @@ class SlotEnqueuer:
                     'entry': entry.key, 'slot': slot_name(minute),
                     'task': entry.task_name, 'id': task.id, 'leader': token,
                     'at': now}))
-                args.append(self.app.serialize_task(task))
-            reply = self._script(keys=[self.lease_key, self.queue_key] + keys,
-                                 args=args)
+                data = self.app.serialize_task(task)
+                args.append(tag_message(data, task.priority)
+                            if task.priority else data)
+            reply = self._script(keys=[self.lease_key] + self.queue_keys +
+                                 keys, args=args)
             if reply == NOT_LEADER:
                 return done, False
             for position in reply:

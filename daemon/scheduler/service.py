@@ -424,8 +424,9 @@ class Scheduler(MainLoop):
             else:
                 text = 'standby; no leader at the moment'
         if self.outage.down:
-            text += '; Redis unreachable since %s: %s' % (
-                _hhmmss(self.outage.since), self.outage.error)
+            text += '; Redis %s since %s: %s' % (
+                self.outage.word, _hhmmss(self.outage.since),
+                self.outage.error)
         return text
 
     def _feed_watchdog(self):

@@ -34,9 +34,29 @@ pollers that connect per request, are of that kind.
 
 Connections are kept alive as h11 allows (not after `Connection: close`,
 nor for HTTP/1.0), up to KEEPALIVE_REQUESTS requests, idle for at most
-request_timeout between them; when all MAX_CONNECTIONS are taken the
-longest idle kept-alive one is closed to make room.
+request_timeout between them.
+
+Slow clients (slowloris: a request head sent a byte a second) must not
+take every connection slot, or a liveness probe is turned away with them.
+Three limits keep room: a request head must be whole within head_timeout
+of its first byte (a connection that sends nothing, of its accept); one
+client address holds at most max_per_client connections; and a newcomer
+over either limit makes room by evicting, first the connection whose
+request (or silence) began longest ago, then the kept-alive one idle
+longest.  A kept-alive poller between two polls is idle, so it goes only
+once no incomplete request is left to evict; a connection being answered
+is never evicted.  A newcomer is refused (503) only when nothing can go.
+
+Who owns what: the connection map (_conns, with the per-address counts)
+is shared by the loop, which adds and looks up connections, and the
+handler threads, which close the connections they hold; every access
+holds _conns_lock (not the GIL's incidental atomicity).  A connection's
+own fields belong to the thread holding it (see EPOLLONESHOT above); the
+loop's sweeps (_expire, _evict) act only on connections in the loop's
+states, and an eviction shuts a socket down rather than closing it, so a
+handler thread about to re-arm it never meets a reused descriptor.
 """
+import collections
 import errno
 import http
 import json
@@ -54,6 +74,8 @@ log = logging.getLogger('huey_worker.status')
 
 MAX_HEADER_BYTES = 16 << 10
 MAX_CONNECTIONS = 256
+MAX_PER_CLIENT = 64
+HEAD_TIMEOUT = 5.0
 HANDLER_THREADS = 4
 LINGER_SECONDS = 1.0
 RECV_BYTES = 64 << 10
@@ -126,16 +148,22 @@ def _host(client):
 
 class _Conn:
     READING, HANDLING, WRITING, LINGERING = range(4)
-    __slots__ = ('sock', 'fd', 'client', 'parser', 'state', 'deadline',
-                 'received', 'request', 'body', 'out', 'keep', 'served',
-                 'started', 'nodelay', 'evicted', 'registered')
+    __slots__ = ('sock', 'fd', 'client', 'host', 'parser', 'state',
+                 'deadline', 'request_deadline', 'began', 'received',
+                 'request', 'body', 'out', 'keep', 'served', 'started',
+                 'nodelay', 'evicted', 'registered')
 
-    def __init__(self, sock, client, deadline):
+    def __init__(self, sock, client, now, head_timeout, request_timeout):
         self.sock, self.fd, self.client = sock, sock.fileno(), client
+        self.host = _host(client)
         self.parser = h11.Connection(
             h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
         self.state = self.READING
-        self.deadline = deadline
+        # The whole request by request_deadline; its head, and the first
+        # byte of it, sooner (deadline).
+        self.request_deadline = now + request_timeout
+        self.deadline = now + min(head_timeout, request_timeout)
+        self.began = now        # when the request being read began
         self.received = 0       # bytes given to the parser, all requests
         self.request = None     # the request being read, until it is whole
         self.body = None
@@ -150,32 +178,51 @@ class _Conn:
         parser = self.parser
         return parser.their_state is h11.IDLE and not parser.trailing_data[0]
 
+    def idle(self):
+        """Kept alive between two requests: served one, nothing of the next
+        one received yet."""
+        return self.served and self.waiting()
+
 
 class HttpServer:
     """Serve `handler` on a listening socket until `should_stop()` is true.
 
     `handler(Request)` returns a Response, which is sent at once, or a
     callable of no arguments returning one, which a handler thread runs
-    (anything that may wait, such as Redis).  Limits: max_body_bytes,
-    request_timeout (to receive a request, to send its answer, and the
-    idle time allowed between requests on a kept-alive connection)."""
+    (anything that may wait, such as Redis).  Limits: max_body_bytes;
+    request_timeout, in seconds (to receive a request, to send its
+    answer, and the idle time allowed between requests on a kept-alive
+    connection); head_timeout, in seconds (to receive a request's line
+    and headers from its first byte, or a first byte from the accept; the
+    lower of the two timeouts applies); max_connections open at once and
+    max_per_client of them from one client address (see the module's
+    docstring for how room is made)."""
 
     def __init__(self, sock, handler, max_body_bytes, request_timeout,
                  threads=HANDLER_THREADS, max_connections=MAX_CONNECTIONS,
-                 keepalive_requests=KEEPALIVE_REQUESTS):
+                 keepalive_requests=KEEPALIVE_REQUESTS,
+                 head_timeout=HEAD_TIMEOUT, max_per_client=MAX_PER_CLIENT):
         self.sock = sock
         self.sock.setblocking(False)
         self.handler = handler
         self.max_body_bytes = max_body_bytes
         self.request_timeout = request_timeout
+        self.head_timeout = head_timeout
         self.max_connections = max_connections
+        self.max_per_client = max_per_client
         self.keepalive_requests = keepalive_requests
         self._work = queue.SimpleQueue()
         self._threads = [threading.Thread(target=self._worker, daemon=True,
                                           name='http-%d' % i)
                          for i in range(threads)]
         self._epoll = select.epoll()
+        # fd -> _Conn, and how many of them, evicted ones aside, in all and
+        # per client address; shared with the handler threads, which close
+        # connections: held under _conns_lock, always.
         self._conns = {}
+        self._open = 0
+        self._per_host = collections.Counter()
+        self._conns_lock = threading.Lock()
         self._stopping = False
         self._count_lock = threading.Lock()
         self._requests = 0
@@ -195,7 +242,7 @@ class HttpServer:
         self._epoll.register(listen_fd, select.EPOLLIN)
         for thread in self._threads:
             thread.start()
-        conns = self._conns
+        lookup = self._lookup
         due = 0.0
         try:
             while not should_stop():
@@ -203,7 +250,7 @@ class HttpServer:
                     if fd == listen_fd:
                         self._accept()
                         continue
-                    conn = conns.get(fd)
+                    conn = lookup(fd)
                     if conn is not None:
                         try:
                             self._on_event(conn)
@@ -229,9 +276,9 @@ class HttpServer:
         deadline = time.monotonic() + grace
         while time.monotonic() < deadline and any(
                 c.state in (_Conn.HANDLING, _Conn.WRITING)
-                for c in list(self._conns.values())):
+                for c in self._snapshot()):
             for fd, _ in self._epoll.poll(0.05):
-                conn = self._conns.get(fd)
+                conn = self._lookup(fd)
                 if conn is not None:
                     self._on_event(conn)
         while True:   # work not begun is dropped
@@ -241,7 +288,7 @@ class HttpServer:
                 break
         for _ in self._threads:
             self._work.put(None)
-        for conn in list(self._conns.values()):
+        for conn in self._snapshot():
             self._close(conn)
         self._epoll.close()
 
@@ -267,6 +314,31 @@ class HttpServer:
 
     # -- connections ----------------------------------------------------------
 
+    def _lookup(self, fd):
+        with self._conns_lock:
+            return self._conns.get(fd)
+
+    def _snapshot(self):
+        """The open connections, as a list the caller may go through while
+        others come and go."""
+        with self._conns_lock:
+            return list(self._conns.values())
+
+    def _add(self, conn):
+        with self._conns_lock:
+            self._conns[conn.fd] = conn
+            self._open += 1
+            self._per_host[conn.host] += 1
+
+    def _uncount(self, conn):
+        """Take `conn` out of the counts (lock held): it is on its way out."""
+        self._open -= 1
+        left = self._per_host[conn.host] - 1
+        if left:
+            self._per_host[conn.host] = left
+        else:
+            del self._per_host[conn.host]
+
     def _accept(self):
         for _ in range(64):
             try:
@@ -279,12 +351,27 @@ class HttpServer:
                 log.warning('accept failed: %s', exc)
                 return
             sock.setblocking(False)
-            if len(self._conns) >= self.max_connections \
-                    and not self._evict_idle():
-                self._refuse(sock)
+            host = _host(client)
+            with self._conns_lock:
+                from_host = self._per_host[host]
+            if from_host >= self.max_per_client and not self._evict(
+                    host, 'for another from %s ([status] max_connections_'
+                          'per_client = %d)' % (host, self.max_per_client)):
+                self._refuse(sock, 'too many open connections from %s '
+                                   '([status] max_connections_per_client = '
+                                   '%d)' % (host, self.max_per_client))
                 continue
-            conn = _Conn(sock, client, time.monotonic() + self.request_timeout)
-            self._conns[conn.fd] = conn
+            with self._conns_lock:
+                full = self._open >= self.max_connections
+            if full and not self._evict(
+                    None, '(all %d connection slots taken)'
+                          % self.max_connections):
+                self._refuse(sock, 'too many open connections (%d)'
+                             % self.max_connections)
+                continue
+            conn = _Conn(sock, client, time.monotonic(), self.head_timeout,
+                         self.request_timeout)
+            self._add(conn)
             # With TCP_DEFER_ACCEPT (server.py) the request is usually here
             # already: read it now, and use epoll only if it is not.
             try:
@@ -299,28 +386,52 @@ class HttpServer:
                       _host(conn.client))
         self._close(conn)
 
-    def _evict_idle(self):
-        """End the kept-alive connection idle longest, to make room.  Shut
-        down, not closed: a handler thread may be re-arming it this very
-        moment, and its descriptor must not be reused under it; the loop
-        closes it on the end-of-file this causes."""
-        idle = [c for c in list(self._conns.values())
-                if c.served and c.state == _Conn.READING and not c.evicted
-                and c.waiting()]
-        if not idle:
+    def _evict(self, host, why):
+        """End one connection (of client address `host`, or of anyone when
+        None) to make room; False when none may go.  First the one whose
+        request, or silence, began longest ago (a slow client's: it gets a
+        408 that says `why`), then the kept-alive one idle longest (closed
+        without an answer, as at its idle timeout).  Never one being
+        answered.
+
+        Shut down, not closed: a handler thread may be re-arming it this
+        very moment, and its descriptor must not be reused under it; the
+        loop closes it on the end-of-file this causes."""
+        slow = idle = None
+        for c in self._snapshot():
+            if c.state != _Conn.READING or c.evicted or (
+                    host is not None and c.host != host):
+                continue
+            if c.idle():
+                if idle is None or c.deadline < idle.deadline:
+                    idle = c
+            elif slow is None or c.began < slow.began:
+                slow = c   # (began is set while a request is being read)
+        conn = slow or idle
+        if conn is None:
             return False
-        conn = min(idle, key=lambda c: c.deadline)
-        conn.evicted = True
+        with self._conns_lock:
+            if conn.evicted:
+                return False
+            conn.evicted = True
+            self._uncount(conn)
+        # Closed by the loop on the end-of-file; at the latest then.
+        conn.deadline = time.monotonic() + LINGER_SECONDS
         try:
+            if conn is slow:
+                conn.sock.send(Response.error(
+                    408, 'request not complete after %.1fs; connection '
+                         'closed to make room %s' % (
+                             time.monotonic() - conn.began, why)).render())
             conn.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
         return True
 
     @staticmethod
-    def _refuse(sock):
-        data = Response.error(503, 'too many open connections; retry '
-                                   'shortly', [('Retry-After', '1')]).render()
+    def _refuse(sock, why):
+        data = Response.error(503, '%s; retry shortly' % why,
+                              [('Retry-After', '1')]).render()
         try:
             sock.send(data)
         except OSError:
@@ -371,6 +482,13 @@ class HttpServer:
             elif event is h11.NEED_DATA:
                 if parser.they_are_waiting_for_100_continue:
                     self._send_continue(conn)
+                if conn.began is None and conn.request is None \
+                        and not conn.waiting():
+                    # The first bytes of a request: its head must be whole
+                    # within head_timeout, whatever time is left besides.
+                    conn.began = time.monotonic()
+                    conn.deadline = min(conn.request_deadline,
+                                        conn.began + self.head_timeout)
                 conn.state = _Conn.READING
                 self._arm(conn, _IN)
                 return
@@ -382,6 +500,9 @@ class HttpServer:
         """Take the head of a request (h11.Request); False when it is
         refused."""
         conn.started = time.monotonic()
+        if conn.began is None:   # the head came whole with the one before
+            conn.began = conn.started
+        conn.deadline = conn.request_deadline   # for the body, if any
         # h11 limits a head while it arrives (max_incomplete_event_size);
         # one that came whole in a single read is measured here, once
         # enough bytes have come for any head to be too large.
@@ -436,7 +557,7 @@ class HttpServer:
         (and still held by this thread)."""
         request = conn.request
         request.body = bytes(conn.body)
-        conn.request = conn.body = None
+        conn.request = conn.body = conn.began = None
         conn.state = _Conn.HANDLING
         try:
             answer = self.handler(request)
@@ -546,7 +667,8 @@ class HttpServer:
         (True), or close it."""
         conn.out = b''
         if keep:
-            conn.deadline = time.monotonic() + self.request_timeout
+            conn.deadline = conn.request_deadline = \
+                time.monotonic() + self.request_timeout
             return True
         if conn.parser.their_state in _REQUEST_READ:
             # The request was read to its end: unless the client sent
@@ -598,27 +720,41 @@ class HttpServer:
         self._close(conn)
 
     def _expire(self, now):
-        for conn in list(self._conns.values()):
+        for conn in self._snapshot():
             if now < conn.deadline:
                 continue
             state = conn.state
             if state == _Conn.READING:
-                if conn.served and conn.waiting():
+                if conn.evicted:
+                    # Its end-of-file never came to the loop; no thread
+                    # can be re-arming it this long after.
+                    self._close(conn)
+                    continue
+                if conn.idle():
                     # Between requests: no answer is owed (and one sent
                     # now could be taken for the answer to a request
                     # crossing it on the wire).
                     self._close(conn)
                     continue
                 conn.state = _Conn.HANDLING   # taken off the loop's hands
-                self._reject(conn, 408, 'request not complete within %gs '
-                                        '([status] request_timeout)'
-                             % self.request_timeout)
+                if conn.request is None and \
+                        conn.deadline < conn.request_deadline:
+                    detail = ('request line and headers not complete within '
+                              '%gs ([status] head_timeout)'
+                              % self.head_timeout)
+                else:
+                    detail = ('request not complete within %gs ([status] '
+                              'request_timeout)' % self.request_timeout)
+                self._reject(conn, 408, detail)
             elif state in (_Conn.WRITING, _Conn.LINGERING):
                 self._close(conn)
 
     def _close(self, conn):
-        if self._conns.get(conn.fd) is conn:
-            del self._conns[conn.fd]
+        with self._conns_lock:
+            if self._conns.get(conn.fd) is conn:
+                del self._conns[conn.fd]
+                if not conn.evicted:
+                    self._uncount(conn)
         try:
             conn.sock.close()   # leaves epoll with it
         except OSError:

@@ -21,6 +21,9 @@ TASK_ID = r'(?P<id>[A-Za-z0-9_.:@+-]{1,200})'
 REDIS_ERRORS = (redis.exceptions.RedisError, OSError)
 REVOCABLE = frozenset(('pending', 'scheduled', 'retrying'))
 SUBMIT_KEYS = frozenset(('task', 'name', 'args', 'kwargs', 'delay', 'id'))
+# Deeper JSON would reach Python's recursion limit in the parser, pickle or
+# the journal's summary of the arguments: a 500 for bad input.
+MAX_JSON_DEPTH = 100
 
 
 class BadRequest(Exception):
@@ -32,10 +35,15 @@ class BadRequest(Exception):
 class Routes:
     """Resolves a request in the server's loop: answers at once what needs
     no Redis (liveness, the index, unknown routes, refused methods and
-    tokens), and returns the rest as work for a handler thread."""
+    tokens), and returns the rest as work for a handler thread.
 
-    def __init__(self, app):
+    `exposed`: the server listens beyond loopback; then every route but
+    GET /health/live needs the token (the server refuses to start there
+    without one), as the write routes always do."""
+
+    def __init__(self, app, exposed=False):
         self.app = app
+        self.exposed = exposed
         # (methods, pattern, handler, needs the token, answered at once)
         self.table = [
             (('GET',), r'/', self.index, False, True),
@@ -88,6 +96,8 @@ class Routes:
                     allowed=allow)
             return Response.error(404, 'no such route: %s' % request.path)
         handler, match, needs_token, at_once = found
+        if self.exposed and handler != self.live:
+            needs_token = True
         if needs_token and not self._authorized(request, token):
             return Response.error(
                 401, 'this route needs Authorization: Bearer <token> '
@@ -113,7 +123,7 @@ class Routes:
     def _authorized(request, token):
         header = request.headers.get('authorization', '')
         scheme, _, given = header.partition(' ')
-        if scheme.lower() != 'bearer':
+        if scheme.lower() != 'bearer' or not token:
             return False
         return hmac.compare_digest(given.strip().encode('utf-8', 'replace'),
                                    token.encode('utf-8'))
@@ -335,12 +345,29 @@ def revoke_task(app, storage, task_id):
 
 
 def _json_body(request):
+    """The request's JSON body; BadRequest (400) when it is missing, not
+    JSON, or nested deeper than MAX_JSON_DEPTH lists and objects."""
     if not request.body:
         raise BadRequest(400, 'expected a JSON body')
+    too_deep = BadRequest(400, 'body nested deeper than %d levels of lists '
+                               'and objects' % MAX_JSON_DEPTH)
     try:
-        return json.loads(request.body.decode('utf-8'))
+        value = json.loads(request.body.decode('utf-8'))
+    except RecursionError:
+        raise too_deep
     except (UnicodeDecodeError, ValueError) as exc:
         raise BadRequest(400, 'body is not valid JSON: %s' % exc)
+    stack = [(value, 1)]   # a loop, not a recursion: depth is the point
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            item = item.values()
+        elif not isinstance(item, list):
+            continue
+        if depth > MAX_JSON_DEPTH:
+            raise too_deep
+        stack.extend((child, depth + 1) for child in item)
+    return value
 
 
 def seed_shape(record):

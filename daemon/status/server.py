@@ -1,6 +1,7 @@
 """The status endpoint daemon: the listening socket (its own, or the one
 systemd passes by socket activation), signals, sd_notify, reload."""
 import errno
+import ipaddress
 import logging
 import os
 import socket
@@ -45,17 +46,67 @@ def activated_socket(environ=None):
     return sock
 
 
-def bind_socket(cfg):
-    """A listening socket on [status] bind:port."""
+def _address_info(cfg):
+    """getaddrinfo's first answer for [status] bind:port; ConfigError when
+    the name does not resolve."""
     host, port = cfg.status.bind, cfg.status.port
     try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+        infos = socket.getaddrinfo(host, port,
+                                   type=socket.SOCK_STREAM,
                                    flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
         raise ConfigError('cannot resolve the address (%s)' % exc.strerror,
                           'status', 'bind', host,
                           origin=str(cfg.source('status.bind')))
-    family, kind, proto, _, address = infos[0]
+    return infos[0]
+
+
+def is_loopback(address):
+    """Whether a socket address (getsockname()'s: a (host, port, ...) tuple,
+    or a Unix socket's path) is reachable from this host only."""
+    if not isinstance(address, tuple):
+        return True   # a Unix socket: its file's permissions guard it
+    try:
+        ip = ipaddress.ip_address(address[0].partition('%')[0])
+    except ValueError:
+        return False
+    mapped = getattr(ip, 'ipv4_mapped', None)
+    return (mapped or ip).is_loopback
+
+
+def _format_address(address):
+    if not isinstance(address, tuple):
+        return str(address)
+    host = address[0]
+    return ('[%s]:%d' if ':' in host else '%s:%d') % (host, address[1])
+
+
+def _exposed_error(cfg, where, setting='bind'):
+    value = cfg.status.bind if setting == 'bind' else None
+    return ConfigError(
+        '%s is beyond loopback and [status] token is not set: anyone who can '
+        'connect could read tasks, their arguments and results.  Set [status]'
+        ' token (in %s, or HUEY_STATUS_TOKEN), which every route but GET '
+        '/health/live then requires, or bind to 127.0.0.1 and put a reverse '
+        'proxy in front' % (where, cfg.path), 'status', setting, value,
+        origin=str(cfg.source('status.%s' % setting)))
+
+
+def check_exposure(cfg):
+    """Raise ConfigError when [status] bind is beyond loopback and no
+    [status] token is set (what `huey-worker config --check` runs; the
+    server checks the address it actually listens on, see StatusServer)."""
+    if cfg.status.token:
+        return
+    address = _address_info(cfg)[4]
+    if not is_loopback(address):
+        raise _exposed_error(cfg, 'the address %s' % _format_address(address))
+
+
+def bind_socket(cfg):
+    """A listening socket on [status] bind:port."""
+    host, port = cfg.status.bind, cfg.status.port
+    family, kind, proto, _, address = _address_info(cfg)
     sock = socket.socket(family, kind, proto)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
@@ -95,6 +146,8 @@ class StatusServer:
         self.reload_config = reload_config
         self.notifier = notifier or Notifier()
         self.routes = Routes(app)
+        self.activated = self.exposed = False
+        self.sock_address = None
 
     def run(self):
         # Immediate mode has no queue, journal or workers to report: refuse
@@ -104,19 +157,36 @@ class StatusServer:
             refuse_immediate_mode(self.cfg, 'the status endpoint')
         sock = activated_socket()
         how = 'socket activation'
+        self.activated = sock is not None
         if sock is None:
             with logs.config_errors_to_file():
                 sock = bind_socket(self.cfg)
             how = '[status] bind/port'
-        defer_accept(sock)
-        if not self.cfg.status.token:
+        # What the socket really listens on decides, not the setting: a
+        # socket from systemd has its own address.
+        self.sock_address = sock.getsockname()
+        self.exposed = not is_loopback(self.sock_address)
+        if self.exposed:
+            try:
+                with logs.config_errors_to_file():
+                    self._check_token(self.cfg)
+            except ConfigError:
+                sock.close()
+                raise
+            log.info('listening beyond loopback: every route but GET '
+                     '/health/live requires the [status] token')
+        elif not self.cfg.status.token:
             log.info('no [status] token: POST /tasks and /tasks/ID/revoke are '
                      'disabled')
+        self.routes.exposed = self.exposed
+        defer_accept(sock)
         with handled_signals() as flags:
             self.flags = flags
-            self.server = HttpServer(sock, self.routes,
-                                     self.cfg.status.max_body_bytes,
-                                     self.cfg.status.request_timeout)
+            status = self.cfg.status
+            self.server = HttpServer(
+                sock, self.routes, status.max_body_bytes,
+                status.request_timeout, head_timeout=status.head_timeout,
+                max_per_client=status.max_connections_per_client)
             host, port = self.server.address
             log.info('status endpoint listening on http://%s:%d/ (%s)', host,
                      port, how)
@@ -140,11 +210,25 @@ class StatusServer:
             self.reload()
         self.notifier.keep_alive()
 
+    def _check_token(self, cfg):
+        """Listening beyond loopback: ConfigError without a token."""
+        if cfg.status.token:
+            return
+        if self.activated:
+            where = 'the socket systemd passed (%s)' % (
+                _format_address(self.sock_address))
+            raise _exposed_error(cfg, where, setting='token')
+        raise _exposed_error(cfg, 'the address %s' % _format_address(
+            self.sock_address))
+
     def reload(self):
         """SIGHUP: new token, limits and Redis settings; the socket stays
-        (a new bind or port needs a restart)."""
+        (a new bind or port needs a restart).  Refused, the running
+        configuration kept, when it would leave a server listening beyond
+        loopback without a token."""
         self.notifier.reloading()
-        new = reread_config(self.reload_config, self.cfg)
+        new = reread_config(self.reload_config, self.cfg,
+                            check=self._check_token if self.exposed else None)
         if new is None:
             self.notifier.ready('serving http://%s:%d/' % self.server.address)
             return
@@ -164,5 +248,7 @@ class StatusServer:
         self.cfg = new
         self.server.max_body_bytes = new.status.max_body_bytes
         self.server.request_timeout = new.status.request_timeout
+        self.server.head_timeout = new.status.head_timeout
+        self.server.max_per_client = new.status.max_connections_per_client
         self.notifier.ready('serving http://%s:%d/' % self.server.address)
         log.info('configuration reloaded')

@@ -9,7 +9,8 @@ Both resume: an item whose file exists is skipped.  An item that failed
 for a reason that may pass (connection error, 5xx, 429) makes the task
 fail after the others are done while Huey has retries left, so the retry
 picks up only what is missing; permanent failures (404, wrong content
-type, too big, redirect loop) are counted and reported, not retried.
+type, too big, redirect loop, an address outside [collect]
+allow_networks) are counted and reported, not retried.
 """
 import concurrent.futures
 import hashlib
@@ -26,7 +27,8 @@ from ..app import huey
 from . import paths
 from .http import Fetcher, FetchError, HttpSettings, host_key
 from .manifest import Manifest
-from .runtime import BuiltinTask, InputRejected, TaskRun
+from .netguard import AddressRefused
+from .runtime import BuiltinTask, InputRejected, TaskRun, log
 
 MAX_THREADS = 32
 ERRORS_IN_RESULT = 20
@@ -206,6 +208,12 @@ def _record(manifest, future, url, relative):
         manifest.failed(url, exc.problem, exc.transient, url=url,
                         attempts=exc.attempts, http_status=exc.status)
         return 1 if exc.transient else 0
+    except AddressRefused as exc:
+        # One item of a list fails, as a non-http URL does; the others are
+        # still collected.  Logged: it may be someone probing the network.
+        log.warning('collect.urls: %s', exc)
+        manifest.failed(url, str(exc), False, url=url, refused=exc.address)
+        return 0
     except OSError as exc:
         manifest.failed(url, 'cannot write %s: %s' % (relative, exc), True,
                         url=url)

@@ -6,13 +6,17 @@ Every request goes through the gate of its host: at most
 threads of one consumer share them.
 
 Redirects are followed here rather than by requests, so each hop passes
-its host's gate, loops are named, and the limit is ours.  Connection
-errors, read timeouts, truncated bodies, 5xx, 408 and 429 are transient:
-retried with exponential backoff (a Retry-After header wins).  Anything
-else is permanent and fails at once.
+its host's gate, loops are named, and the limit is ours.  Every connection,
+the first and each redirect's, goes through the address policy of
+netguard ([collect] allow_networks); a refused address raises
+AddressRefused (a TaskRejected), never retried.  Connection errors, read
+timeouts, truncated bodies, 5xx, 408 and 429 are transient: retried after
+a random wait below an exponentially growing bound ("full jitter"; a
+Retry-After header wins).  Anything else is permanent and fails at once.
 """
 import email.utils
 import io
+import random
 import threading
 import time
 from contextlib import contextmanager
@@ -22,6 +26,8 @@ from urllib.parse import urljoin, urlsplit
 
 import requests
 
+from .netguard import AddressPolicy, AddressRefused, GuardedAdapter, \
+    parse_networks
 from .paths import atomic_file
 
 CHUNK = 64 * 1024
@@ -74,6 +80,7 @@ class HttpSettings:
     user_agent: str = 'huey-worker-collect/1'
     per_host_concurrency: int = 2
     rate_limit: float = 5.0
+    allow_networks: tuple = ()   # CIDR text, as in the config
 
     @classmethod
     def from_config(cls, cfg):
@@ -81,7 +88,8 @@ class HttpSettings:
         return cls(c.connect_timeout, c.read_timeout, c.retries,
                    c.retry_delay, c.retry_max_delay, c.max_body_bytes,
                    tuple(c.content_types), c.max_redirects, c.user_agent,
-                   c.per_host_concurrency, c.rate_limit)
+                   c.per_host_concurrency, c.rate_limit,
+                   tuple(c.allow_networks))
 
 
 # -- per-host gates ----------------------------------------------------------
@@ -182,6 +190,19 @@ def parse_retry_after(value, now=None):
     return max(0.0, when.timestamp() - now)
 
 
+# A generator of our own: a task that seeds the random module must not make
+# every worker's retries come back in step.
+_jitter = random.Random()
+
+
+def backoff_delay(retry, base, cap, rng=None):
+    """Seconds to wait before retry number `retry` (1 for the first):
+    uniform between 0 and min(cap, base * 2**(retry - 1)), "full jitter",
+    so that clients that failed together do not all come back together."""
+    bound = min(cap, base * 2.0 ** min(retry - 1, 1000))
+    return (rng or _jitter).uniform(0, bound)
+
+
 # -- the fetcher -------------------------------------------------------------
 
 class Fetcher:
@@ -192,6 +213,7 @@ class Fetcher:
         self.settings = settings
         self.run = run
         self.cancel = cancel or threading.Event()
+        self.policy = AddressPolicy(parse_networks(settings.allow_networks))
         self._local = threading.local()
         self._sessions = []
         self._sessions_lock = threading.Lock()
@@ -213,7 +235,8 @@ class Fetcher:
         if session is None:
             session = requests.Session()
             session.headers['User-Agent'] = self.settings.user_agent
-            adapter = requests.adapters.HTTPAdapter(
+            adapter = GuardedAdapter(
+                self.policy,
                 pool_maxsize=max(2, self.settings.per_host_concurrency),
                 max_retries=0)
             session.mount('http://', adapter)
@@ -240,7 +263,9 @@ class Fetcher:
 
     def fetch_to_file(self, url, path, max_bytes=None, content_types=None):
         """Download `url` into `path` (atomically: a failed download leaves
-        nothing behind)."""
+        nothing behind).  Returns a Fetched; raises FetchError (its
+        `transient` says whether a later try may work), AddressRefused (an
+        address outside [collect] allow_networks), Cancelled."""
         return self._with_retries(url, lambda: atomic_file(path), max_bytes,
                                   content_types)
 
@@ -289,8 +314,8 @@ class Fetcher:
                         raise too_long
                     delay = exc.retry_after
                 else:
-                    delay = min(s.retry_delay * 2 ** (attempt - 1),
-                                s.retry_max_delay)
+                    delay = backoff_delay(attempt, s.retry_delay,
+                                          s.retry_max_delay)
                 self.wait(delay)
 
     def _attempt(self, url, open_sink, max_bytes, content_types):
@@ -303,7 +328,11 @@ class Fetcher:
                                  False)
             gate = gate_for(current, s.per_host_concurrency, s.rate_limit)
             with gate.slot(self.wait):
-                response = self._request(current)
+                try:
+                    response = self._request(current)
+                except AddressRefused as exc:
+                    exc.url, exc.hop = url, current
+                    raise
                 try:
                     if response.status_code in REDIRECT_CODES:
                         current = self._next_hop(url, current, response,

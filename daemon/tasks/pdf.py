@@ -2,9 +2,11 @@
 written as one JSON document under [pdf] output_root.
 
 The input is a path below [pdf] input_root or an http(s) URL downloaded
-first (with the [collect] network settings and [pdf] max_bytes).  Input
-that can never work (outside the root, not a PDF, encrypted, damaged, too
-many pages or bytes) fails at once without retries; see docs/tasks.md.
+first (with the [collect] network settings, its address policy included,
+and [pdf] max_bytes).  Input that can never work (outside the root, not a
+PDF, encrypted, damaged, too many pages or bytes, a URL that leads to an
+address outside [collect] allow_networks) fails at once without retries;
+see docs/tasks.md.
 
 MuPDF must not be used from two threads at once, so extractions in one
 process take turns (process workers extract in parallel).  pymupdf is

@@ -1,0 +1,311 @@
+"""The journal says only what happened, in the order it happened:
+
+* an enqueue that fails leaves no record, and nothing it staged rides a
+  later round trip of the thread;
+* the loss of a delivery is in the history before the next delivery's
+  events, whichever of the recovery and the redelivery writes first (the
+  race driven step by step: the consumer's move, the new worker's run,
+  then the consumer's late note), and the history is read in the order
+  Redis took the events, never by the writers' clocks;
+* sys.exit() (or KeyboardInterrupt) inside a task fails that task with a
+  clear error; the worker goes on.
+"""
+import json
+import signal
+import socket
+import textwrap
+import threading
+
+import pytest
+import redis
+
+from ops_helpers import delivery_env, history_states, task_record, \
+    wait_for_state, wait_until
+
+from huey_worker import context, delivery, hooks
+from huey_worker.storage import message_data
+
+import sample_tasks
+
+WORKER = {'host': 'test-host', 'pid': 4242, 'consumer': 'test:main',
+          'worker': 0}
+
+
+# -- failed enqueues -----------------------------------------------------------
+
+def test_an_enqueue_that_cannot_pickle_leaves_no_record(producer):
+    unpicklable = sample_tasks.add.s(threading.Lock(), 1)
+    with pytest.raises(TypeError):
+        producer.enqueue(unpicklable)
+    assert task_record(producer, unpicklable.id) is None
+    assert not producer.storage.has_pending()
+    # The thread's next round trip carries nothing of it.
+    fine = sample_tasks.add(1, 2)
+    assert task_record(producer, fine.id)['state'] == 'pending'
+    assert task_record(producer, unpicklable.id) is None
+    conn = producer.storage.conn
+    assert not conn.exists(producer.keys.task_log(unpicklable.id))
+    assert conn.zscore(producer.keys.journal_recent, unpicklable.id) is None
+    assert conn.llen(producer.storage.queue_key) == 1
+
+
+def test_an_enqueue_redis_refused_leaves_no_record(producer):
+    pool = producer.storage.pool
+    port = pool.connection_kwargs['port']
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        dead = s.getsockname()[1]
+    refused = sample_tasks.add.s(3, 4)
+    # Redis unreachable for this one enqueue: its connection goes where
+    # nothing listens (connections keep the address they were made with,
+    # so the pool is emptied on either side).
+    pool.disconnect()
+    pool.reset()
+    pool.connection_kwargs['port'] = dead
+    try:
+        with pytest.raises(redis.exceptions.ConnectionError):
+            producer.enqueue(refused)
+    finally:
+        pool.connection_kwargs['port'] = port
+        pool.disconnect()
+        pool.reset()
+    assert not producer.storage.has_pending()
+    fine = sample_tasks.add(5, 6)
+    assert task_record(producer, fine.id)['state'] == 'pending'
+    assert task_record(producer, refused.id) is None
+    assert producer.storage.conn.llen(producer.storage.queue_key) == 1
+
+
+def test_an_enqueue_still_records_in_its_own_transaction(producer):
+    """The record of a group's members and of a plain enqueue, as before:
+    each member recorded, pending."""
+    from huey.api import group
+    results = producer.enqueue(group([sample_tasks.add.s(1, 1),
+                                      sample_tasks.add.s(2, 2)]))
+    for result in results:
+        assert task_record(producer, result.id)['state'] == 'pending'
+    assert not producer.storage.has_pending()
+
+
+# -- the order of a history --------------------------------------------------------
+
+class Delivery:
+    """One delivery of a queued message, as a worker makes it (see
+    daemon/worker.py: the hooks, the first transaction, the outcome and
+    the ack)."""
+
+    def __init__(self, app, raw, inflight):
+        self.app, self.raw, self.inflight = app, raw, inflight
+        self.storage = app.storage
+        self.task = app.deserialize_task(message_data(raw))
+
+    def take(self):
+        conn = self.storage.conn
+        assert conn.lrem(self.storage.queue_key, 1, self.raw) == 1
+        conn.lpush(self.inflight, self.raw)
+        return self
+
+    def start(self):
+        storage, task = self.storage, self.task
+        hooks.call(hooks.on_dequeued, storage, task, WORKER)
+        # Last, as the worker sends them: the delivery count, and the read
+        # of Huey's revocation keys.
+        replies = storage.flush_all(
+            ('HINCRBY', storage.keys.deliveries, task.id, 1),
+            ('MGET', *[storage.result_key(k)
+                       for k in self.app._revoke_keys(task)]))
+        hooks.call(hooks.on_started, storage, task, replies)
+        storage.flush()
+        context.set_current(task, replies[-2], WORKER)
+        return self
+
+    def die(self):
+        context.clear_current()
+
+    def finish(self, state='complete'):
+        storage, task = self.storage, self.task
+        context.clear_current()
+        storage.stage_command('LREM', self.inflight, 1, self.raw)
+        storage.stage_command('HDEL', storage.keys.deliveries, task.id)
+        hooks.call(hooks.on_outcome, storage, task, state, 0.01)
+        storage.flush()
+
+
+def in_consumer_thread(fn, *args):
+    """Run `fn` where the consumer's recovery runs: a thread with no task
+    and nothing staged."""
+    out = []
+    thread = threading.Thread(target=lambda: out.append(fn(*args)))
+    thread.start()
+    thread.join(30)
+    assert out, 'the recovery did not finish'
+    return out[0]
+
+
+def move_back(app, inflight):
+    """The consumer's move of a dead worker's message, its hooks not
+    called yet (they run right after it, in the same thread)."""
+    def move():
+        held = list(hooks.on_requeued)
+        hooks.on_requeued[:] = []
+        try:
+            return delivery.Delivery(app.storage).requeue_list(inflight,
+                                                               'lost')
+        finally:
+            hooks.on_requeued[:] = held
+    assert in_consumer_thread(move) == 1
+
+
+def note_requeue(app, raw):
+    """The consumer's hooks after the move: the journal's note."""
+    in_consumer_thread(hooks.call, hooks.on_requeued, app.storage,
+                       [message_data(raw)], 'lost')
+
+
+def queued(app):
+    result = sample_tasks.add(2, 3)
+    return result.id, app.storage.conn.lindex(app.storage.queue_key, 0)
+
+
+def inflight(app, worker):
+    return app.keys.inflight('test:main', worker, 'test')
+
+
+def test_a_late_requeue_note_does_not_follow_the_next_run(producer):
+    """The issue's `... complete, lost`: the consumer puts the message of
+    a dead worker back, a worker runs it to the end, and only then the
+    consumer's note arrives.  The loss goes before the second run."""
+    task_id, raw = queued(producer)
+    Delivery(producer, raw, inflight(producer, 0)).take().start().die()
+    move_back(producer, inflight(producer, 0))
+    Delivery(producer, raw, inflight(producer, 1)).take().start().finish()
+    note_requeue(producer, raw)
+    record = task_record(producer, task_id)
+    assert history_states(record) == [
+        'pending', 'running', 'lost', 'running', 'complete']
+    assert record['state'] == 'complete' and record['attempt'] == 2
+    assert record['requeues'] == 1
+
+
+def test_a_note_between_the_move_and_the_next_run(producer):
+    """The note arrives before a worker took the message again (the usual
+    order): lost, pending, then the run; the run adds no second lost."""
+    task_id, raw = queued(producer)
+    Delivery(producer, raw, inflight(producer, 0)).take().start().die()
+    move_back(producer, inflight(producer, 0))
+    note_requeue(producer, raw)
+    assert task_record(producer, task_id)['state'] == 'pending'
+    Delivery(producer, raw, inflight(producer, 1)).take().start().finish()
+    record = task_record(producer, task_id)
+    assert history_states(record) == [
+        'pending', 'running', 'lost', 'pending', 'running', 'complete']
+    assert record['state'] == 'complete'
+
+
+def test_a_note_that_never_came_is_written_by_the_next_run(producer):
+    """Between the move and its note the consumer died: the next run,
+    finding the record still running, notes the loss in its place."""
+    task_id, raw = queued(producer)
+    Delivery(producer, raw, inflight(producer, 0)).take().start().die()
+    move_back(producer, inflight(producer, 0))
+    second = Delivery(producer, raw, inflight(producer, 1)).take().start()
+    record = task_record(producer, task_id)
+    assert history_states(record) == ['pending', 'running', 'lost',
+                                      'running']
+    second.finish()
+    assert history_states(task_record(producer, task_id))[-1] == 'complete'
+
+
+def test_a_history_is_read_in_the_order_redis_took_it(producer):
+    """Writers stamp events with their own clocks: a worker whose clock is
+    behind the producer's must not put its running before the pending."""
+    task_id, raw = queued(producer)
+    conn = producer.storage.conn
+    log_key = producer.keys.task_log(task_id)
+    pending_at = json.loads(conn.lindex(log_key, 0))['at']
+    conn.rpush(log_key, json.dumps({'state': 'running',
+                                    'at': pending_at - 0.5}))
+    conn.rpush(log_key, json.dumps({'state': 'complete',
+                                    'at': pending_at - 0.4}))
+    assert history_states(task_record(producer, task_id)) == [
+        'pending', 'running', 'complete']
+
+
+# -- what a task does to its worker ------------------------------------------
+
+TASKS = '''
+import sys
+
+from huey_worker import huey
+
+
+@huey.task()
+def quits(code):
+    sys.exit(code)
+
+
+@huey.task()
+def interrupts():
+    raise KeyboardInterrupt('from the task')
+
+
+@huey.task()
+def fine():
+    return 'fine'
+'''
+
+
+@pytest.fixture
+def exit_tasks(producer, tmp_path, monkeypatch):
+    import importlib
+    import sys
+    (tmp_path / 'exittasks.py').write_text(textwrap.dedent(TASKS))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop('exittasks', None)
+    module = importlib.import_module('exittasks')
+    yield module
+    for task in (module.quits, module.interrupts, module.fine):
+        producer._registry.unregister(task.task_class)
+    sys.modules.pop('exittasks', None)
+
+
+def consumer_info(app):
+    for identity in app.storage.conn.zrange(app.keys.consumers, 0, -1):
+        raw = app.storage.conn.get(app.keys.consumer(identity.decode()))
+        if raw:
+            return json.loads(raw)
+    return None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('worker_type', ['thread', 'process'])
+def test_sys_exit_in_a_task_fails_the_task_not_the_worker(
+        producer, exit_tasks, base_env, start_daemon, tmp_path, worker_type):
+    env = delivery_env(base_env, HUEY_MODULES='exittasks',
+                       HUEY_WORKER_TASKS_PYTHON_PATH=str(tmp_path))
+    daemon = start_daemon(['consumer', '--workers', '1', '--worker-type',
+                           worker_type], env)
+    daemon.wait_for_output('consumer ready')
+    quit_result = exit_tasks.quits(3)
+    record = wait_for_state(producer, quit_result.id, ('failed',), 30)
+    assert record['error']['type'] == 'TaskExit'
+    assert record['error']['message'].startswith(
+        'SystemExit(3) raised by the task (it called sys.exit(3))')
+    assert record['attempt'] == 1 and record['requeues'] == 0
+    interrupt = exit_tasks.interrupts()
+    record = wait_for_state(producer, interrupt.id, ('failed',), 30)
+    assert record['error']['message'].startswith(
+        'KeyboardInterrupt raised by the task (it raised '
+        'KeyboardInterrupt: from the task)')
+    # The same worker runs the next task: never restarted.
+    assert exit_tasks.fine().get(blocking=True, timeout=30) == 'fine'
+    wait_until(lambda: (consumer_info(producer) or {}).get('done', 0) +
+               (consumer_info(producer) or {}).get('failed', 0) >= 3,
+               what='the heartbeat counting the three tasks')
+    assert consumer_info(producer)['restarts'] == 0
+    output = daemon.output()
+    assert 'died' not in output
+    # What the task did is in the log, with its traceback.
+    assert 'sys.exit(code)' in output and 'SystemExit: 3' in output
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait() == 0
