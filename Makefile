@@ -56,6 +56,8 @@ tmpfilesdir ?= /usr/local/lib/tmpfiles.d
 sysusersdir ?= /usr/local/lib/sysusers.d
 logrotatedir ?= $(sysconfdir)/logrotate.d
 supervisordir ?= $(datadir)/huey-worker/supervisor
+# Prometheus rules and the Grafana dashboard (deploy/monitoring).
+monitoringdir ?= $(datadir)/huey-worker/monitoring
 linkdir ?= /usr/local/bin
 SERVICE_USER ?= huey-worker
 SERVICE_GROUP ?= $(SERVICE_USER)
@@ -66,6 +68,7 @@ INSTALL_DIRS = --prefix '$(prefix)' --bindir '$(bindir)' --datadir '$(datadir)' 
   --systemdconfdir '$(systemdconfdir)' \
   --tmpfilesdir '$(tmpfilesdir)' --sysusersdir '$(sysusersdir)' \
   --logrotatedir '$(logrotatedir)' --supervisordir '$(supervisordir)' \
+  --monitoringdir '$(monitoringdir)' \
   --linkdir '$(linkdir)' --user '$(SERVICE_USER)' --group '$(SERVICE_GROUP)'
 
 install:

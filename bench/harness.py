@@ -344,6 +344,27 @@ class StatusServer(Contender):
         return env
 
 
+@contextmanager
+def private_redis(prefix):
+    """A throwaway Redis server for one benchmark: HUEY_* and REDIS_*
+    dropped from this process's environment first (the benchmark's settings
+    only, never the caller's), a fresh temporary directory named
+    `prefix`..., and an EmbeddedRedis without persistence in it; yields
+    (server, workdir) and stops the server after.  The directory stays
+    (consumer logs are in it); removing it is the caller's choice."""
+    for name in list(os.environ):
+        if name.startswith(('HUEY_', 'REDIS_')):
+            del os.environ[name]
+    from huey_worker.devredis import EmbeddedRedis
+    workdir = tempfile.mkdtemp(prefix=prefix)
+    server = EmbeddedRedis(os.path.join(workdir, 'redis'), persist=False)
+    server.start()
+    try:
+        yield server, workdir
+    finally:
+        server.cleanup()
+
+
 STAGING = 'bench:staging'   # where batches wait before they are released
 CHUNK = 500                 # staged writes sent per round trip
 

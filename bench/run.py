@@ -24,7 +24,8 @@ BENCH = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(BENCH)
 sys.path[:0] = [ROOT, BENCH]
 
-SECTIONS = ('throughput', 'latency', 'enqueue', 'status', 'pdf', 'recovery')
+SECTIONS = ('throughput', 'latency', 'enqueue', 'footprint', 'status', 'pdf',
+            'recovery')
 
 
 def parse_args(argv):
@@ -37,6 +38,7 @@ def parse_args(argv):
                         help='no-op tasks per throughput run (default 2500)')
     parser.add_argument('--latency-samples', type=int, default=300)
     parser.add_argument('--enqueue-tasks', type=int, default=3000)
+    parser.add_argument('--footprint-tasks', type=int, default=5000)
     parser.add_argument('--records', type=int, default=100000,
                         help='journal records held for the status endpoint '
                              '(default 100000)')
@@ -75,6 +77,7 @@ def parse_args(argv):
     if args.quick:
         args.runs, args.tasks, args.latency_samples = 1, 200, 20
         args.enqueue_tasks, args.records, args.status_seconds = 200, 500, 0.5
+        args.footprint_tasks = 300
         args.pdf_pages, args.recovery_timeout = 5, 1.5
         args.settle, args.lost_watch = 0.1, 1.0
     return args
@@ -368,6 +371,41 @@ def enqueue(bench, table, results):
     table.row('suite, journal off', cell(figures['suite-nojournal']),
               ratio_cell(figures['suite-nojournal'], figures['plain']))
     table.row('plain huey', cell(figures['plain']), '')
+
+
+def footprint(bench, table, results):
+    from harness import Figure
+    from table import cell, ratio_cell
+    import footprint as fp
+    args = bench.args
+    runs = min(args.runs, 3)
+    out = fp.measure(bench, args.footprint_tasks, runs, progress=progress)
+    results['footprint'] = out
+    cfg = bench.cfg
+    result_ttl = cfg.huey.result_timeout
+    retention = min(cfg.journal.retention or result_ttl, result_ttl)
+    # What a Redis holding result_timeout's worth of tasks holds per task:
+    # the result all along, the rest of the fresh figure for the journal's
+    # retention only.
+    steady = Figure(p + (s - p) * retention / result_ttl
+                    for s, p in zip(out['suite'].values, out['plain'].values))
+    table.section('Redis memory per finished task, bytes (INFO used_memory '
+                  'before and after %d no-op tasks; journal on, default '
+                  'settings: results %d s, [journal] retention %d s)'
+                  % (args.footprint_tasks, result_ttl, retention),
+                  ['', 'suite', 'plain huey (RedisExpireHuey)', 'ratio',
+                   'target'])
+    table.row('just finished (record, history, index entries, result)',
+              cell(out['suite']), cell(out['plain']),
+              ratio_cell(out['suite'], out['plain']), '')
+    table.row('held over result_timeout at a steady rate (derived: the '
+              'journal\'s part for its retention only)', cell(steady),
+              cell(out['plain']), ratio_cell(steady, out['plain']),
+              '<= 2.00x')
+    parts = out['breakdown'].get('suite', {})
+    table.row('suite, by key (MEMORY USAGE): ' + ', '.join(
+        '%s %.0f' % (name, size) for name, size in
+        sorted(parts.items(), key=lambda p: -p[1])), '', '', '', '')
 
 
 def status(bench, table, results):

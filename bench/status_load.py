@@ -13,8 +13,10 @@ or with keep_alive=True one connection per client reused for all its
 requests (as requests.Session and Prometheus do); each request is timed
 from connect (or, kept alive, from sending) to the last byte.
 """
+import argparse
 import multiprocessing
 import os
+import sys
 import random
 import re
 import shutil
@@ -47,6 +49,60 @@ def fill_journal(app, task, count):
             one_more()
     storage.conn.delete(STAGING)
     return ids
+
+
+# --- a large journal behind a status server (console_load, metrics_scrape) ---
+
+NAMES = 10   # task names the records are spread over
+
+
+def journal_args(argv, description, per_run, default, quick):
+    """The command line of a benchmark that reads a large journal:
+    --records (journal records, default 100,000), --pending (messages left
+    in the queue, default 10,000), `--<per_run>` (requests timed, `default`)
+    and --quick (500 records, 100 pending, `quick` requests: a tiny run that
+    proves every part works).  An argparse namespace; bad input exits 2."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument('--records', type=int, default=100000)
+    parser.add_argument('--pending', type=int, default=10000)
+    parser.add_argument('--' + per_run, type=int, default=default)
+    parser.add_argument('--quick', action='store_true',
+                        help='a tiny run that proves every part works')
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.records, args.pending = 500, 100
+        setattr(args, per_run.replace('-', '_'), quick)
+    return args
+
+
+def journal_app(redis_url, workdir, module, records, pending):
+    """The suite's app on `redis_url` (an empty config file in `workdir`)
+    with NAMES no-op tasks `module`.task_0 ... task_9, `records` complete
+    journal records spread evenly over them and `pending` messages left in
+    the queue (so queue reads find heads and their records).  (app, list
+    of the tasks, list of the records' task ids); the time it took goes to
+    stderr."""
+    from huey_worker import app as app_module, config
+    empty = os.path.join(workdir, 'empty.ini')
+    open(empty, 'w').close()
+    cfg = config.load(empty, environ={'HUEY_REDIS_URL': redis_url})
+    app = app_module.huey.configure(cfg)
+    tasks = []
+    for i in range(NAMES):
+        def body():
+            return 1
+        body.__module__ = module
+        body.__name__ = body.__qualname__ = 'task_%d' % i
+        tasks.append(app.task()(body))
+    started = time.monotonic()
+    ids = []
+    for task in tasks:
+        ids += fill_journal(app, task, records // NAMES)
+    for i in range(pending):
+        tasks[i % NAMES]()
+    print('  ... %d records, %d pending, written in %.1fs' % (
+        records, pending, time.monotonic() - started), file=sys.stderr)
+    return app, tasks, ids
 
 
 def _request(address, path, keep_alive=False):

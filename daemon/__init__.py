@@ -6,11 +6,17 @@ app is imported on first use of the name, so `import huey_worker` (the CLI,
 """
 __version__ = '0.1.0'
 
-__all__ = ['huey', '__version__']
+__all__ = ['huey', '__version__', 'check_cancelled', 'TaskCanceled']
 
 
 def __getattr__(name):
     if name == 'huey':
         from .app import huey
         return huey
+    if name == 'check_cancelled':
+        from .progress import check_cancelled
+        return check_cancelled
+    if name == 'TaskCanceled':
+        from .worker import TaskCanceled
+        return TaskCanceled
     raise AttributeError('module %r has no attribute %r' % (__name__, name))

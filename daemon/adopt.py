@@ -451,6 +451,8 @@ def _apply(app, cfg):
         app.storage = kind(app.name, expire_time=cfg.huey.result_timeout,
                            connection_pool=redisconn.connection_pool(cfg),
                            notify_result=original['notify_result'])
+        # Huey built with utc=False stamps naive local etas: scored so.
+        app.storage.utc = bool(app.utc)
     if old is not None and old is not app.storage and \
             isinstance(old, SuiteStorage):
         old.pool.disconnect()

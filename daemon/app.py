@@ -63,10 +63,13 @@ _NOT_THE_TASKS = ('GreenletExit', 'GeneratorExit')
 
 
 def _from_interrupt_signal(exc):
-    """Whether a KeyboardInterrupt is the worker's own interrupt: raised by
-    the process worker's SIGTERM handler (its frame is the innermost of
-    the traceback), which puts the task back in the queue."""
-    from .worker import Worker
+    """Whether a KeyboardInterrupt is the worker's own interrupt: raised in
+    a thread worker by the stopping consumer (WorkerInterrupt), or by the
+    process worker's SIGTERM handler (its frame is the innermost of the
+    traceback), which puts the task back in the queue."""
+    from .worker import Worker, WorkerInterrupt
+    if isinstance(exc, WorkerInterrupt):
+        return True
     handler = getattr(getattr(Worker, '_on_interrupt', None), '__code__',
                       None)
     if handler is None:

@@ -5,6 +5,8 @@ The main loop owns everything that is not running a task: signal flags,
 worker health, the heartbeat in Redis (which other consumers use to find
 dead ones), recovery of dead consumers' tasks, and sd_notify.
 """
+import ctypes
+import hashlib
 import json
 import logging
 import multiprocessing
@@ -19,11 +21,14 @@ import time
 import redis
 
 from . import __version__, adopt, cpus, delivery, locks, logs, redisconn
+from . import preflight
 from .app import hostname
 from .config import ConfigError
 from .mainloop import MainLoop, refuse_immediate, reread_config
 from .notify import Notifier
+from .journal.layout import ttl_of
 from .signals import name as signal_name
+from .storage import message_data
 from .worker import Slot, StopFlag, Worker
 
 log = logging.getLogger('huey_worker.consumer')
@@ -41,6 +46,20 @@ LATE_READ_GRACE = 30
 # Seconds a drain may take beyond shutdown_timeout: interrupting process
 # workers (3 s, then 1 s to reap), requeueing and unregistering in Redis.
 DRAIN_MARGIN = 15
+# Seconds a task interrupted at the end of a drain gets to end (and put
+# itself back) before its process is killed or its thread fenced off; and
+# a cancelled task gets to end before its process is killed (SIGKILL
+# after SIGTERM) or TaskCanceled is raised in its thread.
+INTERRUPT_GRACE = 3
+
+# KEYS: a task's cancel mark, its message's.  ARGV: ttl.  The message's
+# mark is set only while the task's is there: a worker that recorded the
+# task canceled meanwhile deleted both (a retry must find neither).
+MARK_MESSAGE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('SET', KEYS[2], '1', 'EX', ARGV[1])
+return 1
+"""
 
 def consumer_identity(cfg):
     if cfg.consumer.identity:
@@ -61,7 +80,7 @@ class Consumer(MainLoop):
         self.incarnation = '%x-%s' % (int(time.time()), secrets.token_hex(3))
         self.storage = app.storage
         self.keys = self.storage.keys
-        self.delivery = delivery.Delivery(self.storage)
+        self.delivery = delivery.Delivery(self.storage, app)
         self.in_process = cfg.consumer.worker_type == 'process'
         self.count, self.count_reason = cpus.worker_count(
             cfg.consumer.workers, cfg.consumer.worker_type,
@@ -70,12 +89,22 @@ class Consumer(MainLoop):
         self.stop_flag = None
         self.workers = [None] * self.count      # (Worker, thread/process)
         self.started_at = time.time()
+        self._started_mono = time.monotonic()
         self.restarts = 0
         self.recycled = 0
+        self.abandoned = 0     # thread workers stuck past a time limit
         self.outage = redisconn.RedisOutage(cfg)
         self._last_beat = 0.0
         self._queue_depth = None
         self._stuck = []
+        # Set while the queue is paused (hw:<queue>:paused, read each pass:
+        # _read_operator_keys); every worker looks at it before a read.
+        self.paused = multiprocessing.RawValue(ctypes.c_int, 0)
+        self.pause_info = None
+        # Workers running a cancelled task: index -> (Slot id, monotonic
+        # time the cancel was passed on).
+        self._canceling = {}
+        self._mark_message = self.storage.conn.register_script(MARK_MESSAGE)
 
     def initialize(self):
         cfg = self.cfg
@@ -97,6 +126,15 @@ class Consumer(MainLoop):
                         'to this Redis can run code in the workers')
         if not self._wait_for_redis():
             return False
+        # Before any task is taken: an evicting Redis is refused (78).
+        self.preflight = preflight.Preflight(cfg, self.storage.pool,
+                                             'consumer')
+        if not preflight.checked_at_start(self, self.preflight):
+            return False
+        # A queue key another kind of producer owns is a ConfigError (78).
+        if self._with_redis_or_stop(lambda: self.storage.check_queue_key(
+                str(cfg.source('huey.queue'))) or True) is None:
+            return False
         moved = self._with_redis_or_stop(
             lambda: self.delivery.requeue_consumer(self.identity, 'lost'))
         if moved is None:
@@ -104,11 +142,16 @@ class Consumer(MainLoop):
         if moved:
             log.warning('%d task(s) left in flight by the previous run of %s '
                         'put back in the queue', moved, self.identity)
-        if cfg.consumer.flush_locks and self._with_redis_or_stop(
+        # As huey_consumer: naming extra locks flushes them (and the
+        # app's) without --flush-locks too.
+        if (cfg.consumer.flush_locks or cfg.consumer.extra_locks) and \
+                self._with_redis_or_stop(
                 lambda: locks.flush(self.app, cfg.consumer.extra_locks)) \
                 is None:
             return False
         self._with_redis_or_stop(self._register_lists)
+        # A pause outlives restarts: the workers start paused.
+        self._read_operator_keys()
         self.stop_flag = StopFlag()
         for index in range(self.count):
             self._start_worker(index)
@@ -119,7 +162,10 @@ class Consumer(MainLoop):
 
     def loop(self):
         self._check_workers()
+        self._read_operator_keys()
+        self._enforce_time_limits()
         self._heartbeat()
+        self.preflight.recheck()
         self.notifier.status(self.status_line())
         self._feed_watchdog()
 
@@ -129,7 +175,10 @@ class Consumer(MainLoop):
         timeout = self.cfg.consumer.shutdown_timeout
         # The drain is bounded by shutdown_timeout, not by systemd's
         # TimeoutStopSec (or TimeoutStartSec, which bounds a reload).
-        self.notifier.extend_timeout(timeout + DRAIN_MARGIN)
+        # Beyond INTERRUPT_GRACE, the end of a drain waits for the
+        # workers' queue reads (_stop_workers): a long read_timeout adds.
+        self.notifier.extend_timeout(timeout + DRAIN_MARGIN + max(
+            0, self.cfg.consumer.read_timeout + 1 - INTERRUPT_GRACE))
         signum = self.flags.last_stop_signal
         log.info('%s: finishing running tasks (up to %gs)%s',
                  'reloading' if for_reload else 'stopping', timeout,
@@ -154,7 +203,7 @@ class Consumer(MainLoop):
             self.notifier.keep_alive()
             self.flags.wait(0.1)
         self.notifier.keep_alive()
-        self._interrupt_workers()
+        self._stop_workers()
         moved = self._requeue_own('interrupted')
         if moved:
             log.warning('%d task(s) put back in the queue', moved)
@@ -216,12 +265,14 @@ class Consumer(MainLoop):
 
     # -- workers -----------------------------------------------------------
 
-    def _start_worker(self, index):
+    def _start_worker(self, index, settle=None):
         slot = self.slots[index]
         slot.busy = 0
         slot.tick = time.monotonic()
+        slot.cancel_id = b''
         worker = Worker(self.app, self.cfg, index, slot, self.stop_flag,
-                        self.identity, self.in_process, self.incarnation)
+                        self.identity, self.in_process, self.incarnation,
+                        settle, paused=self.paused)
         name = 'Worker-%d' % index
         if self.in_process:
             # A process worker gets SIGKILL when the *thread* that forked it
@@ -255,6 +306,11 @@ class Consumer(MainLoop):
             worker, runner = self.workers[index]
             code = getattr(runner, 'exitcode', None)
             clean = code == 0 if self.in_process else worker.recycled
+            canceled = self._canceling.pop(index, None)
+            if canceled is not None:
+                log.info('%s (pid %s) ended for a cancelled task; a new '
+                         'worker takes its place', runner.name,
+                         getattr(runner, 'pid', os.getpid()))
             if clean:
                 self.recycled += 1
             else:
@@ -276,24 +332,232 @@ class Consumer(MainLoop):
                                 runner.name, exc)
             self._start_worker(index)
 
-    def _interrupt_workers(self):
-        if not self.in_process:
-            return  # threads cannot be interrupted; they die with us
-        live = [r for _, r in filter(None, self.workers) if r.is_alive()]
-        for runner in live:
-            try:
-                os.kill(runner.pid, 15)  # SIGTERM: KeyboardInterrupt in task
-            except OSError:
-                pass
-        deadline = time.monotonic() + 3
-        for runner in live:
-            runner.join(max(0, deadline - time.monotonic()))
-        for runner in live:
-            if runner.is_alive():
+    def _stop_workers(self):
+        """The end of a drain: interrupt the task bodies still running
+        (process workers: SIGTERM; thread workers: WorkerInterrupt raised
+        in the thread), then wait until no worker can take a message any
+        more, each having ended once its queue read was answered (a
+        message that read took goes back unstarted), before the caller
+        puts back what is still in flight: a read outstanding then would
+        take it again.  A task that does not end within INTERRUPT_GRACE
+        is killed with its process, or, in a thread, fenced off: whatever
+        it does later is not written."""
+        live = [(worker, runner) for worker, runner in
+                filter(None, self.workers) if runner.is_alive()]
+        for worker, runner in live:
+            if self.in_process:
+                try:
+                    os.kill(runner.pid, 15)  # KeyboardInterrupt in a body
+                except OSError:
+                    pass
+            else:
+                worker.stop_task()
+        started = time.monotonic()
+        # An idle worker ends when its read is answered: read_timeout.
+        deadline = started + max(INTERRUPT_GRACE,
+                                 self.cfg.consumer.read_timeout + 1)
+        while True:
+            live = [(w, r) for w, r in live if r.is_alive()]
+            now = time.monotonic()
+            if not live or now >= deadline or (
+                    now >= started + INTERRUPT_GRACE and not self.in_process
+                    and all(w.in_body() for w, _ in live)):
+                break
+            self.notifier.keep_alive()
+            time.sleep(0.05)
+        for worker, runner in live:
+            if self.in_process:
                 log.warning('%s (pid %d) did not stop, killing it',
                             runner.name, runner.pid)
                 runner.kill()
                 runner.join(1)
+            elif worker.abandon():
+                log.warning('%s: its task did not stop when interrupted (a '
+                            'call no exception gets into); it goes back to '
+                            'the queue, and nothing it does from now on is '
+                            'recorded', runner.name)
+            else:
+                log.warning('%s still waits on Redis; a message it takes '
+                            'now stays in flight until the next start',
+                            runner.name)
+
+    # -- operator actions: pause and cancel (daemon/actions/) ---------------
+
+    def _read_operator_keys(self):
+        """Each pass: whether the queue is paused, and the cancel marks of
+        the tasks our workers run, in one round trip; the pause is passed
+        on to the workers (shared memory they read before each queue read),
+        a cancel to the worker running the task (_pass_cancel).  A Redis
+        error leaves both as they were (the heartbeat reports outages, and
+        until it finds Redis back this read is not tried: a pass must not
+        wait out a socket timeout)."""
+        if self.outage.down:
+            return
+        busy = []
+        for index in range(self.count):
+            slot = self.slots[index]
+            if slot.busy and slot.task_id and self._alive(index):
+                busy.append((index, slot.task_id))
+        pipe = self.storage.conn.pipeline(transaction=False)
+        pipe.get(self.keys.paused)
+        if busy:
+            pipe.mget([self.keys.cancel(t.decode('utf-8', 'replace'))
+                       for _, t in busy])
+        try:
+            replies = pipe.execute()
+        except REDIS_ERRORS as exc:
+            log.debug('pause and cancel marks not read: %s', exc)
+            return
+        self._set_paused(replies[0])
+        if busy:
+            for (index, token), mark in zip(busy, replies[1]):
+                if mark is not None and self.slots[index].cancel_id != token:
+                    self._pass_cancel(index, token, mark)
+        self._enforce_cancels()
+
+    def _set_paused(self, raw):
+        info = None
+        if raw is not None:
+            try:
+                info = json.loads(raw)
+            except ValueError:
+                info = {}
+            if not isinstance(info, dict):
+                info = {}
+        self.pause_info = info
+        paused = info is not None
+        if paused == bool(self.paused.value):
+            return
+        self.paused.value = 1 if paused else 0
+        if paused:
+            log.warning('queue %s paused (by %s from %s%s): workers finish '
+                        'what they run and take nothing new',
+                        self.app.name, info.get('by', '?'),
+                        info.get('from', '?'), ': %s' % info['reason']
+                        if info.get('reason') else '')
+        else:
+            log.warning('queue %s resumed: workers take tasks again',
+                        self.app.name)
+
+    def _pass_cancel(self, index, token, mark):
+        """An operator cancelled the task (Slot id `token`) worker `index`
+        runs: its message is marked for the put-back scripts, the slot
+        names it, and a process worker gets SIGTERM (a thread or greenlet
+        worker's task ends at its next check: check_cancelled)."""
+        slot = self.slots[index]
+        worker, runner = self.workers[index]
+        task_id = token.decode('utf-8', 'replace')
+        try:
+            self._mark_running_message(index, worker, task_id)
+        except REDIS_ERRORS as exc:
+            log.warning('the message of cancelled task %s not marked (%s); '
+                        'a worker that takes it again ends it', task_id, exc)
+        slot.cancel_id = token
+        self._canceling[index] = (token, time.monotonic())
+        try:
+            who = json.loads(mark)
+        except ValueError:
+            who = {}
+        how = 'SIGTERM to its process' if self.in_process else             'it ends at its next check (report_progress, check_cancelled)'
+        log.warning('%s: task %s %s cancelled by %s from %s: %s',
+                    runner.name, slot.task_name.decode('utf-8', 'replace'),
+                    task_id, who.get('by', '?') if isinstance(who, dict)
+                    else '?', who.get('from', '?') if isinstance(who, dict)
+                    else '?', how)
+        if self.in_process:
+            try:
+                os.kill(runner.pid, 15)
+            except OSError:
+                pass
+
+    def _mark_running_message(self, index, worker, task_id):
+        """Mark the message of `task_id`, running on worker `index`, as a
+        cancelled task's (Keys.cancel_message): the put-back scripts drop
+        it, should the worker die or stop before its end is recorded."""
+        raw = None
+        current = getattr(worker, '_current', None)   # thread workers
+        if current is not None and current[1].id == task_id:
+            raw = current[0]
+        else:
+            key = self.keys.inflight(self.identity, index, self.incarnation)
+            for held in self.storage.conn.lrange(key, 0, -1):
+                if delivery.peek_message(message_data(held)).task_id == \
+                        task_id:
+                    raw = held
+                    break
+        if raw is None:
+            return False
+        return bool(self._mark_message(
+            keys=[self.keys.cancel(task_id), self.keys.cancel_message(
+                hashlib.sha1(raw).hexdigest())],
+            args=[ttl_of(self.storage)]))
+
+    def _enforce_cancels(self):
+        """A cancelled task still running INTERRUPT_GRACE after the cancel
+        was passed on: its process is killed (the consumer then puts back
+        what its in-flight list holds, which drops the marked message, and
+        starts a new worker); in a thread, TaskCanceled is raised in it
+        once (as a time limit is)."""
+        now = time.monotonic()
+        for index, (token, since) in list(self._canceling.items()):
+            slot = self.slots[index]
+            if not self._alive(index):
+                continue   # _check_workers replaces it
+            if not slot.busy or slot.task_id != token:
+                del self._canceling[index]
+                continue
+            if now - since < INTERRUPT_GRACE:
+                continue
+            worker, runner = self.workers[index]
+            if self.in_process:
+                log.warning('%s (pid %d): its cancelled task %s did not end '
+                            'within %gs of SIGTERM; killing it', runner.name,
+                            runner.pid, token.decode('utf-8', 'replace'),
+                            INTERRUPT_GRACE)
+                runner.kill()
+                runner.join(1)
+                continue
+            self._canceling[index] = (token, float('inf'))   # once
+            if worker.force_cancel(token):
+                log.warning('%s: cancelled task %s made no check within %gs: '
+                            'TaskCanceled raised in its thread', runner.name,
+                            token.decode('utf-8', 'replace'),
+                            INTERRUPT_GRACE)
+
+    def _enforce_time_limits(self):
+        """Thread workers: a task over its time limit gets TaskTimeout
+        raised in its thread; one still running [consumer] timeout_grace
+        later is abandoned, and a fresh worker takes its slot (and records
+        the time-out).  Process workers enforce their own (SIGALRM),
+        greenlet workers theirs (gevent.Timeout)."""
+        if self.in_process or self.cfg.consumer.worker_type != 'thread':
+            return
+        now = time.monotonic()
+        grace = self.cfg.consumer.timeout_grace
+        for index in range(self.count):
+            entry = self.workers[index]
+            if entry is None or not entry[1].is_alive():
+                continue
+            worker, runner = entry
+            action = worker.check_time_limit(now, grace)
+            if action is None:
+                continue
+            slot = self.slots[index]
+            if action == 'timeout':
+                log.warning('%s: %s %s is over its time limit (%gs): '
+                            'TaskTimeout raised in its thread', runner.name,
+                            slot.task_name.decode(), slot.task_id.decode(),
+                            slot.task_timeout)
+                continue
+            raw, task, ran = action
+            self.abandoned += 1
+            log.error('%s: %s %s still running %gs after its time limit '
+                      '(%gs; in a call no exception gets into); abandoned: '
+                      'it fails with TaskTimeout and a new worker takes the '
+                      'slot (%d thread(s) abandoned so far)', runner.name,
+                      slot.task_name.decode(), task.id, grace,
+                      slot.task_timeout, self.abandoned)
+            self._start_worker(index, settle=(raw, task, ran))
 
     # -- Redis: heartbeat, recovery ---------------------------------------
 
@@ -343,7 +607,9 @@ class Consumer(MainLoop):
             if moved:
                 log.warning('%d task(s) found in %s of a previous run put '
                             'back in the queue', moved, key)
-            elif time.time() - self.started_at > LATE_READ_GRACE:
+            elif time.monotonic() - self._started_mono > LATE_READ_GRACE:
+                # A duration: the monotonic clock (a wall-clock step must
+                # not cut the grace short).
                 self.storage.conn.srem(index, key)
 
     def _register_lists(self):
@@ -375,6 +641,7 @@ class Consumer(MainLoop):
             'done': sum(w['done'] for w in workers),
             'failed': sum(w['failed'] for w in workers),
             'restarts': self.restarts, 'recycled': self.recycled,
+            'abandoned': self.abandoned, 'paused': bool(self.paused.value),
             'worker_list': workers}
 
     def _heartbeat(self, force=False):
@@ -397,8 +664,20 @@ class Consumer(MainLoop):
             sizing = self.storage.queue_size_commands()
             for command in sizing:
                 pipe.execute_command(*command)
+            replies = pipe.execute()
             self._queue_depth = self.storage.queue_size_of(
-                pipe.execute()[-len(sizing):])
+                replies[-len(sizing):])
+            if replies[1] and not force:
+                # ZADD added us anew: a peer presumed us dead (paused,
+                # cut off) and put our tasks back.  Each worker finds its
+                # message gone at its ack and fences the outcome
+                # (Worker._finish); from this beat on we are registered
+                # again and what the workers take is ours.
+                log.warning('consumer %s was presumed dead (no heartbeat '
+                            'for %gs) and its tasks were put back by a peer:'
+                            ' the outcomes of the runs still going here are '
+                            'fenced', self.identity,
+                            self.cfg.delivery.recovery_timeout)
             self.delivery.recover_dead(self.cfg.delivery.recovery_timeout)
             self._sweep_predecessors()
             self.outage.ok()
@@ -436,6 +715,8 @@ class Consumer(MainLoop):
         text = '%d %s workers, %d busy, %d done, %d failed, queue %s' % (
             self.count, self.cfg.consumer.worker_type, busy, done, failed,
             '?' if self._queue_depth is None else self._queue_depth)
+        if self.paused.value:
+            text += '; queue paused'
         if self.outage.down:
             text += '; Redis %s since %s: %s' % (
                 self.outage.word, time.strftime(

@@ -13,6 +13,7 @@ import json
 import time
 
 from .journal.layout import LOG_LENGTH, ttl_of
+from .journal.scripts import MOVED_LUA
 
 # Each reason as a task's journal record tells it (error.message), with
 # what it means when the detail alone would not say.
@@ -35,13 +36,14 @@ def explain(record):
     return text
 
 # KEYS: dead list, queue, deliveries hash, the task's journal record, its
-# history, the journal's recent index.  ARGV: record JSON, message, task id
+# history, the journal's recent index, the failed and waiting state
+# indexes, the task's kept message.  ARGV: record JSON, message, task id
 # ('' if unknown), now, time to live, history length, event (JSON).
 # Removes exactly that record and, only if it was still there, puts its
 # message back at the head of the queue with a fresh delivery count: two
 # operators requeueing at once requeue it once.  A journal record the dead
 # letter ended failed is pending again, so pollers wait for the new run.
-REQUEUE_RECORD = """
+REQUEUE_RECORD = MOVED_LUA + """
 if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end
 redis.call('RPUSH', KEYS[2], ARGV[2])
 if ARGV[3] == '' then return 1 end
@@ -53,11 +55,10 @@ if redis.call('HGET', KEYS[4], 'state') == 'failed'
   redis.call('HSET', KEYS[4], 'state', 'pending', 'updated', ARGV[4],
              'requeued_reason', 'dead-letter', 'requeued_at', ARGV[4])
   redis.call('HINCRBY', KEYS[4], 'requeues', 1)
-  redis.call('RPUSH', KEYS[5], ARGV[7])
-  redis.call('LTRIM', KEYS[5], -tonumber(ARGV[6]), -1)
-  redis.call('EXPIRE', KEYS[4], ARGV[5])
-  redis.call('EXPIRE', KEYS[5], ARGV[5])
-  redis.call('ZADD', KEYS[6], ARGV[4], ARGV[3])
+  hw_moved(KEYS[4], KEYS[5], ARGV[5], ARGV[6], KEYS[6], {KEYS[7]}, KEYS[8],
+           ARGV[4], ARGV[3], ARGV[7])
+  -- Back in the queue: a retry must not push it a second time.
+  redis.call('DEL', KEYS[9])
 end
 return 1
 """
@@ -123,7 +124,9 @@ def requeue(storage, selectors=None):
                             'requeued_reason': 'dead-letter'})
         if script(keys=[keys.dead, storage.queue_key, keys.deliveries,
                         keys.task(task_id), keys.task_log(task_id),
-                        keys.journal_recent],
+                        keys.journal_recent, keys.journal_state('failed'),
+                        keys.journal_state('waiting'),
+                        keys.message(task_id)],
                   args=[raw, message, task_id, repr(now), ttl_of(storage),
                         LOG_LENGTH, event]):
             done.append(record)
@@ -137,3 +140,16 @@ def purge(storage, selectors=None):
         if selectors is None or _matches(record, selectors):
             removed += storage.conn.lrem(storage.keys.dead, 1, raw)
     return removed
+
+
+def raw_records_of(storage, task_id, limit=100):
+    """The dead letters (their JSON, as the list holds them) of `task_id`,
+    for an action that removes them with the task's retry."""
+    out = []
+    for raw, record in _records(storage):
+        if record.get('task_id') == task_id and \
+                record.get('task_id_verified') is not False:
+            out.append(raw)
+            if len(out) >= limit:
+                break
+    return out

@@ -12,94 +12,244 @@ import uuid
 import zlib
 
 from . import hooks
-from .storage import PRIORITY_LUA, message_data
+from .storage import CANCELED_LUA, PRIORITY_LUA, message_data
 
 log = logging.getLogger('huey_worker.delivery')
 
-# KEYS: inflight list, queue, priority set.  Moves every message back to
-# the head of the queue (the end BRPOPLPUSH takes from), oldest first, a
+# KEYS: inflight list, queue, priority set.  ARGV: the cancel marks'
+# prefix (Keys.cancel_message_prefix).  Moves every message back to the
+# head of the queue (the end BRPOPLPUSH takes from), oldest first, a
 # priority message into the priority set with the place it had (the
 # marker stays above the plain ones, so waiting priorities still go
-# first); returns them.  A marker a worker held is dropped: the set gets
-# one at the head of the list while it holds messages.
-REQUEUE_LIST = PRIORITY_LUA + """
-local moved = {}
+# first).  A marker a worker held is dropped: the set gets one at the
+# head of the list while it holds messages.  The message of a task an
+# operator cancelled is dropped (storage.CANCELED_LUA): never delivered
+# again.  Returns {moved, dropped}.
+REQUEUE_LIST = PRIORITY_LUA + CANCELED_LUA + """
+local moved, dropped = {}, {}
 hw_unmark(KEYS[2])
 while true do
   local msg = redis.call('RPOP', KEYS[1])
   if not msg then break end
-  if hw_put_back(KEYS[2], KEYS[3], msg) then moved[#moved + 1] = msg end
+  if hw_canceled(ARGV[1], msg) then
+    dropped[#dropped + 1] = msg
+  elseif hw_put_back(KEYS[2], KEYS[3], msg) then
+    moved[#moved + 1] = msg
+  end
 end
 hw_mark(KEYS[2], KEYS[3])
-return moved
+return {moved, dropped}
 """
 
 # KEYS: consumer heartbeat key, consumer's list index, queue, consumers
-# zset, priority set.  ARGV: identity.  Only acts when the heartbeat key
-# is gone (the consumer is dead) and nobody recovered it yet; returns the
-# messages moved back (as REQUEUE_LIST puts them).
-RECOVER_CONSUMER = PRIORITY_LUA + """
+# zset, priority set.  ARGV: identity, the cancel marks' prefix.  Only
+# acts when the heartbeat key is gone (the consumer is dead: the key's
+# expiry is Redis's clock, no host's) and nobody recovered it yet; returns
+# {moved, dropped} as REQUEUE_LIST does.
+RECOVER_CONSUMER = PRIORITY_LUA + CANCELED_LUA + """
 if redis.call('EXISTS', KEYS[1]) == 1 then return false end
 if not redis.call('ZSCORE', KEYS[4], ARGV[1]) then return false end
-local moved = {}
+local moved, dropped = {}, {}
 hw_unmark(KEYS[3])
 for _, list in ipairs(redis.call('SMEMBERS', KEYS[2])) do
   while true do
     local msg = redis.call('RPOP', list)
     if not msg then break end
-    if hw_put_back(KEYS[3], KEYS[5], msg) then moved[#moved + 1] = msg end
+    if hw_canceled(ARGV[2], msg) then
+      dropped[#dropped + 1] = msg
+    elseif hw_put_back(KEYS[3], KEYS[5], msg) then
+      moved[#moved + 1] = msg
+    end
   end
 end
 hw_mark(KEYS[3], KEYS[5])
 redis.call('DEL', KEYS[2])
 redis.call('ZREM', KEYS[4], ARGV[1])
-return moved
+return {moved, dropped}
 """
+
+# KEYS: an in-flight list, the heartbeat key of the consumer it is named
+# after, consumers zset, orphan hash, queue, priority set.  ARGV: that
+# identity, grace (ms), the cancel marks' prefix.  A list whose consumer neither heartbeats nor is
+# registered (recovered already, or stopped) and that still holds messages
+# was filled after its consumer was recovered: by a worker of a consumer
+# that stalled past recovery_timeout, or by a blocking read Redis served
+# late.  It is put back once it has been seen so for `grace` by Redis's
+# clock (TIME), so a consumer between its start and its first heartbeat
+# is never robbed; returns {moved, dropped} as REQUEUE_LIST does, or
+# false.
+REQUEUE_ORPHAN = """
+if redis.replicate_commands then redis.replicate_commands() end
+""" + PRIORITY_LUA + CANCELED_LUA + """
+if redis.call('EXISTS', KEYS[2]) == 1 or
+    redis.call('ZSCORE', KEYS[3], ARGV[1]) or
+    redis.call('LLEN', KEYS[1]) == 0 then
+  redis.call('HDEL', KEYS[4], KEYS[1])
+  return false
+end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local since = tonumber(redis.call('HGET', KEYS[4], KEYS[1]))
+if not since then
+  redis.call('HSET', KEYS[4], KEYS[1], now)
+  return false
+end
+if now - since < tonumber(ARGV[2]) then return false end
+redis.call('HDEL', KEYS[4], KEYS[1])
+local moved, dropped = {}, {}
+hw_unmark(KEYS[5])
+while true do
+  local msg = redis.call('RPOP', KEYS[1])
+  if not msg then break end
+  if hw_canceled(ARGV[3], msg) then
+    dropped[#dropped + 1] = msg
+  elseif hw_put_back(KEYS[5], KEYS[6], msg) then
+    moved[#moved + 1] = msg
+  end
+end
+hw_mark(KEYS[5], KEYS[6])
+return {moved, dropped}
+"""
+
+# SCAN's COUNT hint, and the SCAN calls of one heartbeat's orphan sweep
+# step: a full pass over a keyspace of K keys takes K / (COUNT * CALLS)
+# heartbeats; each call costs Redis about a millisecond.
+SCAN_COUNT = 1000
+SWEEP_CALLS_PER_BEAT = 4
+# Consumers looked at per heartbeat for being dead.
+MAX_CONSUMERS = 1000
+
+
+def _glob_escape(text):
+    """`text` matched literally in a SCAN MATCH pattern."""
+    return ''.join('\\' + c if c in '*?[]\\' else c for c in text)
+
+
+def _text(value):
+    return value.decode() if isinstance(value, bytes) else value
 
 
 class Delivery:
-    def __init__(self, storage):
+    """`app`: the Huey app whose tasks the queue holds, to record the end
+    of a cancelled task whose message a put-back dropped (without it the
+    record is left as it is)."""
+
+    def __init__(self, storage, app=None):
         self.storage = storage
+        self.app = app
         self.keys = storage.keys
         conn = storage.conn
         self._requeue = conn.register_script(REQUEUE_LIST)
         self._recover = conn.register_script(RECOVER_CONSUMER)
+        self._orphan = conn.register_script(REQUEUE_ORPHAN)
+        self._sweep_cursor = 0
+        self._pass_ended = None   # monotonic: when the last sweep pass ended
 
     def requeue_list(self, inflight_key, reason):
-        moved = self._requeue(keys=[inflight_key, self.storage.queue_key,
-                                    self.storage.priority_key])
+        moved = self._split(self._requeue(
+            keys=[inflight_key, self.storage.queue_key,
+                  self.storage.priority_key],
+            args=[self.keys.cancel_message_prefix]))
         if moved:
             hooks.call(hooks.on_requeued, self.storage, _huey_messages(moved),
                        reason)
         return len(moved or ())
 
+    def _split(self, reply):
+        """The messages a put-back script moved ({moved, dropped}, or
+        false: None); those it dropped, of cancelled tasks, are recorded
+        canceled (record_canceled)."""
+        if not reply:
+            return None
+        moved, dropped = reply
+        if dropped:
+            self.record_canceled(dropped)
+        return list(moved)
+
+    def record_canceled(self, dropped):
+        """Record the end of the cancelled tasks whose messages (`dropped`,
+        as the queue holds them) a put-back dropped: the journal's outcome
+        `canceled` (hooks.on_outcome), their cancel mark and delivery count
+        deleted, in one write.  Returns how many were recorded."""
+        storage, keys = self.storage, self.keys
+        recorded = 0
+        for raw in dropped:
+            data = message_data(raw)
+            task = None
+            if self.app is not None:
+                try:
+                    task = self.app.deserialize_task(data)
+                except Exception:
+                    task = None
+            task_id = task.id if task is not None else \
+                peek_message(data).task_id
+            log.warning('task %s was cancelled: its message is dropped, not '
+                        'put back in the queue', task_id or '(id unknown)')
+            if task_id is None:
+                continue
+            storage.stage_command('DEL', keys.cancel(task_id))
+            storage.stage_command('HDEL', keys.deliveries, task_id)
+            if task is not None:
+                hooks.call(hooks.on_outcome, storage, task, 'canceled', 0.0)
+            recorded += 1
+        if recorded:
+            storage.flush()
+        return recorded
+
     def requeue_consumer(self, identity, reason):
         """Put back everything a consumer identity holds (used at its own
-        start and stop)."""
+        start and stop): every in-flight list named after it, indexed or
+        not (a peer that recovered it deleted its index)."""
         total = 0
-        lists = self.storage.conn.smembers(self.keys.consumer_lists(identity))
+        lists = {_text(k) for k in self.storage.conn.smembers(
+            self.keys.consumer_lists(identity))}
+        lists.update(self.lists_of(identity))
         for key in sorted(lists):
             total += self.requeue_list(key, reason)
         return total
 
-    def recover_dead(self, recovery_timeout, now=None):
-        """Requeue the tasks of consumers silent for `recovery_timeout`.
-        Returns {identity: messages moved}."""
-        now = time.time() if now is None else now
-        stale = self.storage.conn.zrangebyscore(
-            self.keys.consumers, '-inf', now - recovery_timeout, start=0,
-            num=100)
+    def lists_of(self, identity):
+        """The in-flight list keys named after `identity` (Keys.inflight),
+        found by SCAN whatever an index says: a full pass, COUNT
+        SCAN_COUNT per call."""
+        pattern = '%s*' % _glob_escape(self.keys.inflight_prefix(identity))
+        return sorted({_text(k) for k in self.storage.conn.scan_iter(
+            match=pattern, count=SCAN_COUNT)})
+
+    def recover_dead(self, recovery_timeout):
+        """Requeue the tasks of dead consumers: registered ones whose
+        heartbeat key expired (no beat for `recovery_timeout` seconds, as
+        Redis's clock counts the key's life: host clocks, zones and steps
+        play no part), and then one step of the orphan sweep
+        (sweep_orphans).  Returns {identity: messages moved}."""
+        conn = self.storage.conn
+        registered = [_text(i) for i in conn.zrange(
+            self.keys.consumers, 0, MAX_CONSUMERS - 1)]
         recovered = {}
-        for identity in stale:
-            identity = identity.decode() if isinstance(identity, bytes) \
-                else identity
-            moved = self._recover(keys=[
+        if registered:
+            pipe = conn.pipeline(transaction=False)
+            for identity in registered:
+                pipe.exists(self.keys.consumer(identity))
+            beating = pipe.execute()
+        for identity, alive in zip(registered, beating if registered
+                                   else ()):
+            if alive:
+                continue
+            moved = self._split(self._recover(keys=[
                 self.keys.consumer(identity),
                 self.keys.consumer_lists(identity), self.storage.queue_key,
                 self.keys.consumers, self.storage.priority_key],
-                args=[identity])
+                args=[identity, self.keys.cancel_message_prefix]))
             if moved is None:
                 continue  # alive after all, or another consumer was first
+            # The one that recovered it also sweeps the lists its index
+            # missed (one SCAN pass per dead consumer, not one per peer).
+            moved = list(moved)
+            for key in self.lists_of(identity):
+                moved.extend(self._split(self._requeue(keys=[
+                    key, self.storage.queue_key,
+                    self.storage.priority_key],
+                    args=[self.keys.cancel_message_prefix])) or ())
             recovered[identity] = len(moved)
             if moved:
                 log.warning('consumer %s silent for more than %gs: %d task(s)'
@@ -107,7 +257,71 @@ class Delivery:
                             recovery_timeout, len(moved))
                 hooks.call(hooks.on_requeued, self.storage,
                            _huey_messages(moved), 'lost')
+        for identity, count in self.sweep_orphans(recovery_timeout).items():
+            recovered[identity] = recovered.get(identity, 0) + count
         return recovered
+
+    def sweep_orphans(self, grace, calls=SWEEP_CALLS_PER_BEAT):
+        """One step of the sweep of in-flight lists whose consumer is gone
+        (neither heartbeating nor registered) and which still hold
+        messages: each such list is put back once it has been seen so for
+        `grace` seconds (REQUEUE_ORPHAN), found by SCAN whatever an index
+        says.  A step is at most `calls` SCAN calls, the cursor carries on
+        at the next step, and a new pass starts `grace` / 2 after the last
+        one ended (so a list is moved within about twice `grace`).
+        Returns {identity: messages moved}."""
+        if self._sweep_cursor == 0 and self._pass_ended is not None and \
+                time.monotonic() - self._pass_ended < grace / 2.0:
+            return {}
+        conn, keys = self.storage.conn, self.keys
+        pattern = _glob_escape(keys.prefix + 'inflight:') + '*'
+        moved_by = {}
+        for _ in range(calls):
+            self._sweep_cursor, found = conn.scan(
+                self._sweep_cursor, match=pattern, count=SCAN_COUNT)
+            for key, identity in self._orphan_candidates(found):
+                moved = self._split(self._orphan(keys=[
+                    key, keys.consumer(identity), keys.consumers,
+                    keys.inflight_orphans, self.storage.queue_key,
+                    self.storage.priority_key],
+                    args=[identity, int(grace * 1000),
+                          keys.cancel_message_prefix]))
+                if moved:
+                    log.warning('%d task(s) found in %s, a list of the '
+                                'consumer %s that is gone, put back in the '
+                                'queue', len(moved), key, identity)
+                    hooks.call(hooks.on_requeued, self.storage,
+                               _huey_messages(moved), 'lost')
+                    moved_by[identity] = moved_by.get(identity, 0) + \
+                        len(moved)
+            if self._sweep_cursor == 0:
+                self._pass_ended = time.monotonic()
+                break
+        return moved_by
+
+    def _orphan_candidates(self, found):
+        """[(key, identity)] of the lists in `found` that REQUEUE_ORPHAN
+        must look at: holding messages with no heartbeat of their
+        consumer, or marked already (the script clears a stale mark).
+        One round trip, so lists of live consumers cost no script."""
+        keys = self.keys
+        named = [(k, keys.identity_of_inflight(k))
+                 for k in map(_text, found)]
+        named = [(k, i) for k, i in named if i is not None]
+        if not named:
+            return []
+        pipe = self.storage.conn.pipeline(transaction=False)
+        for key, identity in named:
+            pipe.exists(keys.consumer(identity))
+            pipe.llen(key)
+            pipe.hexists(keys.inflight_orphans, key)
+        replies = pipe.execute()
+        chosen = []
+        for n, (key, identity) in enumerate(named):
+            beating, length, marked = replies[3 * n:3 * n + 3]
+            if marked or (not beating and length):
+                chosen.append((key, identity))
+        return chosen
 
 
 def _huey_messages(moved):

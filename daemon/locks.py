@@ -40,6 +40,7 @@ import threading
 import time
 
 from . import context, delivery, hooks, progress
+from .journal.scripts import script_for
 
 log = logging.getLogger('huey_worker.locks')
 
@@ -178,7 +179,7 @@ def acquire(app, key, ttl):
         'consumer': worker.get('consumer'), 'worker': worker.get('worker'),
         'at': round(time.time(), 3)}, sort_keys=True)
     lock_key = storage.result_key(key)
-    script = _script(storage, ACQUIRE)
+    script = script_for(storage, ACQUIRE)
     taken = storage.flush(lambda conn: script(
         keys=[lock_key, index_key(storage)],
         args=[token, '' if not ttl else max(1, math.ceil(ttl)), task.id,
@@ -213,21 +214,14 @@ def release(app, key):
     return storage.flush(lambda conn: conn.delete(lock_key))
 
 
-_scripts = {}
-
-
-def _script(storage, text):
-    key = (id(storage), text)
-    script = _scripts.get(key)
-    if script is None:
-        script = _scripts[key] = storage.conn.register_script(text)
-    return script
-
-
-def _stage_release(storage, task_id, keep='', message=b''):
+def stage_release(storage, task_id, keep='', message=b''):
+    """Stage the release of the locks task `task_id` holds, on the
+    thread's next round trip: all but those of delivery `keep` (its
+    nonce), and, with `message`, only while that message still waits in
+    the queue (a new delivery may have taken the locks over)."""
     keys = [index_key(storage), storage.queue_key,
             getattr(storage, 'priority_key', storage.queue_key + ':none')]
-    script = _script(storage, RELEASE_TASK)
+    script = script_for(storage, RELEASE_TASK)
 
     def write(pipe):
         script(keys=keys, args=[task_id, keep, message], client=pipe)
@@ -247,7 +241,7 @@ def on_started(storage, task, replies):
 def on_outcome(storage, task, state_name, duration):
     state = _delivery_of(task)
     if state.took or state.redelivered:
-        _stage_release(storage, task.id, keep=state.nonce)
+        stage_release(storage, task.id, keep=state.nonce)
     _state.task = None
 
 
@@ -260,7 +254,7 @@ def on_requeued(storage, messages, reason):
         # the consumer's main thread too, for messages of dead workers.
         task_id = delivery.peek_message(raw).task_id
         if task_id is not None:
-            _stage_release(storage, task_id, message=raw)
+            stage_release(storage, task_id, message=raw)
             staged = True
     _state.task = None
     # The consumer's main thread recovering a dead worker runs no task: no
@@ -273,7 +267,7 @@ def on_dead_letter(storage, record):
     task_id = record.get('task_id')
     if task_id and record.get('task_id_verified') is not False and \
             hasattr(storage, 'keys'):
-        _stage_release(storage, task_id)
+        stage_release(storage, task_id)
 
 
 _installed = []

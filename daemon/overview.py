@@ -11,7 +11,7 @@ import time
 
 import redis
 
-from . import journal, redisconn
+from . import journal, preflight, redisconn
 from .journal import reads
 from .scheduler.periodic import naive_utc
 from .storage import SuiteStorage
@@ -83,6 +83,8 @@ def snapshot(app, storage, counts=False, scheduler=False, metrics=False):
     keys = storage.keys
     commands = [('ZREVRANGE', keys.consumers, 0, MAX_CONSUMERS - 1,
                   'WITHSCORES')]
+    if counts or scheduler:
+        commands.append(('GET', keys.paused))   # actions/pause.py
     if counts:
         # The list and the priority set (less the marker that points at
         # it), and an adopted PriorityRedisHuey's own set:
@@ -106,6 +108,8 @@ def snapshot(app, storage, counts=False, scheduler=False, metrics=False):
                      ('HGETALL', keys.metrics_durations)]
     answers = iter(reads.replies(storage.pool, commands))
     out = {'beats': _scored(next(answers))}
+    if counts or scheduler:
+        out['pause'] = _pause(next(answers))
     if counts:
         out['pending'] = storage.queue_size_of(
             [next(answers) for _ in sizing])
@@ -120,6 +124,18 @@ def snapshot(app, storage, counts=False, scheduler=False, metrics=False):
         out['durations'] = reads.parse_duration_stats(next(answers))
     out['consumers'] = _consumers(storage, out.pop('beats'))
     return out
+
+
+def _pause(raw):
+    """The pause in force (daemon/actions/pause.py) from its key's value:
+    {at, via, by, from, reason?}, or None."""
+    if raw is None:
+        return None
+    try:
+        info = json.loads(raw)
+    except ValueError:
+        return {}
+    return info if isinstance(info, dict) else {}
 
 
 def _scored(raw):
@@ -209,7 +225,8 @@ def queue_entry(snap):
         'dead_letters': snap['dead'],
         'consumers': len(live),
         'workers': sum(len(c['workers']) for c in live),
-        'idle_workers': sum(c['idle'] for c in live)}
+        'idle_workers': sum(c['idle'] for c in live),
+        'paused': snap['pause'] is not None, 'pause': snap['pause']}
 
 
 def queue_report(app):
@@ -290,11 +307,15 @@ def health_report(app):
     reasons = []
     checks = {'redis': {'ok': True}}
     queues = {}
+    pauses = []
     for name, storage in queue_storages(app):
         try:
             snap = snapshot(app, storage, scheduler=True)
             # One Redis for every queue: asked once.
             refusal = None if queues else write_refusal(storage)
+            if not queues:   # its maxmemory-policy, persistence, memory
+                memory = preflight.health_check(
+                    app.config, storage.pool, redisconn.describe(app.config))
         except REDIS_ERRORS as exc:
             if queues:
                 raise   # Redis answered for the first queue
@@ -315,6 +336,8 @@ def health_report(app):
         scheduler = snap['scheduler']
         leaderless = not scheduler['leader_present']
         entry = {'consumers': {'ok': bool(live), 'live': len(live)},
+                 # Paused by an operator: reported, not a failure.
+                 'paused': snap['pause'] is not None,
                  'scheduler': {'ok': not leaderless or (
                      not scheduler['deployed'] and not scheduler['overdue']),
                                **scheduler}}
@@ -333,8 +356,24 @@ def health_report(app):
                            'scheduler)' % (name, scheduler['overdue'],
                                            OVERDUE_GRACE))
         queues[name] = entry
+        if snap['pause'] is not None:
+            pauses.append((name, snap['pause']))
     checks['queues'] = queues
+    paused = ['queue %s is paused (since %s, by %s from %s%s): its workers '
+              'take no new task until it is resumed' % (
+                  name, time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(
+                      info.get('at', 0))), info.get('by', '?'),
+                  info.get('from', '?'), ': %s' % info['reason']
+                  if info.get('reason') else '')
+              for name, info in pauses]
+    if queues:
+        checks['redis'].update(memory[0])
+        reasons += memory[1]
     healthy = not reasons
-    return healthy, {'status': 'ok' if healthy else 'unhealthy',
+    # Degraded: ready, but Redis is near its maxmemory (writes refused when
+    # full); warnings say so, and what else needs a look (persistence off).
+    return healthy, {'status': 'unhealthy' if not healthy else 'degraded'
+                     if queues and memory[3] else 'ok',
                      'live': True, 'ready': healthy, 'checks': checks,
-                     'reasons': reasons}
+                     'reasons': reasons,
+                     'warnings': (memory[2] if queues else []) + paused}

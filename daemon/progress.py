@@ -13,6 +13,12 @@ The worker marks the task it is about to run (journal hook on_dequeued) in
 a context variable, so these calls find it without Huey passing anything to
 the task: one per thread in thread mode, per process in process mode, per
 greenlet under gevent.  Outside a task every call does nothing.
+
+Cancelling (daemon/actions/cancel.py): a task an operator cancelled gets
+TaskCanceled raised at its next report_progress() or check_cancelled()
+call (thread, greenlet and process workers alike; process workers also
+get SIGTERM, thread workers the exception raised in their thread after a
+grace: docs/tasks.md, "Cancelling a running task").
 """
 import contextvars
 import json
@@ -54,6 +60,34 @@ def _forget_after_fork():
 os.register_at_fork(after_in_child=_forget_after_fork)
 
 
+def _canceled():
+    # Defined with the worker's own interrupts (huey_worker.worker), which
+    # the task body wrapper lets through; imported on first use only.
+    from .worker import TaskCanceled
+    return TaskCanceled()
+
+
+def check_cancelled():
+    """Raise TaskCanceled (huey_worker.TaskCanceled, a KeyboardInterrupt:
+    `except Exception` does not swallow it, and Huey neither retries the
+    task nor stores an error) if an operator cancelled the running task;
+    return False otherwise (and outside a task).  Costs no Redis round
+    trip (the consumer passes the cancel on in shared memory), so a loop
+    may call it per item:
+
+        from huey_worker import check_cancelled
+
+        for row in rows:
+            check_cancelled()
+            ...
+    """
+    ctx = _current.get()
+    if ctx is not None and ctx.cancel_check is not None and \
+            ctx.cancel_check():
+        raise _canceled()
+    return False
+
+
 class TaskContext:
     """The task this thread (process, greenlet) is running."""
 
@@ -66,6 +100,9 @@ class TaskContext:
         self.current = self.total = self.message = None
         self.metadata = {}
         self.delivery = None
+        # Set by the worker as the body starts: whether an operator
+        # cancelled the task (check_cancelled).
+        self.cancel_check = None
 
     def progress_fields(self):
         fields = {'progress_current': self.current,
@@ -110,10 +147,14 @@ def report_progress(current, total=None, message=None, **metadata):
     total; the last report is written with the task's outcome in any case.
     Returns False (and does nothing) outside a running task.  A Redis
     failure never breaks the task: the report is kept for the next write.
+    Raises TaskCanceled when an operator cancelled the task
+    (check_cancelled).
     """
     ctx = _current.get()
     if ctx is None:
         return False
+    if ctx.cancel_check is not None and ctx.cancel_check():
+        raise _canceled()
     if not isinstance(current, numbers.Real) or isinstance(current, bool):
         raise TypeError('report_progress: current must be a number, got %r'
                         % (current,))

@@ -54,7 +54,15 @@ def _tls_kwargs(cfg):
 
 
 def connection_pool(cfg):
-    """A connection pool for the configured Redis (or Sentinel master)."""
+    """A connection pool for the configured Redis (or Sentinel master);
+    its `durable_wait_ms` is [redis] durable_writes in milliseconds (0:
+    off), for SuiteStorage's writes."""
+    pool = _connection_pool(cfg)
+    pool.durable_wait_ms = int(round(cfg.redis.durable_writes * 1000))
+    return pool
+
+
+def _connection_pool(cfg):
     r = cfg.redis
     kwargs = _common_kwargs(cfg)
     if r.sentinels:

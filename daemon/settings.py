@@ -36,6 +36,23 @@ class Secret(Text):
     name = 'secret'
 
 
+class BearerToken(Secret):
+    """A secret a client sends as `Authorization: Bearer TOKEN`: printable
+    ASCII without spaces, or no client could ever send it (a newline or
+    space in an environment variable is a typo, not a token)."""
+    name = 'token'
+
+    def parse(self, raw):
+        value = raw.strip()
+        bad = [c for c in value if not '!' <= c <= '~']
+        if bad:
+            raise InvalidValue(
+                'a bearer token is printable ASCII without spaces; this one '
+                'holds %s, which no client can send in an Authorization '
+                'header' % ', '.join(sorted({repr(c) for c in bad})))
+        return value
+
+
 class Integer:
     def __init__(self, minimum=None, maximum=None):
         self.minimum, self.maximum = minimum, maximum
@@ -361,14 +378,28 @@ SETTINGS = (
       'queue read, so a quiet queue never looks like a failure.'),
     S('redis', 'retry_max_delay', Number(0.1, 600), 10.0,
       'Longest pause between reconnection attempts (backoff doubles up to it).'),
+    S('redis', 'durable_writes', Number(0, 60), 0.0,
+      'Seconds to wait (WAIT 1) for a replica to confirm each enqueue and '
+      'each ack before it counts as done, so a failover cannot lose it; 0: '
+      'off (replication stays asynchronous).  See docs/delivery.md.'),
+    S('redis', 'allow_eviction', Boolean(), False,
+      'Let the daemons start on a Redis whose maxmemory-policy is not '
+      'noeviction.  Such a Redis deletes keys when full: queued tasks '
+      '(allkeys-*), or heartbeats, leases and results (volatile-*), so by '
+      'default the consumer, scheduler and status-server refuse it (exit '
+      '78).  See docs/operations.md.'),
+    S('redis', 'memory_warning_ratio', Number(0.1, 1.0), 0.9,
+      'Share of Redis\'s maxmemory in use above which GET /health says '
+      'degraded (Redis refuses writes, new tasks included, when full).'),
 
     # [huey]
     S('huey', 'queue', Text(), 'huey',
       'Queue name; producers and consumers must agree on it.',
       env=('HUEY_QUEUE_NAME',), cli='--queue'),
     S('huey', 'app', AppPath(), '',
-      'An existing Huey instance to run (RedisHuey, RedisExpireHuey or '
-      'one built with a Redis URL or pool), as module:attribute; its name, '
+      'An existing Huey instance to run (RedisHuey, RedisExpireHuey, '
+      'PriorityRedisHuey, or one built with a Redis URL or pool), as '
+      'module:attribute; its name, '
       'serializer, result expiry and Redis connection are used unless set '
       'here explicitly.  Empty: the suite\'s shared app.  '
       'See docs/adoption.md.', cli='--app'),
@@ -428,6 +459,12 @@ SETTINGS = (
     S('consumer', 'stuck_timeout', Number(5, 86400), 60.0,
       'Seconds a worker may go without a sign of life outside a task '
       'before the watchdog stops being fed.'),
+    S('consumer', 'timeout_grace', Number(1, 86400), 10.0,
+      'Thread workers: seconds a task over its time limit may go on '
+      'after TaskTimeout was raised in its thread (it goes off at the '
+      'next Python line, not inside a C call) before the task is '
+      'abandoned: it fails with TaskTimeout and a new thread takes its '
+      'worker slot.'),
     S('consumer', 'read_timeout', Number(0.1, 60), 1.0,
       'Seconds one blocking queue read waits before checking for stop.'),
     S('consumer', 'max_result_bytes', Integer(0, 1 << 40), 64 << 20,
@@ -447,9 +484,10 @@ SETTINGS = (
       'of dead workers are released without it (docs/delivery.md).',
       cli='--flush-locks'),
     S('consumer', 'extra_locks', WordList(), (),
-      'More lock names to delete at start with flush_locks (locks taken '
-      'inside task bodies, which the app declares only when they run), as '
-      'huey_consumer --extra-locks.', cli='--extra-locks'),
+      'More lock names to delete at start (locks taken inside task '
+      'bodies, which the app declares only when they run); naming any '
+      'flushes the app\'s locks too, as huey_consumer --extra-locks does '
+      'without --flush-locks.', cli='--extra-locks'),
 
     # [delivery]
     S('delivery', 'heartbeat_interval', Number(0.2, 60), 2.0,
@@ -474,6 +512,12 @@ SETTINGS = (
       'Per-task log lines at INFO: end = one line when a task ends (name, '
       'id, outcome, duration); both = also one when it starts; none.  '
       'What each line costs: docs/benchmarks.md.'),
+    S('logging', 'format', Choice('text', 'json'), 'text',
+      'text: one line per record, for people; json: one JSON object per '
+      'line with stable keys (time, level, logger, process, message, and '
+      'task, task_id, outcome, duration, attempt on task lines), for log '
+      'shippers (docs/operations.md).', env=('HUEY_LOG_FORMAT',),
+      cli='--log-format'),
 
     # [journal]
     S('journal', 'enabled', Boolean(), True,
@@ -488,8 +532,14 @@ SETTINGS = (
       'Seconds between progress writes to Redis; report_progress() calls in '
       'between only update memory (the last one is always written).'),
     S('journal', 'index_max', Integer(100, 10 ** 8), 100000,
-      'Most recent tasks kept in the listing index (records themselves '
-      'expire with [huey] result_timeout).'),
+      'Most tasks kept in each state index of the journal (records '
+      'themselves expire after [journal] retention).'),
+    S('journal', 'retention', Integer(0, 10 * 365 * 86400), 86400,
+      'Seconds a task\'s journal record (history, indexes, kept message) '
+      'lives after its last change; 0: as long as [huey] result_timeout, '
+      'which also caps it.  Huey\'s result stays for result_timeout: a '
+      'task whose record expired still answers from it (state and '
+      'result).  See docs/journal.md.'),
 
     # [status]
     S('status', 'bind', Text(), '127.0.0.1',
@@ -500,7 +550,7 @@ SETTINGS = (
     S('status', 'port', Integer(0, 65535), 8470,
       'Port of the status endpoint.', env=('HUEY_STATUS_PORT',),
       cli='--port'),
-    S('status', 'token', Secret(), '',
+    S('status', 'token', BearerToken(), '',
       'Bearer token; when set, POST /tasks and POST /tasks/ID/revoke are '
       'enabled and require it (and so do reads, when bind is beyond '
       'loopback).', env=('HUEY_STATUS_TOKEN',)),

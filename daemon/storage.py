@@ -41,6 +41,8 @@ queue without priorities never sees the marker: its hot path is
 BRPOPLPUSH as before.  The marker is not a message: queue_size() leaves it
 out.
 """
+import calendar
+import logging
 import math
 import struct
 import threading
@@ -51,6 +53,8 @@ from huey.storage import RedisExpireStorage
 
 from . import transaction
 from .keys import Keys
+
+log = logging.getLogger('huey_worker.storage')
 
 TAG = b'\x00'
 MARKER = b'\x00priority'
@@ -178,30 +182,40 @@ return {msg, left}
 TAKE = PRIORITY_LUA + TAKE_BODY
 
 # KEYS: list, priority set, the worker's in-flight list, Huey's sorted set
-# (an adopted PriorityRedisHuey's queue), sequence.  ARGV: as TAKE.  First
-# files up to NATIVE_BATCH of the best messages of Huey's set into the
-# suite's list (priority 0) and priority set, in Huey's order (priority,
-# then the time prefix), then TAKE: whatever Huey's set still holds ranks
-# no higher than what was just filed, so the best message overall is
-# always taken.
-NATIVE_BATCH = 100
+# (an adopted PriorityRedisHuey's queue).  ARGV: as TAKE.  Huey's set
+# stays the queue its producers see (their pending_count(), pending() and
+# flush() stay true): its best message is compared with the best the
+# suite's list and priority set hold (messages put back, retries and
+# delayed tasks come due, periodic tasks) and taken from there when it
+# ranks strictly higher, the suite's being older on a tie; else TAKE.
+# A message taken from Huey's set goes in flight in the suite's form:
+# plain, or tagged with its priority (%.17g: every double exactly, inf
+# too, as Lua's tonumber reads it back).
 BRIDGE_TAKE = PRIORITY_LUA + r"""
-local moved = redis.call('ZPOPMIN', KEYS[4], %d)
-if moved[1] then
-  hw_unmark(KEYS[1])
-  for i = 1, #moved, 2 do
-    local data = string.sub(moved[i], 9)
-    local score = tonumber(moved[i + 1])
-    if score == 0 then
-      redis.call('LPUSH', KEYS[1], data)
-    else
-      hw_enqueue(KEYS[2], KEYS[5], '\0' .. string.rep('0', 16) ..
-                 tostring(-score) .. '\0' .. data, score)
-    end
+local top = redis.call('ZRANGE', KEYS[4], 0, 0, 'WITHSCORES')
+if top[1] then
+  local score = tonumber(top[2])
+  local mine = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
+  local ranked = mine[1] and tonumber(mine[2])
+  local plain = redis.call('LLEN', KEYS[1])
+  if plain > 0 and redis.call('LINDEX', KEYS[1], -1) == HW_MARKER then
+    plain = plain - 1
   end
-  hw_mark(KEYS[1], KEYS[2])
+  local best = ranked
+  if plain > 0 and (not ranked or ranked >= 0) then best = 0 end
+  if not best or score < best then
+    redis.call('ZREM', KEYS[4], top[1])
+    local data = string.sub(top[1], 9)
+    local msg = data
+    if score ~= 0 then
+      msg = '\0' .. string.rep('0', 16) .. string.format('%.17g', -score)
+        .. '\0' .. data
+    end
+    redis.call('LPUSH', KEYS[3], msg)
+    return {msg, 0}
+  end
 end
-""" % NATIVE_BATCH + TAKE_BODY
+""" + TAKE_BODY
 
 # KEYS: Huey's sorted set, the wake-up list.  ARGV: member (Huey's time
 # prefix and message), score (-priority).  An enqueue in Huey's own form,
@@ -215,12 +229,25 @@ redis.call('EXPIRE', KEYS[2], 60)
 return 1
 """
 
-# KEYS: the worker's in-flight list, list, priority set.  ARGV: message.
-# A message whose run was cut short goes back: a plain one to the head of
-# the list (under the marker, so waiting priorities still go first), a
-# priority one into the set with its place.
-PUT_BACK = PRIORITY_LUA + r"""
+# hw_canceled: whether `m` is the message of a task an operator cancelled
+# (daemon/actions/cancel.py): its mark, `prefix` (Keys.cancel_message_
+# prefix) followed by its SHA-1, exists.  The mark is deleted: the caller
+# drops the message instead of putting it back, and records the end.
+CANCELED_LUA = r"""
+local function hw_canceled(prefix, m)
+  if not prefix or prefix == '' then return false end
+  return redis.call('DEL', prefix .. redis.sha1hex(m)) == 1
+end
+"""
+
+# KEYS: the worker's in-flight list, list, priority set.  ARGV: message,
+# the cancel marks' prefix.  A message whose run was cut short goes back:
+# a plain one to the head of the list (under the marker, so waiting
+# priorities still go first), a priority one into the set with its place;
+# one of a cancelled task leaves the in-flight list only (returns 0).
+PUT_BACK = PRIORITY_LUA + CANCELED_LUA + r"""
 redis.call('LREM', KEYS[1], 1, ARGV[1])
+if hw_canceled(ARGV[2], ARGV[1]) then return 0 end
 hw_unmark(KEYS[2])
 hw_put_back(KEYS[2], KEYS[3], ARGV[1])
 hw_mark(KEYS[2], KEYS[3])
@@ -228,9 +255,12 @@ return 1
 """
 
 
-def priority_text(priority):
+def priority_text(priority, infinite=False):
     """The priority as a priority message holds it: one spelling per
-    number (5, 5.0 and True are all b'5'), which Lua's tonumber reads."""
+    number (5, 5.0 and True are all b'5'), which Lua's tonumber reads.
+    ValueError for anything but a finite number; with `infinite`, for a
+    message already accepted (a plain PriorityRedisHuey producer may give
+    inf, which Huey and Redis take), ±inf is b'inf' / b'-inf'."""
     # A number, not a numeric string: Huey compares priorities as given.
     try:
         if isinstance(priority, (str, bytes)):
@@ -239,6 +269,8 @@ def priority_text(priority):
     except (TypeError, ValueError, OverflowError):
         raise ValueError('a task priority must be a finite number, not %r'
                          % (priority,))
+    if math.isinf(value) and infinite:
+        return b'inf' if value > 0 else b'-inf'
     if not math.isfinite(value):
         raise ValueError('a task priority must be a finite number, not %r'
                          % (priority,))
@@ -247,18 +279,19 @@ def priority_text(priority):
     return repr(value).encode('ascii')
 
 
-def priority_text_value(priority):
+def priority_text_value(priority, infinite=False):
     """The priority as the number a priority message holds (ValueError as
     priority_text)."""
-    return float(priority_text(priority))
+    return float(priority_text(priority, infinite))
 
 
-def tag_message(data, priority, seq=None):
+def tag_message(data, priority, seq=None, infinite=False):
     """`data` in the form the priority set (and the schedule) holds it;
-    without `seq`, numbered 0 (scripts number it as it enters the set)."""
+    without `seq`, numbered 0 (scripts number it as it enters the set).
+    `infinite`: as priority_text."""
     return b''.join((TAG, _UNSEQUENCED if seq is None else
-                     b'%0*d' % (SEQ_DIGITS, seq), priority_text(priority),
-                     TAG, data))
+                     b'%0*d' % (SEQ_DIGITS, seq),
+                     priority_text(priority, infinite), TAG, data))
 
 
 def is_priority_message(raw):
@@ -335,8 +368,10 @@ class SuiteStorage(RedisExpireStorage):
         are kept, so the caller may retry the whole flush after reconnecting.
         """
         pending = self._pending()
-        if not pending:
+        if not pending and not self._durable_ms():
             return last(self.conn) if last is not None else None
+        if not pending and last is None:
+            return None
         return self.flush_all(last)[-1]
 
     def flush_all(self, *extra):
@@ -355,10 +390,40 @@ class SuiteStorage(RedisExpireStorage):
         pipe = self._record(pending)
         staged = len(pipe.command_stack)
         self._record([c for c in extra if c is not None], pipe)
-        results = transaction.execute(pipe, self._own_connection(),
-                                      wanted=len(pipe.command_stack) - staged)
-        pending.clear()
+        durable = self._durable_ms()
+        if not durable:
+            results = transaction.execute(
+                pipe, self._own_connection(),
+                wanted=len(pipe.command_stack) - staged)
+            pending.clear()
+            return results
+        # [redis] durable_writes: WAIT on the connection that wrote, so an
+        # enqueue or an ack counts as done only once a replica has it.
+        conn = self._own_connection()
+        pool = self.pool if conn is None else None
+        if pool is not None:
+            conn = pool.get_connection()
+        try:
+            results = transaction.execute(
+                pipe, conn, wanted=len(pipe.command_stack) - staged)
+            pending.clear()
+            self._wait_replica(conn, durable)
+        finally:
+            if pool is not None:
+                pool.release(conn)
         return results
+
+    def _durable_ms(self):
+        return getattr(self.pool, 'durable_wait_ms', 0)
+
+    @staticmethod
+    def _wait_replica(conn, ms):
+        """WAIT for one replica to hold this connection's writes, up to
+        `ms`; a warning (not an error: the write is done, on the primary)
+        when none confirms in time."""
+        if not transaction.command(conn, 'WAIT', 1, ms):
+            log.warning('no replica confirmed a write within %dms ([redis] '
+                        'durable_writes): a failover now could lose it', ms)
 
     def _record(self, commands, pipe=None):
         """A pipeline holding `commands`: argument tuples, or callables
@@ -424,6 +489,30 @@ class SuiteStorage(RedisExpireStorage):
             local.prefetched = (self._read_reply(conn),)
         return conn
 
+    def watch_in_flight(self, inflight_key, raw):
+        """Fencing a worker's outcome: whether `raw` is still in its
+        in-flight list `inflight_key` (False: a peer presumed this consumer
+        dead and put the message back).  When True the list stays WATCHed
+        on this thread's own connection, so the next MULTI/EXEC there (the
+        ack) is refused (redis WatchError) if the list changes first; when
+        False it is UNWATCHed.  Without an own connection (not pinned) only
+        the check.  One round trip; Redis errors are raised."""
+        conn = self._own_connection()
+        if conn is None:
+            return raw in self.conn.lrange(inflight_key, 0, -1)
+        try:
+            conn.send_packed_command(transaction.pack(conn, [
+                ('WATCH', inflight_key), ('LRANGE', inflight_key, 0, -1)]))
+            conn.read_response()
+            held = raw in conn.read_response()
+            if not held:
+                conn.send_command('UNWATCH')
+                conn.read_response()
+        except BaseException:
+            conn.disconnect()   # a WATCH or a reply may be left behind
+            raise
+        return held
+
     @staticmethod
     def _read_reply(conn):
         """The reply of a queue read sent earlier; a TAKE Redis did not
@@ -442,7 +531,8 @@ class SuiteStorage(RedisExpireStorage):
         error the read may or may not have moved a message into
         `inflight_key`; the staged commands are kept for a retry."""
         conn = self._own_connection()
-        if conn is None:
+        if conn is None or self._durable_ms():
+            # durable_writes: the ack's WAIT comes before any next read.
             return self.flush()
         pending = self._pending()
         pipe = self._record(pending)
@@ -547,8 +637,11 @@ class SuiteStorage(RedisExpireStorage):
         if not priority:
             self._write('LPUSH', self.queue_key, data)
             return
+        # While the worker defers its writes, this is Huey re-enqueueing
+        # the task it runs (a retry without delay): accepted already.
         self._write('EVAL', ENQUEUE, 3, self.queue_key, self.priority_key,
-                    self.keys.priority_seq, tag_message(data, priority))
+                    self.keys.priority_seq, tag_message(
+                        data, priority, infinite=self.deferring))
 
     @property
     def task_priority(self):
@@ -561,6 +654,25 @@ class SuiteStorage(RedisExpireStorage):
     def task_priority(self, value):
         self._local.task_priority = value
 
+    # Naive datetimes are UTC, as Huey's are with utc=True (the suite's
+    # own app); an adopted app running Huey with utc=False sets it False.
+    utc = True
+
+    def convert_ts(self, ts):
+        """The schedule score of `ts`: unix seconds (float), whatever the
+        host's time zone.  Huey's RedisStorage reads a naive datetime as
+        local time (time.mktime): hosts in different zones, or one host
+        across a daylight-saving change, scored the same eta differently,
+        and a delayed task came due hours early (then bounced between
+        worker and scheduler until its eta) or late.  An aware datetime
+        counts as what it says, a naive one as UTC (as local time when
+        `utc` is False)."""
+        if ts.tzinfo is not None:
+            return ts.timestamp()
+        seconds = calendar.timegm(ts.timetuple()) if self.utc else \
+            time.mktime(ts.timetuple())
+        return seconds + ts.microsecond * 1e-6
+
     def add_to_schedule(self, data, ts):
         score = self.convert_ts(ts)
         # Only Huey itself schedules while the worker defers its writes
@@ -569,16 +681,47 @@ class SuiteStorage(RedisExpireStorage):
         # scheduling something else does it with deferring off.
         priority = self.task_priority if self.deferring else None
         if priority:
-            data = tag_message(data, priority)
+            # The task's own message: accepted with this priority already.
+            data = tag_message(data, priority, infinite=True)
         self._write('ZADD', self.schedule_key, score, data)
 
     def stage_put_back(self, inflight_key, raw):
         """Stage the move of `raw` from `inflight_key` back to the queue,
-        where its priority says (a plain message: the head of the list)."""
+        where its priority says (a plain message: the head of the list);
+        the message of a cancelled task is dropped instead (the script
+        answers 0; the caller records the task canceled)."""
         self.stage_command('EVAL', PUT_BACK, 3, inflight_key,
-                           self.queue_key, self.priority_key, raw)
+                           self.queue_key, self.priority_key, raw,
+                           self.keys.cancel_message_prefix)
 
     # -- the queue as a whole: plain and priority messages -----------------
+
+    def queue_key_types(self):
+        """{key: the Redis types it may have} for the keys producers write
+        as the queue ('none': absent)."""
+        return {self.queue_key: ('list', 'none')}
+
+    def check_queue_key(self, origin=None):
+        """Raise ConfigError when another kind of producer owns the queue's
+        key: a PriorityRedisHuey keeps a sorted set where this storage
+        keeps a list (Redis would answer WRONGTYPE to every read, which is
+        no outage to wait out).  RedisError when Redis cannot answer."""
+        from .config import ConfigError
+        for key, allowed in self.queue_key_types().items():
+            kind = self.conn.type(key)
+            kind = kind.decode() if isinstance(kind, bytes) else str(kind)
+            if kind in allowed:
+                continue
+            if kind == 'zset':
+                why = ('a PriorityRedisHuey writes this queue: run that app '
+                       'with [huey] app = MODULE:ATTRIBUTE (docs/adoption.md)')
+            else:
+                why = 'something other than Huey wrote it'
+            raise ConfigError(
+                'the queue %r is kept in Redis key %r, which is a %s, not a '
+                '%s: %s' % (self.name, key, kind, ' or '.join(
+                    a for a in allowed if a != 'none'), why),
+                'huey', 'queue', self.name, origin=origin)
 
     def queue_size_commands(self):
         """The reads queue_size() makes, for callers batching them with
@@ -624,6 +767,13 @@ class SuiteStorage(RedisExpireStorage):
                     key, bytes) else key)
                 self._write('LPUSH', nkey, b'1')
                 self._write('EXPIRE', nkey, self.notify_result_ttl)
+        elif key.startswith('r:') if isinstance(key, str) else \
+                key.startswith(b'r:'):
+            # Huey's revoke mark of one task id: it stays after a revoked
+            # task is dropped (Huey deletes it only after a run), so it
+            # ends with the task's result.  A task type's mark (rt:) is
+            # the operator's until restored, as are huey.put()'s values.
+            self._write('SET', rkey, value, 'EX', self._expire_time)
         else:
             self._write('SET', rkey, value)
 
@@ -665,7 +815,7 @@ class SuiteStorage(RedisExpireStorage):
         # Needs its own reply mid-pipeline; send what is held back first.
         if self.has_pending():
             self.flush()
-        return super().incr(key, amount)
+        return super().incr(key, amount)   # INCR and EXPIRE: it ends
 
     def read_schedule(self, ts):
         # Huey's own scheduler loop: it enqueues what is due again with
@@ -681,10 +831,11 @@ class NativePriorityQueue:
     set at huey.redis.NAME (member: an 8-byte time prefix and the message;
     score: -priority).  No Redis command moves a sorted set's member into a
     list atomically while blocking, so a worker does not block on that set:
-    its read is BRIDGE_TAKE, which files Huey's best messages into the
-    suite's own list (hw:NAME:queue) and priority set and takes the best
-    into its in-flight list in one script; with nothing there it waits up
-    to WAKE_POLL seconds on a wake-up list the suite's producers push to.
+    its read is BRIDGE_TAKE, one script that moves the best message of
+    Huey's set or of the suite's own list (hw:NAME:queue) and priority set
+    (messages put back, retries, periodic tasks) into its in-flight list;
+    with nothing there it waits up to WAKE_POLL seconds on a wake-up list
+    the suite's producers push to.
     A task enqueued through the suite thus starts at once, one enqueued by
     a plain producer within WAKE_POLL.  Everything behind the read (the
     in-flight lists, recovery, the schedule, dead letters) is the suite's
@@ -701,17 +852,18 @@ class NativePriorityQueue:
 
     def _take_keys(self, inflight_key):
         return (self.queue_key, self.priority_key, inflight_key,
-                self.native_key, self.keys.priority_seq)
+                self.native_key)
 
     def enqueue(self, data, priority=None):
         # Huey's own form (RedisPriorityQueue.enqueue), plus the wake-up.
-        score = -priority_text_value(priority) if priority else 0
+        score = -priority_text_value(priority, self.deferring) \
+            if priority else 0
         member = struct.pack('>Q', int(time.time() * 1e6)) + data
         self._write('EVAL', NATIVE_ENQUEUE, 2, self.native_key,
                     self.wake_key, member, score)
 
     def _dequeue_command(self, inflight_key, timeout):
-        return ('EVALSHA', self._bridge.sha, 5) + \
+        return ('EVALSHA', self._bridge.sha, 4) + \
             self._take_keys(inflight_key) + (b'',)
 
     def _take_now(self, inflight_key, held, cached=True):
@@ -722,10 +874,10 @@ class NativePriorityQueue:
         if cached:
             try:
                 return transaction.command(conn, 'EVALSHA', self._bridge.sha,
-                                           5, *keys, held)
+                                           4, *keys, held)
             except redis.exceptions.NoScriptError:
                 pass
-        return transaction.command(conn, 'EVAL', BRIDGE_TAKE, 5, *keys, held)
+        return transaction.command(conn, 'EVAL', BRIDGE_TAKE, 4, *keys, held)
 
     def dequeue_into(self, inflight_key, timeout):
         """As SuiteStorage.dequeue_into; an empty read waits for a wake-up
@@ -757,6 +909,10 @@ class NativePriorityQueue:
         message = pipe.execute()[0][0]
         return None if message is None else message_data(message)
 
+    def queue_key_types(self):
+        return dict(super().queue_key_types(),
+                    **{self.native_key: ('zset', 'none')})
+
     def queue_size_commands(self):
         return super().queue_size_commands() + [('ZCARD', self.native_key)]
 
@@ -772,7 +928,7 @@ class NativePriorityQueue:
         pipe.zrange(self.priority_key, 0, -1, withscores=True)
         pipe.lrange(self.queue_key, 0, -1)
         native, ranked, plain = pipe.execute()
-        # Filed messages first within a priority: they are older.
+        # The suite's own first within a priority: they are older.
         order = [(score, 0, i, message_data(m))
                  for i, (m, score) in enumerate(ranked)]
         order += [(0, 0, len(ranked) + i, m)

@@ -17,8 +17,10 @@ four); the worker keeps one connection of its own for them (see
 SuiteStorage.pin_connection and flush_and_prefetch, and docs/benchmarks.md
 for what each step cost).
 """
+import contextlib
 import ctypes
 import datetime
+import hashlib
 import logging
 import multiprocessing
 import os
@@ -33,7 +35,7 @@ from huey.api import PeriodicTask
 from huey.exceptions import HueyException, TaskTimeout
 from huey.utils import Error
 
-from . import context, delivery, hooks, logs, redisconn
+from . import context, delivery, hooks, logs, progress, redisconn
 from .storage import message_data
 from .app import hostname
 from .devredis import dies_with_this_process
@@ -147,6 +149,18 @@ def install_rejection_filter():
         huey_log.addFilter(_not_a_rejection)
 
 
+# Task ids as the slot holds them: the status endpoint accepts ids of up to
+# 200 characters, and the consumer looks cancel marks up by this id.
+TASK_ID_BYTES = 208
+# Seconds an idle worker of a paused queue sleeps between looks at the
+# pause flag (the consumer sets it: Consumer._read_operator_keys).
+PAUSE_POLL = 0.25
+
+
+def _slot_id(task_id):
+    return task_id.encode()[:TASK_ID_BYTES - 1]
+
+
 class Slot(ctypes.Structure):
     """What the consumer and the status endpoint see of one worker; shared
     memory, so it works for process workers too."""
@@ -154,8 +168,12 @@ class Slot(ctypes.Structure):
                 ('tick', ctypes.c_double), ('task_started', ctypes.c_double),
                 ('task_timeout', ctypes.c_double),
                 ('done', ctypes.c_ulonglong), ('failed', ctypes.c_ulonglong),
-                ('task_id', ctypes.c_char * 40),
-                ('task_name', ctypes.c_char * 160)]
+                ('task_id', ctypes.c_char * TASK_ID_BYTES),
+                ('task_name', ctypes.c_char * 160),
+                # Written by the consumer: the id of a task an operator
+                # cancelled that runs here (the worker compares it with
+                # its own task's id, so a stale one stops nothing).
+                ('cancel_id', ctypes.c_char * TASK_ID_BYTES)]
 
 
 class StopFlag:
@@ -197,6 +215,65 @@ class WorkerRecycle(Exception):
     pass
 
 
+class WorkerInterrupt(KeyboardInterrupt):
+    """Raised in a thread worker's task body by the consumer stopping past
+    shutdown_timeout (the thread counterpart of a process worker's
+    SIGTERM): the task goes back to the queue."""
+
+
+class TaskCanceled(WorkerInterrupt):
+    """Raised inside a task an operator cancelled (huey-worker cancel,
+    POST /tasks/<id>/cancel): at its next report_progress() or
+    check_cancelled(), by a process worker's SIGTERM, or in a thread
+    worker's thread after a grace.  A KeyboardInterrupt, as the worker's
+    own interrupts are, so `except Exception` in a task does not swallow
+    it and Huey neither retries the task nor stores an error: the task
+    ends `canceled`.  Clean up in `finally` (or `with`) blocks and let it
+    through.  Public as huey_worker.TaskCanceled."""
+
+    def __init__(self, *args):
+        super().__init__(*(args or ('cancelled by an operator',)))
+
+
+class _CanceledExit(Exception):
+    """A process worker whose task was cancelled by SIGTERM ends: the
+    consumer starts a fresh one in its place."""
+
+
+class _Abandoned(BaseException):
+    """The consumer abandoned this thread's task (over its time limit and
+    the grace after it): whatever the body did, this delivery writes
+    nothing.  No Exception, so Huey's execute lets it through untouched."""
+
+
+def _timeout_class(seconds):
+    """A TaskTimeout class whose instances say `seconds`: an exception
+    raised in another thread is given as a class (instantiated there
+    without arguments)."""
+    message = 'timed out after %ss (raised in its thread)' % seconds
+
+    class TaskTimeoutInThread(TaskTimeout):
+        def __init__(self, *args):
+            super().__init__(*(args or (message,)))
+    # The journal and Huey's stored error name the type: the same as
+    # process workers' and Huey's own.
+    TaskTimeoutInThread.__name__ = TaskTimeoutInThread.__qualname__ = \
+        'TaskTimeout'
+    return TaskTimeoutInThread
+
+
+def _raise_in_thread(thread_id, exc_class):
+    """Have `exc_class` raised in the thread `thread_id` at its next
+    bytecode boundary (CPython's PyThreadState_SetAsyncExc; a thread in a
+    C call, time.sleep or a blocking read included, gets it only once the
+    call returns).  `exc_class` None withdraws one not yet raised.
+    Returns whether the thread was found."""
+    found = ctypes.pythonapi.PyThreadState_SetAsyncExc(
+        ctypes.c_ulong(thread_id),
+        None if exc_class is None else ctypes.py_object(exc_class))
+    return found == 1
+
+
 class AlarmTimeout:
     """A hard time limit for process workers (SIGALRM in the worker).  The
     process is a worker for good, so its SIGALRM handler stays installed
@@ -225,17 +302,43 @@ class AlarmTimeout:
 
 class Worker:
     def __init__(self, app, cfg, index, slot, stop_flag, identity,
-                 in_process, incarnation):
+                 in_process, incarnation, settle=None, paused=None):
         self.app, self.cfg, self.index = app, cfg, index
+        # Shared memory the consumer sets while the queue is paused (a
+        # multiprocessing.RawValue; None: never paused): looked at before
+        # each queue read, no system call.
+        self.paused = paused
         self.slot, self.stop_flag, self.identity = slot, stop_flag, identity
         self.incarnation = incarnation
         self.in_process = in_process
+        # Exceptions can be raised in a real thread's task body only
+        # (greenlets share one thread; process workers get signals).
+        self.in_thread = not in_process and \
+            cfg.consumer.worker_type == 'thread'
         self.name = 'Worker-%d' % index
         self.task_count = 0
         self._redis_down_since = None
         self._retry = redisconn.Backoff(0.1, cfg.redis.retry_max_delay)
         self._in_body = False
+        # What the consumer's thread may do to this worker's task body
+        # (raise in it, fence it off) it does holding _guard, and only
+        # while _in_body: never in the worker's own writes.
+        self._guard = threading.Lock()
+        self._thread_id = None
+        self._body_started = 0.0
+        self._limit = 0.0
+        self._raised = None         # what was raised in this body, when
+        self._stop_tasks = False    # stopping: start no task body
+        self._current = None        # (raw, task) of the running delivery
+        self._progress = None
+        self.abandoned = False
+        # (raw, task, seconds): the delivery a predecessor on this slot
+        # was abandoned in; this worker records its time-out first.
+        self.settle = settle
         self._interrupted = False
+        self._canceled = False      # this body ended by TaskCanceled
+        self._cancel_token = None   # _slot_id of the running task
+        self._exit_after_cancel = False
         self._rejected = None
         self._reopen_logs = False
         self.recycled = False
@@ -276,27 +379,42 @@ class Worker:
         self.keys = self.storage.keys
         self.inflight_key = self.keys.inflight(self.identity, self.index,
                                                self.incarnation)
-        self.delivery = delivery.Delivery(self.storage)
+        self.delivery = delivery.Delivery(self.storage, self.app)
         self.worker_info = {'host': hostname(), 'pid': os.getpid(),
                             'consumer': self.identity, 'worker': self.index}
         install_outcome_receiver(self.app)
         install_result_limit(self.app, self.max_result_bytes)
         install_retry_jitter(self.app)
+        if self.cfg.consumer.worker_type == 'greenlet':
+            self.app._timeout_handler = _greenlet_timeout
+        self._thread_id = threading.get_ident()
         self.slot.pid = os.getpid()
         try:
             self.initialize()
+            if self.settle is not None:
+                self._settle_abandoned(*self.settle)
+                self.settle = None
             # A queue read sent with the last ack is answered before
-            # stopping: a message it took is run, like any other.
+            # stopping (the connection must be clear), but a message it
+            # took is not run: loop() puts it back.
             while not self.stop_flag.is_set() or \
                     self.storage.prefetch_pending():
                 self.loop()
+                if self.abandoned:
+                    break
         except WorkerRecycle:
             self.recycled = True
             log.info('%s recycled after %d tasks', self.name, self.task_count)
+        except _CanceledExit:
+            self.recycled = True
+            log.info('%s (pid %d) ends after its task was cancelled; a new '
+                     'worker takes its place', self.name, os.getpid())
         except KeyboardInterrupt:
             pass
         finally:
-            self.slot.busy = 0
+            if not self.abandoned:
+                # The slot belongs to this worker's replacement otherwise.
+                self.slot.busy = 0
             self.storage.unpin_connection()
             self.shutdown()
 
@@ -321,6 +439,12 @@ class Worker:
             logs.reopen()
         if self._orphan_check and not self._requeue_orphan():
             return
+        paused = self.paused
+        if paused is not None and paused.value and \
+                not self.storage.prefetch_pending():
+            # The queue is paused: no queue read until it is resumed.
+            self.stop_flag.wait(PAUSE_POLL)
+            return
         try:
             raw = self.storage.dequeue_into(self.inflight_key,
                                             self.read_timeout)
@@ -337,10 +461,49 @@ class Worker:
             self.stop_flag.wait(self._retry.next())
             return
         self._redis_ok()
-        if raw is not None:
-            self.handle(raw)
-            if self.max_tasks and self.task_count >= self.max_tasks:
-                raise WorkerRecycle()
+        if raw is None:
+            return
+        if self.stop_flag.is_set() or (paused is not None and paused.value):
+            # A read sent before stopping (or the pause) began (a prefetch
+            # with the last ack, or an idle worker's blocking read) that
+            # took a message since: the message goes back untouched, not
+            # run.
+            self._put_back_untaken(raw, 'stopping' if self.stop_flag.is_set()
+                                   else 'the queue is paused')
+            return
+        self.handle(raw)
+        if self._exit_after_cancel:
+            raise _CanceledExit()
+        if self.max_tasks and self.task_count >= self.max_tasks:
+            raise WorkerRecycle()
+
+    def _put_back_untaken(self, raw, why='stopping'):
+        """Put `raw`, taken by a queue read that was answered after
+        stopping (or a pause) began, back where it was in the queue: no
+        delivery counted, no journal event (it never started).  If Redis
+        does not take the write before we stop, the message stays in our
+        in-flight list, which the consumer puts back once every worker's
+        read is over (or its next start does).  The message of a task an
+        operator cancelled meanwhile is dropped and the task recorded
+        canceled."""
+        storage = self.storage
+        storage.discard_pending()
+        storage.stage_put_back(self.inflight_key, raw)
+        try:
+            reply = self._with_redis(storage.flush)
+        except (_Stopped, redis.exceptions.RedisError) as exc:
+            storage.discard_pending()
+            log.warning('%s: a message taken while %s stays in flight for '
+                        'the consumer to put back (%s)', self.name,
+                        'stopping' if why == 'stopping' else 'paused',
+                        'Redis unavailable until the stop'
+                        if isinstance(exc, _Stopped) else exc)
+            return
+        if reply == 0:
+            self.delivery.record_canceled([raw])
+            return
+        log.info('%s: %s; a message its last queue read took went back to '
+                 'the queue unstarted', self.name, why)
 
     def _requeue_orphan(self):
         """Put back a message moved into our in-flight list by a queue read
@@ -377,31 +540,52 @@ class Worker:
 
         hooks.call(hooks.on_dequeued, storage, task, self.worker_info)
         revoke_keys = app._revoke_keys(task)
+        # The task's cancel mark rides the same read (a message put back
+        # before its cancel reached a put-back script: it ends here).
         try:
             results = self._with_redis(lambda: storage.flush_all(
                 ('HINCRBY', self.keys.deliveries, task.id, 1),
-                ('MGET', *[storage.result_key(k) for k in revoke_keys])))
+                ('MGET', *[storage.result_key(k) for k in revoke_keys],
+                 self.keys.cancel(task.id))))
         except _Stopped:
             return
         deliveries, revoke_values = results[-2], results[-1]
+        canceled = revoke_values[-1]
         hooks.call(hooks.on_started, storage, task, results)
         if deliveries > self.max_deliveries:
             self._poison(raw, task, deliveries)
+            return
+        if canceled is not None:
+            self._cancel_unstarted(raw, task)
             return
         storage.prime(dict(zip(revoke_keys, revoke_values)))
 
         self._start(task)
         context.set_current(task, deliveries, self.worker_info)
+        self._current = (raw, task)
         try:
             state, duration = self._run(task)
         finally:
             context.clear_current()
+        if state == 'abandoned':
+            # The consumer recorded the time-out; a replacement worker
+            # holds this slot.  Nothing of this delivery is written.
+            self.storage.discard_pending()
+            log.warning('%s (abandoned): %s %s ended after %.1fs; its '
+                        'outcome is not recorded (it timed out)', self.name,
+                        self._name, task.id, duration)
+            return
+        self._current = None
         self._finish(raw, task, state, duration)
 
     def _start(self, task):
         slot = self.slot
         name = self._name = self.task_name(task)
-        slot.task_id = task.id.encode()[:39]
+        # A cancel passed on for an earlier run of the same id (a retry of
+        # a cancelled task) is not this run's: the consumer passes a new
+        # one on only once this slot shows busy.
+        slot.cancel_id = b''
+        slot.task_id = self._cancel_token = _slot_id(task.id)
         slot.task_name = name.encode()[:159]
         slot.task_started = time.monotonic()
         slot.task_timeout = float(task.timeout or 0)
@@ -419,9 +603,13 @@ class Worker:
             storage.deferring = False
             if storage.has_pending():
                 self._with_redis(storage.flush)
-            self._in_body = True
             try:
+                self._enter_body(task)
                 return body()
+            except TaskCanceled:
+                # An operator cancelled it (daemon/actions/cancel.py).
+                self._canceled = True
+                raise
             except KeyboardInterrupt:
                 self._interrupted = True
                 raise
@@ -431,12 +619,13 @@ class Worker:
                 self._rejected = exc
                 raise
             finally:
-                self._in_body = False
                 storage.deferring = True
+                if self._leave_body():
+                    raise _Abandoned()
         task.execute = run_body
 
         _outcome.state = None
-        self._interrupted = False
+        self._interrupted = self._canceled = False
         started = time.monotonic()
         storage.deferring = True
         # A delayed or retrying task keeps its priority in the schedule.
@@ -446,6 +635,8 @@ class Worker:
         try:
             self.app.execute(task)
             state = _outcome.state or 'complete'
+        except _Abandoned:
+            state = 'abandoned'
         except KeyboardInterrupt:
             state = 'interrupted'
         except Exception as exc:
@@ -475,7 +666,127 @@ class Worker:
                 storage.task_priority = None
         if self._interrupted:
             state = 'interrupted'
+        if self._canceled or (state == 'interrupted' and
+                              self.cancel_requested()):
+            state = 'canceled'
+        # Again, out here: an exception raised in the body may have cut
+        # run_body's own _leave_body short.
+        if self._leave_body():
+            state = 'abandoned'
         return state, time.monotonic() - started
+
+    # -- the task body and the consumer's thread ---------------------------
+
+    def _enter_body(self, task):
+        with self._guard:
+            self._in_body = True
+            self._raised = None
+            self._body_started = time.monotonic()
+            self._limit = float(task.timeout or 0)
+            ctx = self._progress = progress.current()
+            if ctx is not None:
+                ctx.cancel_check = self.cancel_requested
+            stop = self._stop_tasks
+            canceled = self.slot.cancel_id == self._cancel_token
+        if canceled:
+            # Cancelled between its queue read and here.
+            raise TaskCanceled()
+        if stop:
+            # Stopping past shutdown_timeout: this body is not started.
+            raise WorkerInterrupt()
+
+    def _leave_body(self):
+        """Mark the body over (the consumer's thread raises nothing in
+        this thread from now on, and one it raised that has not gone off
+        yet is withdrawn); returns whether the delivery was abandoned."""
+        with self._guard:
+            if self._in_body:
+                self._in_body = False
+                if self._raised is not None and self.in_thread:
+                    _raise_in_thread(self._thread_id, None)
+            return self.abandoned
+
+    def in_body(self):
+        """Whether a task body runs on this worker now."""
+        return self._in_body
+
+    def cancel_requested(self):
+        """Whether the consumer passed on an operator's cancel of the task
+        running here (Slot.cancel_id): what check_cancelled() asks."""
+        token = self._cancel_token
+        return token is not None and self.slot.cancel_id == token
+
+    def force_cancel(self, token):
+        """From the consumer's thread (thread workers), a cancel the task
+        did not act on within the grace: TaskCanceled raised in its thread,
+        where no check_cancelled() or report_progress() call came.  Only
+        while the body of the task `token` (its Slot id) runs and nothing
+        else was raised in it.  Returns whether it was raised."""
+        with self._guard:
+            if not (self.in_thread and self._in_body and
+                    self._raised is None and self._cancel_token == token
+                    and self.slot.cancel_id == token):
+                return False
+            self._raised = ('cancel', time.monotonic())
+            _raise_in_thread(self._thread_id, TaskCanceled)
+            return True
+
+    def stop_task(self):
+        """From the consumer's thread, stopping past shutdown_timeout: the
+        task body running on this worker is interrupted (WorkerInterrupt
+        raised in its thread, thread workers only) and no other starts.
+        Returns whether a body was running."""
+        with self._guard:
+            self._stop_tasks = True
+            if not self._in_body:
+                return False
+            if self.in_thread and self._raised is None:
+                self._raised = ('interrupt', time.monotonic())
+                _raise_in_thread(self._thread_id, WorkerInterrupt)
+            return True
+
+    def check_time_limit(self, now, grace):
+        """From the consumer's thread (thread workers): enforce the time
+        limit of the task body running here at monotonic time `now`.  Over
+        its limit, TaskTimeout is raised in the thread: 'timeout'.  Still
+        in the body `grace` seconds after that: the delivery is abandoned
+        (fenced: it writes nothing more) and (raw message, task, seconds
+        run) returned for a replacement worker to record.  None
+        otherwise."""
+        with self._guard:
+            if not self._in_body or not self._limit or self.abandoned:
+                return None
+            if self._raised is None:
+                if now - self._body_started < self._limit:
+                    return None
+                self._raised = ('timeout', now)
+                _raise_in_thread(self._thread_id,
+                                 _timeout_class(_seconds(self._limit)))
+                return 'timeout'
+            if self._raised[0] != 'timeout' or now - self._raised[1] < grace:
+                return None
+            return self._abandon(now)
+
+    def abandon(self):
+        """From the consumer's thread, stopping: fence off a task body that
+        did not end when interrupted, so nothing it does later is written
+        (its message goes back with the consumer's requeue).  Returns
+        whether a body was running."""
+        with self._guard:
+            return self._in_body and bool(self._abandon(time.monotonic()))
+
+    def _abandon(self, now):
+        # Under _guard, in the body.
+        self.abandoned = True
+        ctx = self._progress
+        if ctx is not None:
+            # Its later progress reports stay in memory.
+            ctx.record = False
+            ctx.dirty = False
+            with progress._held_lock:
+                progress._held.discard(ctx)
+        raw, task = self._current
+        return raw, task, now - self._body_started
 
     def _record_failure(self, task, exc):
         """Stage what Huey records of a task that failed with `exc` (its
@@ -496,16 +807,93 @@ class Worker:
         finally:
             self.storage.deferring = deferring
 
+    def _settle_abandoned(self, raw, task, duration):
+        """Record the end of a delivery the consumer abandoned on this slot
+        (its thread stuck in the task past time limit and grace): the task
+        fails with TaskTimeout, as it would have if the exception raised
+        in it had gone off, and its message leaves the in-flight list
+        (ours: same slot, same incarnation).  Not retried, whatever its
+        retries: its body may still be running, and a retry would run it
+        twice at once.  The locks it holds are released (the moment its
+        call returns, the TaskTimeout waiting in its thread goes off)."""
+        from . import locks
+        app, storage = self.app, self.storage
+        name = self._name = self.task_name(task)
+        exc = _timeout_class(_seconds(task.timeout or 0))(
+            'timed out after %ss; abandoned %gs later, still running '
+            '(stuck where no exception can get in: a C call or a blocking '
+            'read without a timeout)' % (
+                _seconds(task.timeout or 0),
+                self.cfg.consumer.timeout_grace))
+        task.retries = 0
+        storage.discard_pending()
+        storage.deferring = True
+        try:
+            if app.results and not isinstance(task, PeriodicTask):
+                try:
+                    app.put_result(task.id, Error(
+                        app.build_error_result(task, exc)))
+                except Exception:
+                    log.exception('%s: the error of %s cannot be stored',
+                                  self.name, task.id)
+            app._run_post_execute(task, None, exc)
+            app._emit(S.SIGNAL_TIMEOUT, task)
+        finally:
+            storage.deferring = False
+        locks.stage_release(storage, task.id)
+        self._stage_ack(raw, task, 'failed', duration)
+        refused = self._send_ack(raw)
+        if refused is not None:
+            # Left in flight, it would be put back and run again while
+            # its body may still be running: acknowledged bare instead.
+            storage.discard_pending()
+            log.error('%s: Redis refused the time-out of %s (%s); '
+                      'acknowledged without an outcome', self.name, task.id,
+                      refused)
+            storage.stage_command('LREM', self.inflight_key, 1, raw)
+            storage.stage_command('HDEL', self.keys.deliveries, task.id)
+            if self._send_ack(raw) is not None:
+                storage.discard_pending()
+                log.error('%s: %s stays in flight', self.name, task.id)
+            return
+        self.slot.failed += 1
+        task_log.warning('end %s %s failed %.3fs (TaskTimeout: %s)', name,
+                         task.id, duration, exc)
+
     def _stage_ack(self, raw, task, state, duration):
         storage = self.storage
         storage.stage_command('LREM', self.inflight_key, 1, raw)
         storage.stage_command('HDEL', self.keys.deliveries, task.id)
+        if state == 'canceled':
+            # Its end is recorded: the marks have done their work (a retry
+            # must not find them).
+            storage.stage_command(
+                'DEL', self.keys.cancel(task.id), self.keys.cancel_message(
+                    hashlib.sha1(raw).hexdigest()))
         hooks.call(hooks.on_outcome, storage, task, state, duration)
+
+    def _cancel_unstarted(self, raw, task):
+        """`task`, just taken, was cancelled by an operator (its cancel
+        mark was read with the delivery count): it ends canceled without
+        its body running."""
+        self._name = self.task_name(task)
+        self._stage_ack(raw, task, 'canceled', 0.0)
+        if self._send_ack(raw) is not None:
+            self.storage.discard_pending()
+            log.error('%s: Redis refused the end of cancelled %s; it stays '
+                      'in flight', self.name, task.id)
+            return
+        self.slot.done += 1
+        if self.log_end:
+            task_log.info('end %s %s canceled 0.000s (cancelled before it '
+                          'started)', self._name, task.id)
 
     def _finish(self, raw, task, state, duration):
         storage, slot = self.storage, self.slot
         slot.busy = 0
         rejected, self._rejected = self._rejected, None
+        if state in ('interrupted', 'error') and self.cancel_requested():
+            state = 'canceled'   # stopping too: the cancel wins
         putting_back = state in ('interrupted', 'error')
         if putting_back:
             storage.discard_pending()
@@ -514,10 +902,29 @@ class Worker:
                        'interrupted')
         else:
             self._stage_ack(raw, task, state, duration)
+        paused = self.paused
         prefetch = not putting_back and not self.stop_flag.is_set() and \
-            not (self.max_tasks and self.task_count >= self.max_tasks)
+            not (self.max_tasks and self.task_count >= self.max_tasks) and \
+            not (paused is not None and paused.value) and \
+            not self._exit_after_cancel
         try:
-            refused = self._ack(raw, prefetch)
+            # Fencing: a peer that presumed this consumer dead (paused,
+            # cut off) put the message back and another run owns the task
+            # now; this run's outcome must not land over that one's.
+            if not putting_back and not self._with_redis(
+                    lambda: storage.watch_in_flight(self.inflight_key, raw),
+                    give_up_on_stop=False):
+                refused = _FENCED
+            else:
+                refused = self._ack(raw, prefetch)
+            if isinstance(refused, redis.exceptions.WatchError) or \
+                    refused is _FENCED:
+                storage.discard_pending()
+                log.warning('%s: %s %s was put back by a peer while it ran '
+                            'here (this consumer was presumed dead): its '
+                            'outcome (%s) is fenced, not written', self.name,
+                            self._name, task.id, state)
+                return
             if refused is not None:
                 state = self._outcome_refused(raw, task, state, duration,
                                               refused)
@@ -762,13 +1169,51 @@ class Worker:
         self.app._timeout_handler = AlarmTimeout()
 
     def _on_interrupt(self, signum, frame):
-        # The parent sends SIGTERM when shutdown_timeout has run out: stop
-        # now.  A task cut short is put back in the queue (by this worker,
-        # or by the consumer from the in-flight list).
-        raise KeyboardInterrupt
+        # SIGTERM for a cancel (the consumer wrote the task's id in the
+        # slot first): TaskCanceled in the body, or before it starts
+        # (_enter_body), and the process ends after that delivery.  One
+        # that comes after its task ended stops nothing.
+        token = self._cancel_token
+        if self.slot.cancel_id and not self.stop_flag.is_set():
+            if token is not None and self.slot.cancel_id == token and \
+                    self._current is not None:
+                self._exit_after_cancel = True
+                if self._in_body:
+                    raise TaskCanceled()
+            return
+        # The parent sends SIGTERM when shutdown_timeout has run out: a
+        # task body running is cut short and put back in the queue (by
+        # this worker, or by the consumer from the in-flight list), and
+        # none starts after it (_enter_body).  Outside a body the stop
+        # flag ends the worker once its queue read is answered: a read
+        # cut short here would stay outstanding in Redis and could take
+        # a message the consumer's requeue puts back.
+        self._stop_tasks = True
+        if self._in_body:
+            raise KeyboardInterrupt
 
     def _on_reopen(self, signum, frame):
         self._reopen_logs = True
+
+
+def _seconds(value):
+    """A time limit as written: 2, not 2.0."""
+    return int(value) if float(value).is_integer() else value
+
+
+@contextlib.contextmanager
+def _greenlet_timeout(seconds):
+    # Huey's GreenletEnvironment.timeout: the time limit of greenlet
+    # workers, which goes off where the task yields to gevent (I/O,
+    # gevent.sleep), not in a loop that never yields.
+    import gevent
+    timer = gevent.Timeout(seconds, TaskTimeout(
+        'timed out after %ss' % _seconds(seconds)))
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
 
 
 def _staged_bytes(storage):
@@ -780,6 +1225,10 @@ def _staged_bytes(storage):
             total += sum(len(a) for a in command
                          if isinstance(a, (bytes, str)))
     return total
+
+
+# What _finish's guard answers for a delivery a peer took back.
+_FENCED = object()
 
 
 class _Stopped(Exception):

@@ -53,7 +53,14 @@ TEMPLATES = tuple(
     ('etc/huey-worker.logrotate.in', 'logrotatedir', 'huey-worker', 0o644),
     ('etc/huey-worker.tmpfiles.in', 'tmpfilesdir', 'huey-worker.conf', 0o644),
     ('etc/huey-worker.sysusers.in', 'sysusersdir', 'huey-worker.conf', 0o644),
+    ('deploy/monitoring/prometheus-scrape.example.yml.in', 'monitoringdir',
+     'prometheus-scrape.example.yml', 0o644),
 )
+# Prometheus rules and the Grafana dashboard, copied as they are into
+# monitoringdir (docs/operations.md, "Monitoring").
+MONITORING = ('deploy/monitoring/alerts.yml',
+              'deploy/monitoring/recording.yml',
+              'deploy/monitoring/grafana-dashboard.json')
 DOCS = ('README.md', 'docs/operations.md', 'docs/configuration.md',
         'docs/exit-codes.md', 'docs/consumer.md')
 HARDENING = 'deploy/systemd/hardening.conf.in'
@@ -113,6 +120,7 @@ class Layout:
         'sysusersdir': '/usr/local/lib/sysusers.d',
         'logrotatedir': '{sysconfdir}/logrotate.d',
         'supervisordir': '{datadir}/huey-worker/supervisor',
+        'monitoringdir': '{datadir}/huey-worker/monitoring',
         'supervisorlogdir': '{localstatedir}/log/supervisor',
         'linkdir': '/usr/local/bin',
         'user': 'huey-worker',
@@ -519,13 +527,15 @@ class Installer:
 
     def ensure_docs(self):
         L = self.layout
-        for doc in DOCS:
-            path = os.path.join(self.source, doc)
-            if os.path.exists(path):
-                with open(path, 'rb') as fh:
-                    self.ensure_file(os.path.join(L.docdir,
-                                                  os.path.basename(doc)),
-                                     fh.read(), 0o644)
+        for files, directory in ((DOCS, L.docdir),
+                                 (MONITORING, L.monitoringdir)):
+            for doc in files:
+                path = os.path.join(self.source, doc)
+                if os.path.exists(path):
+                    with open(path, 'rb') as fh:
+                        self.ensure_file(os.path.join(
+                            directory, os.path.basename(doc)), fh.read(),
+                            0o644)
 
     def apply_tmpfiles(self):
         """Create the directories and log files the tmpfiles.d entry names,
@@ -564,6 +574,8 @@ class Installer:
         remove(L.configfile + '.sample')
         for doc in DOCS:
             remove(os.path.join(L.docdir, os.path.basename(doc)))
+        for name in MONITORING:
+            remove(os.path.join(L.monitoringdir, os.path.basename(name)))
         link = os.path.join(L.linkdir, 'huey-worker')
         if os.path.islink(L.staged(link)):
             remove(link)

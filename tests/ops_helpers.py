@@ -1,12 +1,18 @@
 """Helpers for the journal, status endpoint and CLI tests: waiting for a
-condition, talking HTTP to a real status-server, reading the journal."""
+condition, running the CLI, talking HTTP to a real status-server, reading
+the journal."""
 import contextlib
 import http.client
 import json
+import os
 import re
 import socket
+import subprocess
+import sys
 import threading
 import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def wait_until(condition, timeout=20, interval=0.05, what='condition'):
@@ -47,6 +53,17 @@ def monitored(redis_server, conn):
         time.sleep(0.3)
         conn.echo('stop-monitor')
         thread.join(10)
+
+
+def cli(env, *args, timeout=120):
+    """`python -m huey_worker ARGS...` with the environment `env`, run from
+    the checkout's root as an operator runs a command: its
+    CompletedProcess (returncode; stdout and stderr as text).  A command
+    still running after `timeout` seconds raises
+    subprocess.TimeoutExpired, failing the test instead of hanging it."""
+    return subprocess.run([sys.executable, '-m', 'huey_worker'] + list(args),
+                          env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def start_status_server(start_daemon, env, extra_args=(), name='status'):

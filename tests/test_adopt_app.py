@@ -487,3 +487,33 @@ def test_operator_commands_refuse_an_app_built_immediate(base_env, tmp_path,
             "huey-worker: config error: [huey] immediate = 'true' (app "
             "eager:huey (built with immediate=True)): immediate mode runs "
             "tasks in the producer, so there is no queue for "), run.stderr
+
+
+def test_an_app_stamping_local_times_is_scored_in_local_time(
+        tmp_path, redis_url, monkeypatch):
+    """Huey built with utc=False stamps naive local etas; the suite's
+    storage scores them as local time, others as UTC (on a host whose
+    zone is not UTC, or the two would agree)."""
+    import datetime
+    import time
+    from huey import RedisHuey
+    from huey_worker import adopt
+    monkeypatch.setenv('TZ', 'America/New_York')
+    time.tzset()
+    naive = datetime.datetime(2030, 6, 1, 12)
+    utc_score = datetime.datetime(2030, 6, 1, 12, tzinfo=datetime.timezone.utc
+                                  ).timestamp()
+    try:
+        local_score = time.mktime(naive.timetuple())
+        assert local_score == utc_score + 4 * 3600   # EDT
+        for utc, expected in ((False, local_score), (True, utc_score)):
+            app = RedisHuey('loc', url=redis_url, utc=utc)
+            app._hw_original = adopt._original(app)
+            derived, _ = adopt.derive(_config(
+                tmp_path, text='[huey]\napp = localapp:huey\n'), app)
+            adopt._apply(app, derived)
+            assert app.storage.utc is utc
+            assert app.storage.convert_ts(naive) == expected
+    finally:
+        monkeypatch.undo()
+        time.tzset()

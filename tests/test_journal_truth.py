@@ -13,7 +13,6 @@
 import json
 import signal
 import socket
-import textwrap
 import threading
 
 import pytest
@@ -21,14 +20,14 @@ import redis
 
 from ops_helpers import delivery_env, history_states, task_record, \
     wait_for_state, wait_until
+from task_module_helpers import consumer_env, ready_consumer, task_module
+from worker_steps_helpers import Delivery, in_consumer_thread, \
+    inflight_key as inflight, requeue
 
-from huey_worker import context, delivery, hooks
+from huey_worker import hooks
 from huey_worker.storage import message_data
 
 import sample_tasks
-
-WORKER = {'host': 'test-host', 'pid': 4242, 'consumer': 'test:main',
-          'worker': 0}
 
 
 # -- failed enqueues -----------------------------------------------------------
@@ -89,71 +88,10 @@ def test_an_enqueue_still_records_in_its_own_transaction(producer):
 
 # -- the order of a history --------------------------------------------------------
 
-class Delivery:
-    """One delivery of a queued message, as a worker makes it (see
-    daemon/worker.py: the hooks, the first transaction, the outcome and
-    the ack)."""
-
-    def __init__(self, app, raw, inflight):
-        self.app, self.raw, self.inflight = app, raw, inflight
-        self.storage = app.storage
-        self.task = app.deserialize_task(message_data(raw))
-
-    def take(self):
-        conn = self.storage.conn
-        assert conn.lrem(self.storage.queue_key, 1, self.raw) == 1
-        conn.lpush(self.inflight, self.raw)
-        return self
-
-    def start(self):
-        storage, task = self.storage, self.task
-        hooks.call(hooks.on_dequeued, storage, task, WORKER)
-        # Last, as the worker sends them: the delivery count, and the read
-        # of Huey's revocation keys.
-        replies = storage.flush_all(
-            ('HINCRBY', storage.keys.deliveries, task.id, 1),
-            ('MGET', *[storage.result_key(k)
-                       for k in self.app._revoke_keys(task)]))
-        hooks.call(hooks.on_started, storage, task, replies)
-        storage.flush()
-        context.set_current(task, replies[-2], WORKER)
-        return self
-
-    def die(self):
-        context.clear_current()
-
-    def finish(self, state='complete'):
-        storage, task = self.storage, self.task
-        context.clear_current()
-        storage.stage_command('LREM', self.inflight, 1, self.raw)
-        storage.stage_command('HDEL', storage.keys.deliveries, task.id)
-        hooks.call(hooks.on_outcome, storage, task, state, 0.01)
-        storage.flush()
-
-
-def in_consumer_thread(fn, *args):
-    """Run `fn` where the consumer's recovery runs: a thread with no task
-    and nothing staged."""
-    out = []
-    thread = threading.Thread(target=lambda: out.append(fn(*args)))
-    thread.start()
-    thread.join(30)
-    assert out, 'the recovery did not finish'
-    return out[0]
-
-
 def move_back(app, inflight):
     """The consumer's move of a dead worker's message, its hooks not
     called yet (they run right after it, in the same thread)."""
-    def move():
-        held = list(hooks.on_requeued)
-        hooks.on_requeued[:] = []
-        try:
-            return delivery.Delivery(app.storage).requeue_list(inflight,
-                                                               'lost')
-        finally:
-            hooks.on_requeued[:] = held
-    assert in_consumer_thread(move) == 1
+    assert requeue(app, inflight, with_hooks=False) == 1
 
 
 def note_requeue(app, raw):
@@ -165,10 +103,6 @@ def note_requeue(app, raw):
 def queued(app):
     result = sample_tasks.add(2, 3)
     return result.id, app.storage.conn.lindex(app.storage.queue_key, 0)
-
-
-def inflight(app, worker):
-    return app.keys.inflight('test:main', worker, 'test')
 
 
 def test_a_late_requeue_note_does_not_follow_the_next_run(producer):
@@ -256,17 +190,9 @@ def fine():
 
 
 @pytest.fixture
-def exit_tasks(producer, tmp_path, monkeypatch):
-    import importlib
-    import sys
-    (tmp_path / 'exittasks.py').write_text(textwrap.dedent(TASKS))
-    monkeypatch.syspath_prepend(str(tmp_path))
-    sys.modules.pop('exittasks', None)
-    module = importlib.import_module('exittasks')
-    yield module
-    for task in (module.quits, module.interrupts, module.fine):
-        producer._registry.unregister(task.task_class)
-    sys.modules.pop('exittasks', None)
+def exit_tasks(producer, tmp_path):
+    with task_module(producer, tmp_path, TASKS, 'exittasks') as module:
+        yield module
 
 
 def consumer_info(app):
@@ -280,12 +206,10 @@ def consumer_info(app):
 @pytest.mark.slow
 @pytest.mark.parametrize('worker_type', ['thread', 'process'])
 def test_sys_exit_in_a_task_fails_the_task_not_the_worker(
-        producer, exit_tasks, base_env, start_daemon, tmp_path, worker_type):
-    env = delivery_env(base_env, HUEY_MODULES='exittasks',
-                       HUEY_WORKER_TASKS_PYTHON_PATH=str(tmp_path))
-    daemon = start_daemon(['consumer', '--workers', '1', '--worker-type',
-                           worker_type], env)
-    daemon.wait_for_output('consumer ready')
+        producer, exit_tasks, base_env, start_daemon, worker_type):
+    daemon = ready_consumer(
+        start_daemon, consumer_env(delivery_env(base_env), exit_tasks),
+        ['--workers', '1', '--worker-type', worker_type])
     quit_result = exit_tasks.quits(3)
     record = wait_for_state(producer, quit_result.id, ('failed',), 30)
     assert record['error']['type'] == 'TaskExit'

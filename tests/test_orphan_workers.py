@@ -158,3 +158,43 @@ def test_replaced_workers_die_with_a_killed_consumer_too(
     assert not any(producer.storage.conn.exists(
         producer.storage.result_key(r.id)) for r in long_ones)
 
+
+
+def test_issue_13_reproduction_two_consumers_nothing_lost(
+        producer, base_env, start_daemon):
+    """Issue 13 §5 as reported: two consumers, one process-mode with two
+    workers; kill -9 of its main pid only; six tasks submitted; whatever
+    worker processes outlived it killed -9 too.  Then every one of the
+    twelve tasks runs to its end (2 of 12 stayed `running` for ever when
+    the workers outlived their consumer)."""
+    import delivery_tasks
+    env = delivery_env(base_env)     # recovered after 3 s
+    doomed = start_daemon(['consumer', '--workers', '2', '--worker-type',
+                           'process'], dict(
+                               env, HUEY_WORKER_CONSUMER_IDENTITY='doomed'),
+                          'doomed')
+    doomed.wait_for_output('consumer ready')
+    first = [delivery_tasks.slow_counted(2, 'a%d' % i) for i in range(6)]
+    wait_until(lambda: len(runs(producer)) >= 2, what='two tasks running')
+    workers = children(doomed.pid)
+    assert len(workers) == 2, workers
+    survivor = start_daemon(['consumer', '--workers', '2'], dict(
+        env, HUEY_WORKER_CONSUMER_IDENTITY='survivor'), 'survivor')
+    survivor.wait_for_output('consumer ready')
+    os.kill(doomed.pid, signal.SIGKILL)
+    doomed.proc.wait(10)
+    second = [delivery_tasks.slow_counted(2, 'b%d' % i) for i in range(6)]
+    # Past recovery_timeout: the survivor recovered `doomed`.
+    wait_until(lambda: producer.storage.conn.zscore(
+        producer.keys.consumers, 'doomed') is None,
+        what='the killed consumer recovered')
+    orphans = [p for p in workers if alive(p)]
+    for pid in orphans:
+        os.kill(pid, signal.SIGKILL)
+    for r in first + second:
+        r.get(blocking=True, timeout=60)
+    assert sorted(runs(producer)) == sorted(
+        ['a%d' % i for i in range(6)] + ['b%d' % i for i in range(6)])
+    assert orphans == [], 'worker processes outlived their consumer'
+    survivor.signal(signal.SIGTERM)
+    assert survivor.wait() == 0

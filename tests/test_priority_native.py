@@ -5,6 +5,7 @@ order with the guarantees of the plain queue (the move into the in-flight
 list is atomic; a message put back keeps its priority), and the journal
 learns of a task waiting there.  Real Redis, a producer process that
 imports only huey, real consumers killed with SIGKILL."""
+import datetime
 import json
 import os
 import signal
@@ -81,12 +82,13 @@ def test_plain_and_suite_producers_share_hueys_sorted_set(storage, plain):
                            storage.priority_key)
 
 
-def test_the_best_message_wins_across_the_filing_batches(storage, plain):
-    """More messages than one read files: whatever stays in Huey's set
-    ranks no higher than what was filed, and later arrivals are ranked
-    with what was filed before them."""
-    from huey_worker.storage import NATIVE_BATCH
-    count = NATIVE_BATCH * 2 + 50
+def test_the_best_message_wins_and_the_producers_view_stays_true(
+        storage, plain):
+    """Huey's set stays the producers' queue: each read takes one message
+    from it (when it beats what the suite holds), so a plain producer's
+    pending_count() is what still waits.  Later arrivals rank with the
+    rest; a put-back message goes before those of its priority."""
+    count = 250
     expected = []
     for i in range(count):
         priority = (i * 7) % 5       # 0..4, interleaved
@@ -94,32 +96,79 @@ def test_the_best_message_wins_across_the_filing_batches(storage, plain):
         expected.append((-priority, i))
     storage.pin_connection()
     first = storage.dequeue_into('inflight', 1)
+    assert plain.queue_size() == count - 1
+    assert storage.queue_size() == count - 1
     storage.conn.lrem('inflight', 1, first)
-    # Arriving after the first read: a priority above all, and one equal
-    # to the best, which runs after those of its priority already there.
     plain.enqueue(b'\x80late-9', 9)
     plain.enqueue(b'\x80late-4', 4)
+    second = storage.dequeue_into('inflight', 1)
+    # Its worker died: it goes back, ahead of the other priority 9s.
+    from huey_worker.delivery import Delivery
+    assert Delivery(storage).requeue_list('inflight', 'lost') == 1
+    plain.enqueue(b'\x80late-9b', 9)
     from huey_worker.storage import message_data
     taken = [message_data(t) for t in [first] + take_all(storage)]
+    assert message_data(second) == b'\x80late-9'
     expected.sort()
     want = [b'\x80m%04d' % i for _, i in expected]
     fours = [b'\x80m%04d' % i for p, i in expected if p == -4]
     assert taken[0] == want[0] == fours[0]
-    assert taken[1] == b'\x80late-9'
-    assert taken[2:1 + len(fours)] == fours[1:]
-    assert taken[1 + len(fours)] == b'\x80late-4'
-    assert taken[2 + len(fours):] == want[len(fours):]
-    assert len(taken) == count + 2
+    assert taken[1:3] == [b'\x80late-9', b'\x80late-9b']
+    assert taken[3:2 + len(fours)] == fours[1:]
+    assert taken[2 + len(fours)] == b'\x80late-4'
+    assert taken[3 + len(fours):] == want[len(fours):]
+    assert len(taken) == count + 3
+    assert plain.queue_size() == 0
+
+
+def test_priorities_a_plain_producer_may_give_survive_a_retry(storage,
+                                                              plain):
+    """inf (Huey and Redis take it) and priorities beyond 14 digits: the
+    message in flight says exactly what Huey's set said, and a retry
+    schedules it with that priority instead of failing the task."""
+    from huey_worker.storage import message_data, message_priority
+    plain.enqueue(b'\x80big', 123456789012345678)
+    plain.enqueue(b'\x80top', float('inf'))
+    plain.enqueue(b'\x80bottom', float('-inf'))
+    storage.pin_connection()
+    got = [storage.dequeue_into('inflight', 1) for _ in range(3)]
+    assert [message_data(m) for m in got] == [b'\x80top', b'\x80big',
+                                              b'\x80bottom']
+    assert [message_priority(m) for m in got] == [
+        float("inf"), int(float(123456789012345678)), float("-inf")]
+    # The worker retries the task it runs: Huey schedules its message.
+    storage.deferring = True
+    storage.task_priority = float('inf')
+    try:
+        storage.add_to_schedule(b'\x80top', datetime.datetime(2030, 1, 1))
+        storage.enqueue(b'\x80top-again', float('inf'))
+    finally:
+        storage.deferring = False
+        storage.flush()
+    scheduled, = storage.conn.zrange(storage.schedule_key, 0, -1)
+    assert message_priority(scheduled) == float('inf')
+    assert message_data(scheduled) == b'\x80top'
+    assert storage.dequeue_into('inflight', 1)[-9:] == b'top-again'
+    with pytest.raises(ValueError):
+        storage.enqueue(b'\x80new', float('inf'))   # a producer: refused
+
+
+def blocked_reader(storage, timeout):
+    """A worker's queue read (dequeue_into, `timeout` s) in a thread of its
+    own, once Redis has it blocked: (the thread, the list its message goes
+    into)."""
+    got = []
+    reader = threading.Thread(target=lambda: got.append(
+        storage.dequeue_into('inflight', timeout)))
+    reader.start()
+    wait_until(lambda: storage.conn.execute_command(
+        'CLIENT', 'LIST').count(b'cmd=blpop') == 1, what='a blocked read')
+    return reader, got
 
 
 def test_an_idle_reader_is_woken_by_a_suite_enqueue(storage):
     storage.WAKE_POLL = 30    # long: only the wake-up can end the wait
-    got = []
-    reader = threading.Thread(target=lambda: got.append(
-        storage.dequeue_into('inflight', 30)))
-    reader.start()
-    wait_until(lambda: storage.conn.execute_command(
-        'CLIENT', 'LIST').count(b'cmd=blpop') == 1, what='a blocked read')
+    reader, got = blocked_reader(storage, 30)
     from huey_worker.storage import NativePriorityStorage
     producer = NativePriorityStorage('nat', connection_pool=storage.pool)
     producer.enqueue(b'\x80now', 3)
@@ -137,12 +186,7 @@ def test_an_idle_reader_is_woken_by_a_suite_enqueue(storage):
 def test_an_idle_reader_finds_a_plain_producers_task_on_its_next_look(
         storage, plain):
     storage.WAKE_POLL = 1
-    got = []
-    reader = threading.Thread(target=lambda: got.append(
-        storage.dequeue_into('inflight', 5)))
-    reader.start()
-    wait_until(lambda: storage.conn.execute_command(
-        'CLIENT', 'LIST').count(b'cmd=blpop') == 1, what='a blocked read')
+    reader, got = blocked_reader(storage, 5)
     plain.enqueue(b'\x80quiet', 2)    # no wake-up from a plain producer
     reader.join(20)
     from huey_worker.storage import message_data
@@ -315,3 +359,22 @@ def test_a_priority_app_runs_in_priority_order_and_survives_kill_9(
     second.signal(signal.SIGTERM)
     assert second.wait() == 0
     server.signal(signal.SIGTERM)
+
+
+def test_the_suites_own_app_on_a_priority_apps_queue_is_a_config_error(
+        base_env, start_daemon, plain):
+    """WRONGTYPE on every read is no outage: the consumer, the scheduler
+    and the CLI refuse to start (78) and say to adopt the app."""
+    plain.enqueue(b'\x80x', 3)     # huey.redis.nat is now a sorted set
+    env = dict(base_env, HUEY_QUEUE_NAME='nat')
+    for args in (['status'], ['submit', 'sample_tasks.add', '1', '2'],
+                 ['consumer', '--workers', '1'], ['scheduler']):
+        done = subprocess.run([sys.executable, '-m', 'huey_worker'] + args,
+                              env=env, cwd=ROOT, capture_output=True,
+                              text=True, timeout=60)
+        assert done.returncode == 78, (args, done.stdout, done.stderr)
+        out = done.stdout + done.stderr
+        assert "'huey.redis.nat', which is a zset, not a list" in out, out
+        assert '[huey] app = MODULE:ATTRIBUTE' in out, out
+        assert 'env HUEY_QUEUE_NAME' in out, out
+    assert plain.queue_size() == 1

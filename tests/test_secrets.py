@@ -124,14 +124,17 @@ def assert_nowhere(outputs, needles):
     assert not leaks, '\n'.join(leaks)
 
 
+@pytest.mark.parametrize('log_format', ['text', 'json'])
 def test_no_secret_in_any_output_of_a_run(guarded_redis, tmp_path,
-                                          start_daemon, monkeypatch):
+                                          start_daemon, monkeypatch,
+                                          log_format):
     server, password = guarded_redis
     secret_key, token = secret('signkey'), secret('statustoken')
     arg_password, arg_token = secret('argpw'), secret('argtoken')
     url = 'redis://:%s@127.0.0.1:%d/0' % (password, server.port)
     config_path = run_config(tmp_path, url, huey={'secret_key': secret_key},
-                             status={'token': token})
+                             status={'token': token},
+                             logging={'format': log_format})
     env = clean_env(config_path)
     notify = NotifySocket(tmp_path / 'notify.sock')
     consumer_env = dict(env, NOTIFY_SOCKET=notify.path)
@@ -157,7 +160,8 @@ def test_no_secret_in_any_output_of_a_run(guarded_redis, tmp_path,
 
     # Known only here: the consumer sets its message aside (unknown-task),
     # original bytes kept -- with the sensitive argument inside.
-    @huey.task(name='test_secrets.gone_task', sensitive_args=True)
+    @huey.task(name='test_secrets.gone_task_%s' % log_format,
+               sensitive_args=True)
     def gone_task(password):
         return password
 
@@ -213,6 +217,10 @@ def test_no_secret_in_any_output_of_a_run(guarded_redis, tmp_path,
     # Each channel really carried the run (a silent one proves nothing).
     assert 'READY=1' in outputs['STATUS']
     assert 'sign-in refused for bob' in outputs['log file']
+    if log_format == 'json':
+        # Every line one JSON object ([logging] format = json).
+        for line in outputs['log file'].splitlines():
+            assert isinstance(json.loads(line), dict), line
     outputs['redis: journal'] = redis_dump(conn, '*journal*') + redis_dump(
         conn, '*task*')
     assert 'args_sensitive' in outputs['redis: journal']

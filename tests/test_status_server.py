@@ -198,15 +198,29 @@ def test_write_routes_need_the_token(producer, env, start_daemon):
     status, body = client.json('POST', '/tasks', {
         'task': 'sample_tasks.add', 'args': [3, 4], 'delay': 3600})
     assert status == 202 and body['state'] == 'scheduled'
+    status, body = client.json('POST', '/tasks', {
+        'task': 'sample_tasks.add', 'args': [5, 6], 'priority': 7})
+    assert status == 202
+    storage = producer.storage
+    from huey_worker.storage import message_data, message_priority
+    ranked, = storage.conn.zrange(storage.priority_key, 0, -1)
+    assert message_priority(ranked) == 7
+    assert producer.serializer.deserialize(message_data(ranked)).id == \
+        body['task_id']
     assert client.json('POST', '/tasks', {'task': 'nosuch'})[0] == 404
     for bad in ({'task': 'add', 'args': 'x'}, {'task': 'add', 'kwargs': []},
                 {'task': 'add', 'color': 1}, {'task': 5}, [1],
-                {'task': 'add', 'delay': -1}, {'task': 'add', 'id': 'a b'}):
+                {'task': 'add', 'delay': -1}, {'task': 'add', 'id': 'a b'},
+                {'task': 'add', 'priority': 'high'},
+                {'task': 'add', 'priority': True},
+                {'task': 'add', 'priority': 1e400}):
         status, body = client.json('POST', '/tasks', bad)
         assert status == 400, bad
     status, _, data = client.request('POST', '/tasks', b'{not json',
                                      {'Content-Type': 'application/json'})
     assert status == 400 and b'not valid JSON' in data
+    status, body = client.get('/tasks?limit=1&limit=2')
+    assert status == 400 and 'given twice' in body['detail'], body
 
     assert anonymous.json('POST', '/tasks/%s/revoke' % first)[0] == 401
     status, body = client.json('POST', '/tasks/%s/revoke' % first)
@@ -450,6 +464,10 @@ def test_beyond_loopback_needs_the_token(env, start_daemon, tmp_path):
     daemon.wait_for_output('status endpoint listening on')
     port = int(re.search(r'listening on http://0\.0\.0\.0:(\d+)/',
                          daemon.output()).group(1))
+    # A guessable token beyond loopback is warned about, never shown.
+    assert '[status] token (%s:3) is 6 characters long' % config_file in \
+        daemon.output()
+    assert 's3cret' not in daemon.output()
     anyone, holder = Client(port), Client(port, token='s3cret')
     for path in ('/', '/queue', '/tasks', '/metrics', '/health'):
         status, headers, _ = anyone.request('GET', path)
@@ -466,6 +484,19 @@ def test_beyond_loopback_needs_the_token(env, start_daemon, tmp_path):
     assert anyone.request('GET', '/queue')[0] == 401
     assert holder.request('GET', '/queue')[0] == 200
     assert check_exposure_of(tmp_path, '0.0.0.0', 's3cret') is None
+
+
+def test_a_token_no_client_can_send_is_refused(env):
+    for token in ('ab\ncd', 'two words', 'tab\there', 'caf\u00e9'):
+        check = subprocess.run(
+            [sys.executable, '-m', 'huey_worker', 'config', '--check'],
+            env=dict(env, HUEY_STATUS_TOKEN=token), capture_output=True,
+            text=True, timeout=60)
+        assert check.returncode == 78, (token, check.stderr)
+        assert "[status] token = '********' (env HUEY_STATUS_TOKEN)" in \
+            check.stderr
+        assert 'no client can send' in check.stderr
+        assert token not in check.stderr
 
 
 def test_config_check_refuses_an_open_bind(env):

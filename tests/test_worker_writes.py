@@ -5,14 +5,13 @@ jitter (issue 15).
 Real consumer processes on the session's private Redis; the tasks live in
 a module of the test's own, as a user's would."""
 import datetime
-import sys
 import time
-import uuid
 
 import pytest
 from huey import MemoryHuey
 
 from ops_helpers import wait_for_state, wait_until
+from task_module_helpers import consumer_env, ready_consumer, task_module
 from huey_worker import worker
 from huey_worker.scheduler.periodic import naive_utc
 
@@ -49,27 +48,8 @@ def fails(i):
 
 @pytest.fixture
 def tasks(tmp_path, producer):
-    """The tasks module, imported here (registered with the producer's
-    app under a name of its own) and named for the consumer."""
-    name = 'mytasks_%s' % uuid.uuid4().hex[:8]
-    code = tmp_path / 'code'
-    code.mkdir()
-    (code / (name + '.py')).write_text(TASKS)
-    sys.path.insert(0, str(code))
-    try:
-        module = __import__(name)
-    finally:
-        sys.path.remove(str(code))
-    module.env = {'HUEY_MODULES': name,
-                  'HUEY_WORKER_TASKS_PYTHON_PATH': str(code),
-                  'HUEY_WORKER_TASKS_BUILTIN': 'false'}
-    return module
-
-
-def consumer_env(base_env, tasks, **extra):
-    env = dict(base_env, **tasks.env)
-    env.update({k: str(v) for k, v in extra.items()})
-    return env
+    with task_module(producer, tmp_path, TASKS, 'mytasks') as module:
+        yield module
 
 
 def runs(path):
@@ -80,10 +60,8 @@ def runs(path):
 @pytest.mark.parametrize('worker_type', ['thread', 'process'])
 def test_a_result_pickle_cannot_store_fails_the_task_once(
         tmp_path, base_env, start_daemon, producer, tasks, worker_type):
-    consumer = start_daemon(['consumer'], consumer_env(
-        base_env, tasks, HUEY_WORKER_TYPE=worker_type, HUEY_WORKERS=1),
-        'consumer')
-    consumer.wait_for_output('consumer ready')
+    consumer = ready_consumer(start_daemon, consumer_env(
+        base_env, tasks, HUEY_WORKER_TYPE=worker_type, HUEY_WORKERS=1))
     marker = tmp_path / 'runs'
     result = tasks.unpicklable(str(marker))
     record = wait_for_state(producer, result.id, ('failed', 'complete',
@@ -107,10 +85,9 @@ def test_a_result_pickle_cannot_store_fails_the_task_once(
 @pytest.mark.slow
 def test_a_result_over_max_result_bytes_is_refused_before_redis(
         tmp_path, base_env, start_daemon, producer, tasks, redis_server):
-    consumer = start_daemon(['consumer'], consumer_env(
+    consumer = ready_consumer(start_daemon, consumer_env(
         base_env, tasks, HUEY_WORKERS=1,
-        HUEY_WORKER_CONSUMER_MAX_RESULT_BYTES=1000), 'consumer')
-    consumer.wait_for_output('consumer ready')
+        HUEY_WORKER_CONSUMER_MAX_RESULT_BYTES=1000))
     marker = tmp_path / 'runs'
     with redis_server.client() as watch:
         before = watch.info('stats')['total_net_input_bytes']
@@ -139,10 +116,9 @@ def test_a_result_larger_than_redis_accepts_fails_and_frees_the_worker(
     default = admin.config_get('proto-max-bulk-len')['proto-max-bulk-len']
     admin.config_set('proto-max-bulk-len', '1mb')
     try:
-        consumer = start_daemon(['consumer'], consumer_env(
+        consumer = ready_consumer(start_daemon, consumer_env(
             base_env, tasks, HUEY_WORKERS=1,
-            HUEY_WORKER_CONSUMER_MAX_RESULT_BYTES=0), 'consumer')
-        consumer.wait_for_output('consumer ready')
+            HUEY_WORKER_CONSUMER_MAX_RESULT_BYTES=0))
         marker = tmp_path / 'runs'
         result = tasks.large(str(marker), 2000000)
         record = wait_for_state(producer, result.id, ('failed', 'complete'),
@@ -201,9 +177,8 @@ def test_tasks_failing_together_retry_spread_out(
         base_env, start_daemon, producer, tasks):
     count = 200
     results = [tasks.fails(i) for i in range(count)]
-    consumer = start_daemon(['consumer'], consumer_env(
-        base_env, tasks, HUEY_WORKERS=4), 'consumer')
-    consumer.wait_for_output('consumer ready')
+    consumer = ready_consumer(start_daemon, consumer_env(
+        base_env, tasks, HUEY_WORKERS=4))
     storage = producer.storage
     wait_until(lambda: storage.conn.zcard(storage.schedule_key) == count,
                timeout=120, what='every task scheduled for its retry')

@@ -76,14 +76,23 @@ def fail_config(exc):
     sys.exit(EX_CONFIG)
 
 
-def exits_78_on_config_error(fn):
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except ConfigError as exc:
-            fail_config(exc)
-    return wrapper
+def exits_on(error, handle):
+    """A command decorator: `error` (an exception class or a tuple of
+    them) raised by the command goes to handle(exc), which prints it and
+    exits with its code instead of a traceback."""
+    def decorate(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except error as exc:
+                handle(exc)
+        return wrapper
+    return decorate
+
+
+# A bad config file, variable or --set: its message, exit 78.
+exits_78_on_config_error = exits_on(ConfigError, fail_config)
 
 
 def prepare_daemon(params, before_logging=None):

@@ -147,6 +147,9 @@ def connect(params, with_tasks=False):
     else:
         app = app_module.huey.configure(cfg)
     refuse_immediate_mode(app.config or cfg, doing=doing)
+    # A queue another kind of producer owns (WRONGTYPE) is a config error
+    # (78), not an outage (69).
+    app.storage.check_queue_key(str(app.config.source('huey.queue')))
     return app
 
 

@@ -6,12 +6,17 @@ Layout (hw:<queue>: prefix, see daemon/keys.py):
   task:<id>       hash, the record: state, name, args summary, times,
                   attempt, retries, worker, progress, metadata, error, result
   task-log:<id>   list, the last LOG_LENGTH state changes (JSON)
-  journal:recent  zset id -> time of last change (listings; capped)
-  journal:results zset id -> finish time of tasks whose result Huey holds
+  journal:state:<group>  zset id -> when it entered its state (listings)
+  journal:name:<name>    zset id -> when it was enqueued
+  journal:results-held   hash hour -> results Huey stored then
+  message:<id>    string, the message of a failed/revoked/canceled task
   metrics:*       hashes of per-task-name counters for /metrics
-Every record and log expires [huey] result_timeout after its last change,
-and the indexes are trimmed to the same window, so nothing grows without
-bound.
+Every record, log and kept message expires [journal] retention (at most
+[huey] result_timeout) after its last change, and the indexes are cut to
+the same window and expire, so nothing grows without bound; Huey's result
+outlives the record and answers for it after that (reads.read_task).
+The first layout's journal:recent and journal:results are read until
+they expire (docs/journal.md, "The first layout").
 
 Writers:
   producer  Huey's SIGNAL_ENQUEUED: pending (scheduled with a future eta);

@@ -12,6 +12,20 @@ TERMINAL = frozenset(('complete', 'failed', 'revoked', 'expired',
                       'canceled'))
 # Outcomes after which the task ran its body (they have a duration).
 EXECUTED = frozenset(('complete', 'failed', 'retrying'))
+# The state index (Keys.journal_state) each state is listed in: one for
+# every task waiting to run (whatever the kind of wait), one for those
+# running, one per end state.  A task leaves the waiting index when a
+# worker takes it and the running one at its outcome, so each index holds
+# only tasks in its states (plus, at most, what a crash interrupted) and
+# an old pending task is found without going through the finished ones.
+WAITING = ('pending', 'scheduled', 'retrying', 'interrupted', 'lost')
+INDEX_OF = dict.fromkeys(WAITING, 'waiting')
+INDEX_OF.update((state, state) for state in STATES if state not in WAITING)
+INDEX_GROUPS = tuple(sorted(set(INDEX_OF.values())))
+# Ends a task may be retried from (daemon/actions/retry.py), and those
+# whose message the journal keeps for it.
+RETRYABLE = ('failed', 'lost', 'revoked', 'canceled')
+KEEPS_MESSAGE = frozenset(('failed', 'revoked', 'canceled'))
 
 LOG_LENGTH = 50
 TRIM_EVERY = 50
@@ -19,14 +33,19 @@ ERROR_MAX_CHARS = 2000
 DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0,
                     900.0, 3600.0, float('inf'))
 
+# The record's fields that say since when a task is due: the latest of
+# them (a delayed task waits from its eta, a retry from its retry time, a
+# redelivery from its requeue).  Wait times and queue latency count from it.
+DUE_FIELDS = ('enqueued', 'first_seen', 'eta', 'next_retry', 'requeued_at')
+
 FLOAT_FIELDS = frozenset((
     'enqueued', 'started', 'finished', 'updated', 'eta', 'next_retry',
     'duration', 'expires', 'requeued_at', 'progress_at', 'revoke_requested',
-    'first_seen'))
+    'cancel_requested', 'first_seen', 'retried_at'))
 INT_FIELDS = frozenset(('pid', 'worker', 'attempt', 'retries_total',
-                         'retries_left', 'requeues'))
+                         'retries_left', 'requeues', 'retried'))
 NUMBER_FIELDS = frozenset(('progress_current', 'progress_total'))
-JSON_FIELDS = frozenset(('metadata', 'result'))
+JSON_FIELDS = frozenset(('metadata', 'result', 'last_action'))
 
 
 # --- small encoders ----------------------------------------------------------
@@ -174,7 +193,26 @@ def error_fields(exc):
 # --- the writer ----------------------------------------------------------------
 
 
-def ttl_of(storage):
-    """Seconds records live: Huey's result retention ([huey]
-    result_timeout)."""
+def result_ttl_of(storage):
+    """Seconds Huey keeps a result: [huey] result_timeout."""
     return int(getattr(storage, '_expire_time', 604800))
+
+
+def ttl_of(storage):
+    """Seconds journal records (their history, index entries and kept
+    message) live after their last change: [journal] retention, at most
+    [huey] result_timeout (0: result_timeout).  The writer notes the
+    retention on the storage (Journal._active); other callers (actions,
+    the status endpoint) find it in the current app's configuration."""
+    expire = result_ttl_of(storage)
+    retention = getattr(storage, 'journal_retention', None)
+    if retention is None:
+        retention = _configured_retention()
+    return min(retention, expire) if retention else expire
+
+
+def _configured_retention():
+    from .. import app as app_module
+    cfg = getattr(app_module.current(), 'config', None)
+    section = getattr(cfg, 'journal', None)
+    return getattr(section, 'retention', 0) or 0

@@ -11,8 +11,10 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
 from .. import transaction
-from .layout import (ERROR_MAX_CHARS, FLOAT_FIELDS, INT_FIELDS, JSON_FIELDS,
-                     NUMBER_FIELDS, TERMINAL, result_json, ttl_of)
+from .layout import (ERROR_MAX_CHARS, FLOAT_FIELDS, INDEX_GROUPS, INDEX_OF,
+                     INT_FIELDS, JSON_FIELDS, NUMBER_FIELDS, STATES,
+                     TERMINAL, result_json, result_ttl_of)
+from .scripts import HELD_COUNT
 
 
 def _decode_number(text):
@@ -114,6 +116,9 @@ def shape(record, history=None):
         'next_retry': r.get('next_retry'), 'requeues': r.get('requeues', 0),
         'requeued_reason': r.get('requeued_reason'),
         'revoke_requested': r.get('revoke_requested'),
+        'revoked_reason': r.get('revoked_reason'),
+        'retried': r.get('retried', 0), 'retried_at': r.get('retried_at'),
+        'last_action': r.get('last_action'),
         'worker': worker, 'progress': prog,
         'metadata': r.get('metadata') or {}, 'error': error,
         'result': r.get('result'),
@@ -164,11 +169,14 @@ def read_task(app, storage, task_id, with_history=True):
             return None
         # Journal off when it ran, or its record expired first: Huey's
         # result is all there is.
-        record = {'id': task_id, 'state': 'complete'}
+        record = {'id': task_id, 'queue': storage.name,
+                  'state': 'complete'}
         _merge_huey_result(app, storage, task_id, record, result_len, limit)
         return shape(record, [] if with_history else None)
     record = decode_record(raw)
+    # Not stored since the compact layout: the key and the storage say it.
     record.setdefault('id', task_id)
+    record.setdefault('queue', storage.name)
     if 'result' not in record and 'result_omitted' not in record \
             and result_len and record.get('state') == 'complete':
         _merge_huey_result(app, storage, task_id, record, result_len, limit)
@@ -269,37 +277,173 @@ def _merge_huey_result(app, storage, task_id, record, size, limit):
 
 
 def list_tasks(app, storage, limit=50, state=None, scan_max=5000):
-    """The most recently changed tasks, newest first (bounded: at most
-    `limit` records, and with a state filter at most `scan_max` index
-    entries looked at)."""
-    keys = storage.keys
+    """The tasks whose state changed last, newest first: find_tasks'
+    first page (at most `limit` records, `scan_max` index entries looked
+    at)."""
+    return find_tasks(app, storage, state=state, limit=limit,
+                      scan_max=scan_max)[0]
+
+
+WINDOW_FIELDS = ('updated', 'enqueued', 'started', 'finished')
+
+
+class BadCursor(ValueError):
+    """A paging cursor that find_tasks did not hand out."""
+
+
+def _cursor_text(driver, score, skip):
+    return '%s:%r:%d' % (driver, score, skip)
+
+
+def _parse_cursor(cursor):
+    """(driver: 's', 'n' or 'a', score, skip) of a cursor find_tasks made."""
+    try:
+        driver, score, skip = cursor.split(':')
+        score, skip = float(score), int(skip)
+    except (AttributeError, ValueError):
+        driver = None
+    if driver not in ('s', 'n', 'a') or skip < 0 or score != score:
+        raise BadCursor('bad cursor %r (pass back the next_cursor of the '
+                        'page before)' % (cursor,))
+    return driver, score, skip
+
+
+def find_tasks(app, storage, state=None, name=None, since=None, until=None,
+               field='updated', limit=50, cursor=None, scan_max=5000):
+    """Tasks still in retention, newest first, with a cursor for paging.
+
+    `state`: one of layout.STATES; `name`: a task name as registered
+    (module.function); `since`/`until`: epoch seconds bounding the
+    record's `field` (WINDOW_FIELDS), either may be None.  The order is
+    the time of each task's last state change, or with `name` alone the
+    time it was enqueued.  One call looks at `limit` records at most and
+    `scan_max` index entries at most: a page may hold fewer than `limit`
+    tasks with a cursor to go on; the cursor is None at the end.
+
+    Returns (shaped records without history, next cursor or None).
+    Raises ValueError (BadCursor) for a bad state, field or cursor."""
+    if state is not None and state not in STATES:
+        raise ValueError('unknown state %r (one of %s)' % (
+            state, ', '.join(STATES)))
+    if field not in WINDOW_FIELDS:
+        raise ValueError('unknown time field %r (one of %s)' % (
+            field, ', '.join(WINDOW_FIELDS)))
     limit = max(1, min(int(limit), 1000))
-    found, start, page = [], 0, max(limit, 100)
-    while len(found) < limit and start < scan_max:
-        ids = storage.conn.zrevrange(keys.journal_recent, start,
-                                     start + page - 1)
-        if not ids:
-            break
-        pipe = storage.conn.pipeline(transaction=False)
-        for task_id in ids:
-            pipe.hgetall(keys.task(task_id.decode()))
-        for task_id, raw in zip(ids, pipe.execute()):
-            if not raw:
-                continue
-            record = decode_record(raw)
-            record.setdefault('id', task_id.decode())
-            if state is None or record.get('state') == state:
-                found.append(shape(record))
-                if len(found) >= limit:
-                    break
-        start += page
-    return found
+    keys = storage.keys
+    conn = storage.conn
+    parsed = None if cursor is None else _parse_cursor(cursor)
+    # The index walked: the state's, or with a name too whichever is
+    # smaller (kept across the pages of one listing by the cursor).
+    if state is not None and name is not None:
+        driver = parsed[0] if parsed else (
+            'n' if conn.zcard(keys.journal_name(name)) < conn.zcard(
+                keys.journal_state(INDEX_OF[state])) else 's')
+    else:
+        driver = 's' if state is not None else 'n' if name is not None \
+            else 'a'
+    if parsed and parsed[0] != driver:
+        raise BadCursor('the cursor %r belongs to a listing with other '
+                        'filters' % cursor)
+    if driver == 's':
+        indexes = [keys.journal_state(INDEX_OF[state])]
+    elif driver == 'n':
+        indexes = [keys.journal_name(name)]
+    else:
+        # Every task is in exactly one state index: their merge is every
+        # record in retention, by its last state change.
+        indexes = [keys.journal_state(group) for group in INDEX_GROUPS]
+    # An index scored by the time the window is about narrows the range
+    # read (padded: its score and the record's field are two clock reads).
+    low, high = '-inf', float('inf')
+    if driver == 'n':
+        exact = field == 'enqueued'
+    else:
+        exact = (state in TERMINAL and field == 'finished') or \
+            (state == 'running' and field == 'started')
+    if exact:
+        if since is not None:
+            low = since - 1.0
+        if until is not None:
+            high = until + 1.0
+    top, skip = (high, 0) if parsed is None else parsed[1:]
+    top = min(top, high)
+    found, looked = [], 0
+    page = max(limit, 100)
+    while looked < scan_max:
+        want = page + skip
+        entries = _index_page(conn, indexes, top, low, want)
+        # The first `skip` entries at exactly `top` came on earlier pages
+        # (ties are ordered by id, so always the same ones).
+        seen = 0
+        while seen < min(skip, len(entries)) and entries[seen][1] == top:
+            seen += 1
+        fresh = entries[seen:]
+        if not fresh:
+            return found, None
+        records = _records(conn, keys, [task_id for task_id, _ in fresh])
+        for (task_id, score), raw in zip(fresh, records):
+            looked += 1
+            if score == top:
+                skip += 1
+            else:
+                top, skip = score, 1
+            if raw:
+                record = decode_record(raw)
+                record.setdefault('id', task_id)
+                record.setdefault('queue', storage.name)
+                if _matches(record, state, name, since, until, field):
+                    found.append(shape(record))
+            if len(found) >= limit or looked >= scan_max:
+                return found, _cursor_text(driver, top, skip)
+        if len(entries) < want:
+            return found, None   # the whole index was read
+    return found, _cursor_text(driver, top, skip)
+
+
+def _index_page(conn, indexes, top, low, count):
+    """(id, score) of up to `count` entries at or below `top`, newest first
+    (ties: by id, descending), over the merge of `indexes`."""
+    pipe = conn.pipeline(transaction=False)
+    high = '+inf' if top == float('inf') else repr(top)
+    for index in indexes:
+        pipe.zrevrangebyscore(index, high, low, start=0, num=count,
+                              withscores=True)
+    merged = [(member.decode(), score) for reply in pipe.execute()
+              for member, score in reply]
+    merged.sort(key=lambda e: (e[1], e[0]), reverse=True)
+    return merged[:count]
+
+
+def _records(conn, keys, ids):
+    pipe = conn.pipeline(transaction=False)
+    for task_id in ids:
+        pipe.hgetall(keys.task(task_id))
+    return pipe.execute()
+
+
+def _matches(record, state, name, since, until, field):
+    if state is not None and record.get('state') != state:
+        return False
+    if name is not None and record.get('name') != name:
+        return False
+    if since is None and until is None:
+        return True
+    value = record.get(field)
+    if value is None:
+        return False
+    return (since is None or value >= since) and \
+        (until is None or value <= until)
 
 
 def results_held_command(storage, now=None):
+    """One command (for batching with others) whose reply is how many
+    results Huey holds, by the journal's count: results of the last [huey]
+    result_timeout, counted by the hour they were stored (the oldest hour
+    in proportion), and what the first layout's index still holds."""
     now = time.time() if now is None else now
-    return ('ZCOUNT', storage.keys.journal_results, now - ttl_of(storage),
-            '+inf')
+    keys = storage.keys
+    return ('EVAL', HELD_COUNT, 2, keys.journal_held, keys.journal_results,
+            repr(now), result_ttl_of(storage))
 
 
 def as_dict(raw):

@@ -5,7 +5,9 @@ known only from the claim of a message that failed its checks, and a task
 found waiting in the queue with no record; and the read of the queued
 messages' beginnings that finds it."""
 
-# KEYS: record, log, queue, recent index, priority set.  ARGV: message,
+# KEYS: record, log, queue, recent index (the first layout's: unused),
+# priority set, and (optional)
+# the running and waiting state indexes.  ARGV: message,
 # now, ttl, log length, task id, event (what happened), event (pending),
 # reason, then the record's new fields as name/value pairs.  The message
 # (Huey's, without a priority prefix) is looked for among the last
@@ -52,13 +54,17 @@ redis.call('HSET', KEYS[1], 'updated', ARGV[2])
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 redis.call('LTRIM', KEYS[2], -tonumber(ARGV[4]), -1)
 redis.call('EXPIRE', KEYS[2], ARGV[3])
-redis.call('ZADD', KEYS[4], ARGV[2], ARGV[5])
+if waiting and KEYS[7] then
+  redis.call('ZREM', KEYS[6], ARGV[5])
+  redis.call('ZADD', KEYS[7], ARGV[2], ARGV[5])
+end
 return waiting and 1 or 0
 """ % REQUEUE_LOOK
-# KEYS: record, log, recent index.  ARGV: now, ttl, log length, task id,
-# event (pending), then the record's fields as name/value pairs, set only
-# where missing.  The state becomes pending only from scheduled, retrying
-# or nothing: never back from running or an end state.
+# KEYS: record, log, recent index (unused), waiting state index, and (when the
+# task name is known) its name index.  ARGV: now, ttl, log length, task
+# id, event (pending), then the record's fields as name/value pairs, set
+# only where missing.  The state becomes pending only from scheduled,
+# retrying or nothing: never back from running or an end state.
 GUARDED_ENQUEUE = """
 local state = redis.call('HGET', KEYS[1], 'state')
 for i = 6, #ARGV, 2 do
@@ -70,13 +76,18 @@ if moved then
   redis.call('HSET', KEYS[1], 'state', 'pending', 'updated', ARGV[1])
   redis.call('RPUSH', KEYS[2], ARGV[5])
   redis.call('LTRIM', KEYS[2], -tonumber(ARGV[3]), -1)
-  redis.call('ZADD', KEYS[3], ARGV[1], ARGV[4])
+  if KEYS[4] then redis.call('ZADD', KEYS[4], ARGV[1], ARGV[4]) end
+end
+if not state and KEYS[5] then
+  redis.call('ZADD', KEYS[5], ARGV[1], ARGV[4])
+  redis.call('EXPIRE', KEYS[5], ARGV[2])
 end
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 redis.call('EXPIRE', KEYS[2], ARGV[2])
 return moved and 1 or 0
 """
-# KEYS: record, log, recent index, outcomes hash.  ARGV: now, ttl, log
+# KEYS: record, log, recent index (unused), outcomes hash, and (optional) the
+# waiting, running and failed state indexes.  ARGV: now, ttl, log
 # length, task id, event, outcomes field ('' for none), then the record's
 # fields as name/value pairs.  The id comes from a message set aside
 # unverified (bad signature, undecodable): it ends the record of a task
@@ -92,8 +103,12 @@ redis.call('RPUSH', KEYS[2], ARGV[5])
 redis.call('LTRIM', KEYS[2], -tonumber(ARGV[3]), -1)
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 redis.call('EXPIRE', KEYS[2], ARGV[2])
-redis.call('ZADD', KEYS[3], ARGV[1], ARGV[4])
 if ARGV[6] ~= '' then redis.call('HINCRBY', KEYS[4], ARGV[6], 1) end
+if KEYS[7] then
+  redis.call('ZREM', KEYS[5], ARGV[4])
+  redis.call('ZREM', KEYS[6], ARGV[4])
+  redis.call('ZADD', KEYS[7], ARGV[1], ARGV[4])
+end
 return 1
 """
 # KEYS: the queue.  ARGV: first and last position (as LRANGE takes them),
@@ -122,7 +137,9 @@ for i = 1, #items do
 end
 return {size, items}
 """
-# KEYS: record, log, recent index.  ARGV: now, ttl, task id, event, then
+# KEYS: record, log, recent index (unused), and (optional) the waiting
+# state index
+# and the task name's index.  ARGV: now, ttl, task id, event, then
 # the record's fields as name/value pairs.  A task found waiting in the
 # queue is recorded only where no record exists: a worker that took it
 # meanwhile has written one, which is never touched.
@@ -132,7 +149,11 @@ redis.call('HSET', KEYS[1], 'updated', ARGV[1], unpack(ARGV, 5))
 redis.call('RPUSH', KEYS[2], ARGV[4])
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 redis.call('EXPIRE', KEYS[2], ARGV[2])
-redis.call('ZADD', KEYS[3], ARGV[1], ARGV[3])
+if KEYS[4] then redis.call('ZADD', KEYS[4], ARGV[1], ARGV[3]) end
+if KEYS[5] then
+  redis.call('ZADD', KEYS[5], ARGV[1], ARGV[3])
+  redis.call('EXPIRE', KEYS[5], ARGV[2])
+end
 return 1
 """
 # KEYS: log.  ARGV: this delivery's running event (as pushed), the lost
@@ -160,11 +181,71 @@ for i = #items, 1, -1 do
 end
 return 0
 """
+# KEYS: the results-held hash (hour -> results stored then).  ARGV: the
+# first hour still held.  Drops the hours before it: at most a week's
+# hours (168) are looked at, once every TRIM_EVERY outcomes.
+TRIM_HELD = """
+for _, hour in ipairs(redis.call('HKEYS', KEYS[1])) do
+  if tonumber(hour) == nil or tonumber(hour) < tonumber(ARGV[1]) then
+    redis.call('HDEL', KEYS[1], hour)
+  end
+end
+return 1
+"""
+# KEYS: the results-held hash, the first layout's results index.  ARGV:
+# now, seconds results are held.  How many results Huey holds: the hours'
+# counts, the oldest hour (partly past) in proportion, plus what the old
+# index still holds.  Returns an integer.
+HELD_COUNT = """
+local now, ttl = tonumber(ARGV[1]), tonumber(ARGV[2])
+local low = now - ttl
+local total = 0
+local pairs_ = redis.call('HGETALL', KEYS[1])
+for i = 1, #pairs_, 2 do
+  local hour = tonumber(pairs_[i])
+  local n = tonumber(pairs_[i + 1]) or 0
+  if hour then
+    local from, to = hour * 3600, hour * 3600 + 3600
+    if from >= low then
+      total = total + n
+    elseif to > low then
+      total = total + n * (to - low) / 3600
+    end
+  end
+end
+total = total + redis.call('ZCOUNT', KEYS[2], low, '+inf')
+return math.floor(total + 0.5)
+"""
+# A Lua function for scripts that move a journal record to another state
+# (the operator's actions, the requeue of a dead letter), put before their
+# text: hw_moved(record, history, ttl, length, recent, leaving, entering,
+# now, id, event...) appends the events (JSON) to the history and keeps
+# its last `length`, gives the record and the history `ttl` seconds more,
+# puts task `id` first in the recent index and moves it from the state
+# indexes in the table `leaving` into the state index `entering` (both
+# indexes scored `now`).
+MOVED_LUA = """
+local function hw_moved(record, history, ttl, length, recent, leaving,
+                        entering, now, id, ...)
+  redis.call('RPUSH', history, ...)
+  redis.call('LTRIM', history, -tonumber(length), -1)
+  redis.call('EXPIRE', record, ttl)
+  redis.call('EXPIRE', history, ttl)
+  redis.call('ZADD', recent, now, id)
+  for _, index in ipairs(leaving) do redis.call('ZREM', index, id) end
+  redis.call('ZADD', entering, now, id)
+end
+"""
 _cache = {}
 
 
 def script_for(storage, text):
-    key = (id(storage), text)
+    """The Lua script `text` registered on `storage`'s Redis client (a
+    redis-py Script: EVALSHA, loading it again after a SCRIPT FLUSH), one
+    per client and text for the life of the process.  Keyed by the client:
+    the Script holds it, so its id cannot be taken by another client while
+    the entry lives (a storage's id could, once that storage is gone)."""
+    key = (id(storage.conn), text)
     script = _cache.get(key)
     if script is None:
         script = _cache[key] = storage.conn.register_script(text)

@@ -211,9 +211,13 @@ def seen_queued(app, storage, task_id):
     cfg = app.config
     if cfg is not None and cfg.journal.enabled:
         keys = storage.keys
+        # The state and name indexes too, so `find --state pending` and
+        # name listings show it.
+        indexes = [keys.journal_state('waiting')] + (
+            [keys.journal_name(name)] if name else [])
         script_for(storage, GUARDED_SEEN)(
             keys=[keys.task(task_id), keys.task_log(task_id),
-                  keys.journal_recent],
+                  keys.journal_recent] + indexes,
             args=[text(now), ttl_of(storage), task_id,
                   json.dumps(event)] + field_pairs(fields))
         # Whoever wrote the record (this reader, or a worker that took the

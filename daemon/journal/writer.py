@@ -1,9 +1,11 @@
 """Writing the journal: Huey's SIGNAL_ENQUEUED and post_execute hook, and
 the delivery hooks (daemon/hooks.py).  Every change is staged on the
 storage, so it rides the round trip its writer makes anyway."""
+import base64
 import collections
 import contextlib
 import json
+import logging
 import sys
 import threading
 import time
@@ -11,12 +13,17 @@ import time
 from huey import Huey
 
 from .. import deadletters, hooks, progress
-from .layout import (DURATION_BUCKETS, ERROR_MAX_CHARS, EXECUTED, LOG_LENGTH,
-                     TERMINAL, TRIM_EVERY, args_summary, encode, epoch,
-                     error_fields, field_pairs, result_json, text, ttl_of)
+from ..storage import tag_message
+from .layout import (DUE_FIELDS, DURATION_BUCKETS, ERROR_MAX_CHARS,
+                     EXECUTED, INDEX_GROUPS, INDEX_OF, KEEPS_MESSAGE,
+                     LOG_LENGTH, TERMINAL, TRIM_EVERY, args_summary, encode,
+                     epoch, error_fields, field_pairs, result_json,
+                     result_ttl_of, text, ttl_of)
 from .scripts import (GUARDED_DEAD_LETTER, GUARDED_ENQUEUE, GUARDED_REQUEUE,
-                      NOTE_UNNOTED_LOSS, script_for)
+                      NOTE_UNNOTED_LOSS, TRIM_HELD, script_for)
 
+
+log = logging.getLogger('huey_worker.journal')
 
 # One encoder made once: json.dumps with an argument builds a new one each
 # call, a third of the cost of a small event.
@@ -24,7 +31,7 @@ _event_json = json.JSONEncoder(default=repr).encode
 
 _Settings = collections.namedtuple(
     '_Settings', 'enabled progress_interval args_max_bytes result_max_bytes '
-    'index_max')
+    'index_max retention')
 
 
 class Journal:
@@ -47,13 +54,17 @@ class Journal:
             cached = self._cached_settings = (cfg, section and _Settings(
                 section.enabled, section.progress_interval,
                 section.args_max_bytes, section.result_max_bytes,
-                section.index_max))
+                section.index_max, section.retention))
         return cached[1]
 
     def _active(self, storage):
         settings = self._settings()
-        return (settings is not None and settings.enabled
-                and hasattr(storage, 'stage') and hasattr(storage, 'keys'))
+        if settings is None or not settings.enabled or \
+                not hasattr(storage, 'stage') or not hasattr(storage, 'keys'):
+            return False
+        # For layout.ttl_of: this app's retention, whoever asks.
+        storage.journal_retention = settings.retention
+        return True
 
     def task_name(self, task):
         return self.app._registry.task_to_string(type(task))
@@ -68,14 +79,16 @@ class Journal:
 
     def _change_commands(self, storage, task_id, fields, event, drop=(),
                          setnx=None, incr=None, extra=None, index=True,
-                         trim=True, expire=True, pairs=()):
+                         trim=True, expire=True, pairs=(), reindex=None):
         """The commands of one state change of `task_id`: a fixed set.
         `pairs`: more field/value arguments for the HSET, ready encoded;
-        `index`: move it to the top of the listing index; `trim`: cut the
+        `index`: unused (the listing reads the state indexes); `trim`: cut the
         history to LOG_LENGTH (skipped where it cannot have grown much);
         `expire`: renew the record's time to live (skipped where a later
-        change of the same delivery renews it anyway).  Returns (the
-        commands, the event as pushed on the history: JSON text)."""
+        change of the same delivery renews it anyway); `reindex`: (state
+        index groups it leaves, the state it enters or None), for the
+        state indexes (layout.INDEX_OF).  Returns (the commands, the event
+        as pushed on the history: JSON text)."""
         keys = storage.keys
         key, log_key = keys.task(task_id), keys.task_log(task_id)
         now = time.time()
@@ -98,8 +111,13 @@ class Journal:
         if expire:
             ttl = ttl_of(storage)
             commands += [('EXPIRE', key, ttl), ('EXPIRE', log_key, ttl)]
-        if index:
-            commands.append(('ZADD', keys.journal_recent, now, task_id))
+        if reindex is not None:
+            leave, state = reindex
+            for group in leave:
+                commands.append(('ZREM', keys.journal_state(group), task_id))
+            if state is not None:
+                commands.append(('ZADD', keys.journal_state(INDEX_OF[state]),
+                                 now, task_id))
         if extra is not None:
             extra(commands.append)
         return commands, encoded
@@ -124,13 +142,18 @@ class Journal:
         state = 'scheduled' if eta is not None and eta > now else 'pending'
         args_text, hidden = args_summary(task,
                                          self._settings().args_max_bytes)
-        fields = {'id': task.id, 'name': self.task_name(task),
-                  'queue': self.app.name, 'state': state,
+        fields = {'name': self.task_name(task), 'state': state,
                   'retries_left': task.retries, 'eta': eta,
                   'expires': epoch(task.expires_resolved),
                   'args': args_text, 'args_sensitive': hidden or None}
         event = {'state': state, **({'eta': eta} if eta else {})}
         first = {'enqueued': now, 'retries_total': task.retries}
+        name_index = storage.keys.journal_name(fields['name'])
+        ttl = ttl_of(storage)
+
+        def by_name(add):
+            add(('ZADD', name_index, now, task.id))
+            add(('EXPIRE', name_index, ttl))
         entry = self._enqueue_entry(task)
         if entry is not None:
             # Staged as one callable that adds the record's commands only
@@ -140,13 +163,15 @@ class Journal:
             # Redis down) there is no record, and nothing left staged.
             fields.update(first)
             self._stage_enqueue_record(storage, entry, task.id, fields,
-                                       event)
+                                       event, reindex=((), state),
+                                       extra=by_name)
             return
         if _inside_huey_enqueue():
             # The LPUSH follows in this thread: the record rides with it,
             # in the same MULTI, so no worker can see the task first.
             fields.update(first)
-            self._stage_change(storage, task.id, fields, event, trim=False)
+            self._stage_change(storage, task.id, fields, event, trim=False,
+                               reindex=((), state), extra=by_name)
             return
         # Emitted for a message already in the queue (the scheduler moving
         # due or periodic tasks): a worker may have taken it already, so
@@ -182,9 +207,10 @@ class Journal:
             return stack[-1]
         return None
 
-    def _stage_enqueue_record(self, storage, entry, task_id, fields, event):
+    def _stage_enqueue_record(self, storage, entry, task_id, fields, event,
+                              **options):
         commands, _ = self._change_commands(storage, task_id, fields, event,
-                                            trim=False)
+                                            trim=False, **options)
         stack = self._stash.enqueues
 
         def write(pipe):
@@ -216,9 +242,13 @@ class Journal:
         pairs = [x for k, v in fields.items() for x in (k, text(v))]
         event = json.dumps({'state': 'pending', 'at': now})
 
+        indexes = [keys.journal_state('waiting')]
+        if fields.get('name'):
+            indexes.append(keys.journal_name(fields['name']))
+
         def write(pipe):
             script(keys=[keys.task(task_id), keys.task_log(task_id),
-                         keys.journal_recent],
+                         keys.journal_recent] + indexes,
                    args=[text(now), ttl_of(storage), LOG_LENGTH, task_id,
                          event] + pairs, client=pipe)
         storage.stage(write)
@@ -254,23 +284,31 @@ class Journal:
         if task.eta is not None and epoch(task.eta) > now:
             return  # not due: Huey moves it to the schedule (outcome below)
         pairs, label = self._worker_fields(worker_info)
+        # Since when the task was due, for the wait-time histogram: read in
+        # the same transaction, before the running change drops next_retry.
+        stash, task_id = self._stash, task.id
+        due = ('HMGET', storage.keys.task(task_id)) + DUE_FIELDS
+
+        def due_probe(pipe):
+            stash.due_probe = (task_id, len(pipe.command_stack))
+            pipe.command_stack.append((due, {}))
+        storage.stage(due_probe)
         # Fewest commands on the hot path: the listing index, history trim
         # and time to live wait for the outcome (or the requeue of a
         # delivery that never gets one).
         running_event = self._stage_change(
             storage, task.id,
-            {'id': task.id, 'name': name, 'state': 'running',
+            {'name': name, 'state': 'running',
              'started': now, 'retries_left': task.retries},
             {'state': 'running', 'worker': label},
             drop=RUNNING_DROPS,
             incr={'attempt': 1}, index=False, trim=False, expire=False,
-            pairs=pairs)
+            pairs=pairs, reindex=(WAITING_GROUPS, 'running'))
         # Whether the record was made at enqueue: every producer of the
         # suite writes retries_total then, so the HSETNX that fills it for
         # the others answers 1 only for a task first seen here (a plain
         # Huey producer's, or one enqueued with the journal off).
         # on_started reads that reply and completes the record.
-        stash, task_id = self._stash, task.id
         command = ('HSETNX', storage.keys.task(task_id), 'retries_total',
                    task.retries)
 
@@ -289,13 +327,18 @@ class Journal:
         arguments (as at enqueue), its expiry, when and where it was first
         seen, the listing index and the time to live.  Sent before the
         task body runs: one round trip, only for such tasks."""
+        self._stash.wait = None
+        due_probe = getattr(self._stash, 'due_probe', None)
         probe = getattr(self._stash, 'probe', None)
+        self._stash.due_probe = None
         if probe is None:
             return
         self._stash.probe = None
         task_id, index, seen, running_event = probe
         if task_id != task.id or index >= len(replies):
             return
+        if due_probe is not None and due_probe[0] == task_id:
+            self._stash.wait = (task_id, _waited(replies[due_probe[1]], seen))
         keys = storage.keys
         key, log_key = keys.task(task_id), keys.task_log(task_id)
         deliveries = hooks.delivery_count(replies)
@@ -306,14 +349,16 @@ class Journal:
         args_text, hidden = args_summary(task,
                                          self._settings().args_max_bytes)
         ttl = ttl_of(storage)
+        name_index = keys.journal_name(self.task_name(task))
+        pairs = field_pairs({'args': args_text,
+                             'args_sensitive': hidden or None,
+                             'expires': epoch(task.expires_resolved)})
         commands = [('HSETNX', key, 'first_seen', seen),
                     ('HSETNX', key, 'first_seen_in', 'worker'),
-                    ('HSET', key, 'queue', self.app.name, *field_pairs(
-                        {'args': args_text,
-                         'args_sensitive': hidden or None,
-                         'expires': epoch(task.expires_resolved)})),
+                    *([('HSET', key) + tuple(pairs)] if pairs else []),
                     ('EXPIRE', key, ttl), ('EXPIRE', log_key, ttl),
-                    ('ZADD', keys.journal_recent, seen, task_id)]
+                    ('ZADD', name_index, seen, task_id),
+                    ('EXPIRE', name_index, ttl)]
         storage.stage_commands(commands)
 
     @staticmethod
@@ -333,7 +378,7 @@ class Journal:
         cached = getattr(self._stash, 'worker', None)
         if cached is None or cached[0] is not worker_info:
             pairs = tuple(field_pairs(
-                {'queue': self.app.name, 'host': worker_info.get('host'),
+                {'host': worker_info.get('host'),
                  'pid': worker_info.get('pid'),
                  'consumer': worker_info.get('consumer'),
                  'worker': worker_info.get('worker')}))
@@ -394,19 +439,46 @@ class Journal:
         # fraction of the cost (they overshoot by TRIM_EVERY at most).
         trim = self._outcomes % TRIM_EVERY == 1
 
+        # The message of a task that ended without running to completion,
+        # for a retry (daemon/actions/retry.py): only on those outcomes,
+        # and sent with the outcome itself.
+        kept = self._message_of(task) if state in KEEPS_MESSAGE else None
+
         def account(add):
             if result_stored:
-                add(('ZADD', keys.journal_results, now, task.id))
+                # Counted by the hour of its end (reads.results_held_
+                # command): no per-task entry that outlives the record.
+                add(('HINCRBY', keys.journal_held, int(now // 3600), 1))
+            if kept is not None:
+                add(('SET', keys.message(task.id), kept, 'EX', ttl))
             if trim:
-                add(('ZREMRANGEBYSCORE', keys.journal_results, '-inf',
-                     now - ttl))
-                add(('ZREMRANGEBYSCORE', keys.journal_recent, '-inf',
-                     now - ttl))
-                add(('ZREMRANGEBYRANK', keys.journal_recent, 0,
-                     -index_max - 1))
+                for command in trim_commands(keys, name, state, now, ttl,
+                                             result_ttl_of(storage),
+                                             index_max):
+                    add(command)
             self._count(add, keys, name, state,
                         duration if 'duration' in fields else None)
-        self._stage_change(storage, task.id, fields, event, extra=account)
+            if waited is not None:
+                _count_wait(add, keys, name, waited)
+        wait = getattr(self._stash, 'wait', None)
+        self._stash.wait = None
+        waited = wait[1] if wait is not None and wait[0] == task.id and \
+            state != 'scheduled' else None
+        self._stage_change(storage, task.id, fields, event, extra=account,
+                           reindex=(('running',), state))
+
+    def _message_of(self, task):
+        """`task` as the queue would hold it (Huey's message, behind the
+        priority prefix when it has one), or None when it cannot be made
+        again."""
+        try:
+            data = self.app.serialize_task(task)
+            return tag_message(data, task.priority, infinite=True) \
+                if task.priority else data
+        except Exception as exc:
+            log.warning('the message of %s cannot be kept for a retry: %s',
+                        task.id, exc)
+            return None
 
     @staticmethod
     def _count(add, keys, name, state, duration):
@@ -446,7 +518,8 @@ class Journal:
                                    {'state': reason})
                 self._stage_change(storage, task.id, fields,
                                    {'state': 'pending'},
-                                   incr={'requeues': 1})
+                                   incr={'requeues': 1},
+                                   reindex=(('running',), 'pending'))
             else:
                 self._stage_guarded_requeue(storage, task.id, raw, fields,
                                             reason)
@@ -471,7 +544,8 @@ class Journal:
         def write(pipe):
             script(keys=[keys.task(task_id), keys.task_log(task_id),
                          storage.queue_key, keys.journal_recent,
-                         storage.priority_key],
+                         storage.priority_key, keys.journal_state('running'),
+                         keys.journal_state('waiting')],
                    args=[raw, text(now), ttl_of(storage), LOG_LENGTH,
                          task_id] + events + [reason] + mapping,
                    client=pipe)
@@ -494,14 +568,25 @@ class Journal:
                   'dead_letter': record.get('reason')}
         event = {'state': 'failed', 'dead_letter': record.get('reason')}
         if record.get('task_id_verified') is False:
+            # Never kept: the id is only the claim of a message that
+            # failed its checks, and may name another task.
             self._stage_guarded_dead_letter(storage, task_id, name, fields,
                                             event)
             return
-        self._stage_change(
-            storage, task_id, fields, event,
-            extra=lambda add: add((
-                'HINCRBY', keys.metrics_outcomes, '%s\tfailed' % name, 1))
-            if name else None)
+        message = record.get('message')
+        ttl = ttl_of(storage)
+
+        def account(add):
+            if name:
+                add(('HINCRBY', keys.metrics_outcomes, '%s\tfailed' % name,
+                     1))
+            if message:
+                # As the queue held it; the dead letter may be purged
+                # before an operator retries the task.
+                add(('SET', keys.message(task_id),
+                     base64.b64decode(message), 'EX', ttl))
+        self._stage_change(storage, task_id, fields, event, extra=account,
+                           reindex=(WAITING_GROUPS + ('running',), 'failed'))
 
     def _stage_guarded_dead_letter(self, storage, task_id, name, fields,
                                    event):
@@ -520,7 +605,10 @@ class Journal:
 
         def write(pipe):
             script(keys=[keys.task(task_id), keys.task_log(task_id),
-                         keys.journal_recent, keys.metrics_outcomes],
+                         keys.journal_recent, keys.metrics_outcomes,
+                         keys.journal_state('waiting'),
+                         keys.journal_state('running'),
+                         keys.journal_state('failed')],
                    args=[text(now), ttl_of(storage), LOG_LENGTH, task_id,
                          event, counted] + pairs,
                    client=pipe)
@@ -535,8 +623,58 @@ class Journal:
 
 # What a new delivery clears: what the last attempt left (its progress, end
 # and error).  The history keeps the error; the record shows this attempt.
+def _waited(reply, started):
+    """Seconds from due to `started` (epoch seconds), from the HMGET of
+    DUE_FIELDS; None when the record says nothing (a task first seen by
+    the worker that runs it)."""
+    times = []
+    for value in reply or ():
+        try:
+            times.append(float(value))
+        except (TypeError, ValueError):
+            continue
+    return max(0.0, started - max(times)) if times else None
+
+
+def _count_wait(add, keys, name, waited):
+    bucket = next(b for b in DURATION_BUCKETS if waited <= b)
+    add(('HINCRBY', keys.metrics_waits, '%s\t%r' % (name, bucket), 1))
+    add(('HINCRBYFLOAT', keys.metrics_waits, '%s\tsum' % name,
+         round(waited, 6)))
+
+
+def trim_commands(keys, name, state, now, ttl, result_ttl, index_max):
+    """What keeps the journal's shared keys within bounds, sent with one
+    outcome in TRIM_EVERY: each index cut to the records' window (by
+    score) and expiring `ttl` after its last write, so an index of a
+    queue nobody uses any more ends too; the outcome's own state index
+    cut to `index_max` entries; hours older than `result_ttl` out of the
+    results count; the first layout's indexes (no longer written per
+    task) cut and set to expire."""
+    low = now - ttl
+    out = []
+    for group in INDEX_GROUPS:
+        index = keys.journal_state(group)
+        out += [('ZREMRANGEBYSCORE', index, '-inf', low),
+                ('EXPIRE', index, ttl)]
+    if state in INDEX_OF:
+        out.append(('ZREMRANGEBYRANK', keys.journal_state(INDEX_OF[state]),
+                    0, -index_max - 1))
+    name_index = keys.journal_name(name)
+    out += [('ZREMRANGEBYSCORE', name_index, '-inf', low),
+            ('EXPIRE', name_index, ttl)]
+    for old in (keys.journal_recent, keys.journal_results):
+        out += [('ZREMRANGEBYSCORE', old, '-inf', low),
+                ('EXPIRE', old, ttl)]
+    out += [('EVAL', TRIM_HELD, 1, keys.journal_held,
+             int((now - result_ttl) // 3600)),
+            ('EXPIRE', keys.journal_held, result_ttl + 3600)]
+    return out
+
+
 RUNNING_DROPS = progress.PROGRESS_FIELDS + (
     'finished', 'next_retry', 'duration', 'error_type', 'error_message')
+WAITING_GROUPS = ('waiting',)
 
 _HUEY_ENQUEUE = Huey.enqueue.__code__
 

@@ -5,8 +5,10 @@ Huey's own schedule pop hands the due messages to the client, which then
 pushes them: a scheduler dying in between loses them.  Here one script
 takes a bounded batch of due messages off the schedule and pushes them
 onto the queue, atomically, and only for the lease holder, so each is
-moved exactly once.  Scores are Huey's (RedisStorage.convert_ts of a naive
-UTC datetime), so `due` is computed with the same function.
+moved exactly once.  Scores are unix seconds (SuiteStorage.convert_ts: a
+naive eta read as UTC, not as the host's local time as Huey's own storage
+does), so a score means the same moment on every host whatever its zone
+or daylight-saving state, and `due` is simply the scheduler's wall clock.
 
 A task with a priority is scheduled with it (SuiteStorage.add_to_schedule)
 and goes into the priority set, behind the messages of its priority that
@@ -14,7 +16,6 @@ are already waiting, as if enqueued now; plain ones go on the list.
 """
 from ..storage import PRIORITY_LUA, message_data
 from .lease import LEADER_CHECK, NOT_LEADER
-from .periodic import naive_utc
 
 BATCH = 500
 
@@ -54,7 +55,8 @@ class DelayedMover:
         self._script = conn.register_script(MOVE_DUE)
 
     def due_score(self, now):
-        return self.storage.convert_ts(naive_utc(now))
+        """The highest score due at unix time `now` (seconds)."""
+        return float(now)
 
     def move_batch(self, token, now):
         """Move up to one batch of due messages; returns them, or None when

@@ -16,7 +16,7 @@ import sys
 import redis
 from huey import signals as huey_signals
 
-from .. import __version__, adopt, logs, redisconn
+from .. import __version__, adopt, logs, preflight, redisconn
 from ..app import hostname, load_task_modules
 from ..mainloop import MainLoop, refuse_immediate, reread_config
 from ..notify import Notifier
@@ -110,6 +110,16 @@ class Scheduler(MainLoop):
                         'to this Redis can run code in the workers')
         if not self._wait_for_redis():
             return False
+        # Before leading: an evicting Redis is refused (78).
+        self.preflight = preflight.Preflight(
+            cfg, self.conn.connection_pool, 'scheduler')
+        if not preflight.checked_at_start(self, self.preflight):
+            return False
+        # A queue key another kind of producer owns: ConfigError (78).
+        try:
+            self.app.storage.check_queue_key(str(cfg.source('huey.queue')))
+        except (redis.exceptions.RedisError, OSError):
+            pass   # Redis went away again: the loop waits for it as always
         self.notifier.ready(self.status_line())
         log.info('scheduler ready (pid %d)', os.getpid())
         return True
@@ -132,6 +142,7 @@ class Scheduler(MainLoop):
             self._error_wait = 0.0
         if self.lease.expired_locally():
             self._step_down()
+        self.preflight.recheck()
         self.notifier.status(self.status_line())
         self._feed_watchdog()
 

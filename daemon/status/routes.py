@@ -11,16 +11,18 @@ from urllib.parse import parse_qsl
 
 import redis
 
-from .. import deadletters, journal, overview, tasknames
+from .. import actions, deadletters, journal, overview, tasknames
+from ..storage import priority_text
 from .httpserver import Response
+from .console import INDEX_ROUTES as CONSOLE_ROUTES, Console
 from .metrics import render_metrics
 
 log = logging.getLogger('huey_worker.status')
 
 TASK_ID = r'(?P<id>[A-Za-z0-9_.:@+-]{1,200})'
 REDIS_ERRORS = (redis.exceptions.RedisError, OSError)
-REVOCABLE = frozenset(('pending', 'scheduled', 'retrying'))
-SUBMIT_KEYS = frozenset(('task', 'name', 'args', 'kwargs', 'delay', 'id'))
+SUBMIT_KEYS = frozenset(('task', 'name', 'args', 'kwargs', 'delay', 'id',
+                         'priority'))
 # Deeper JSON would reach Python's recursion limit in the parser, pickle or
 # the journal's summary of the arguments: a 500 for bad input.
 MAX_JSON_DEPTH = 100
@@ -53,10 +55,24 @@ class Routes:
             (('GET',), r'/workers', self.workers, False, False),
             (('GET',), r'/metrics', self.metrics, False, False),
             (('GET',), r'/tasks', self.list_tasks, False, False),
+            (('GET',), r'/task-names', self.task_names, False, False),
             (('POST',), r'/tasks', self.submit, True, False),
             (('GET',), r'/tasks/' + TASK_ID, self.task, False, False),
             (('POST',), r'/tasks/' + TASK_ID + r'/revoke', self.revoke, True,
              False),
+            # Operator actions (daemon/actions/): one task, or a selection.
+            (('POST',), r'/tasks/' + TASK_ID + r'/retry', self.retry_task,
+             True, False),
+            (('POST',), r'/tasks/' + TASK_ID + r'/restore',
+             self.restore_task, True, False),
+            (('POST',), r'/tasks/retry', self.retry_many, True, False),
+            (('POST',), r'/tasks/revoke', self.revoke_many, True, False),
+            (('POST',), r'/tasks/restore', self.restore_many, True, False),
+            (('POST',), r'/queue/purge', self.purge_queue, True, False),
+            (('POST',), r'/tasks/' + TASK_ID + r'/cancel', self.cancel_task,
+             True, False),
+            (('POST',), r'/queue/pause', self.pause_queue, True, False),
+            (('POST',), r'/queue/resume', self.resume_queue, True, False),
             (('GET',), r'/api/collect/task/' + TASK_ID, self.seed_task,
              False, False),
             (('GET',), r'/dead-letters', self.dead_letters, False, False),
@@ -64,6 +80,10 @@ class Routes:
              False),
             (('POST',), r'/dead-letters/purge', self.purge_dead, True, False),
         ]
+        # The web console (daemon/status/console/): its page, assets and
+        # the two JSON routes it adds.
+        self.console = Console(self)
+        self.table += self.console.table()
         self.table = [(frozenset(m), re.compile(p + r'\Z'), h, t, i)
                       for m, p, h, t, i in self.table]
 
@@ -96,7 +116,8 @@ class Routes:
                     allowed=allow)
             return Response.error(404, 'no such route: %s' % request.path)
         handler, match, needs_token, at_once = found
-        if self.exposed and handler != self.live:
+        if self.exposed and handler != self.live and \
+                handler not in self.console.open_handlers:
             needs_token = True
         if needs_token and not self._authorized(request, token):
             return Response.error(
@@ -142,6 +163,8 @@ class Routes:
                 raise BadRequest(400, 'unknown query parameter %r (known: '
                                       '%s)' % (key, ', '.join(allowed) or
                                                'none'))
+            if key in out:
+                raise BadRequest(400, 'query parameter %r given twice' % key)
             out[key] = value
         return out
 
@@ -151,12 +174,18 @@ class Routes:
         self._query(request, ())
         routes = ['GET /health', 'GET /health/live', 'GET /queue',
                   'GET /workers', 'GET /metrics', 'GET /tasks',
-                  'GET /tasks/<id>', 'GET /api/collect/task/<id>',
-                  'GET /dead-letters']
+                  'GET /task-names', 'GET /tasks/<id>',
+                  'GET /api/collect/task/<id>', 'GET /dead-letters']
         if self.token:
             routes += ['POST /tasks', 'POST /tasks/<id>/revoke',
+                       'POST /tasks/<id>/retry', 'POST /tasks/<id>/restore',
+                       'POST /tasks/retry', 'POST /tasks/revoke',
+                       'POST /tasks/restore', 'POST /queue/purge',
+                       'POST /tasks/<id>/cancel', 'POST /queue/pause',
+                       'POST /queue/resume',
                        'POST /dead-letters/requeue',
                        'POST /dead-letters/purge']
+        routes += CONSOLE_ROUTES
         return Response.json(200, {'service': 'huey-worker status',
                                    'routes': routes})
 
@@ -177,29 +206,39 @@ class Routes:
         self._query(request, ())
         return Response.json(200, overview.workers_report(self.app))
 
+    def task_names(self, request):
+        # The registry of this endpoint's app: the [tasks] modules it
+        # imported, as the consumers do with the same configuration.
+        from ..cli.tasks_cmd import task_table
+        self._query(request, ())
+        return Response.json(200, task_table(self.app))
+
     def metrics(self, request):
         self._query(request, ())
         body, content_type = render_metrics(self.app)
         return Response(200, body, content_type)
 
     def list_tasks(self, request):
-        params = self._query(request, ('state', 'limit', 'queue'))
-        state = params.get('state') or None
-        if state is not None and state not in journal.STATES:
-            raise BadRequest(400, 'unknown state %r (one of %s)' % (
-                state, ', '.join(journal.STATES)))
+        params = self._query(request, ('state', 'limit', 'queue', 'name',
+                                       'since', 'until', 'field', 'cursor'))
         try:
             limit = int(params.get('limit', '50'))
         except ValueError:
             raise BadRequest(400, 'limit must be a whole number')
         if not 1 <= limit <= 1000:
             raise BadRequest(400, 'limit must be from 1 to 1000')
-        storage = overview.storage_for(self.app, params.get('queue'))
-        if storage is None:
-            raise BadRequest(404, 'unknown queue %r' % params.get('queue'))
-        tasks = journal.list_tasks(self.app, storage, limit, state)
-        return Response.json(200, {'queue': storage.name, 'tasks': tasks,
-                                   'count': len(tasks)})
+        try:
+            page = actions.find(
+                self.app, queue=params.get('queue'),
+                state=params.get('state') or None,
+                name=params.get('name') or None,
+                since=params.get('since') or None,
+                until=params.get('until') or None,
+                field=params.get('field') or 'updated', limit=limit,
+                cursor=params.get('cursor') or None)
+        except actions.ActionError as exc:
+            raise BadRequest(exc.status, str(exc))
+        return Response.json(200, page)
 
     def task(self, request, id):
         self._query(request, ())
@@ -249,9 +288,19 @@ class Routes:
                                     re.fullmatch(TASK_ID, task_id)):
             raise BadRequest(400, '"id" must be 1-200 characters of '
                                   'A-Z a-z 0-9 _ . : @ + -')
+        priority = body.get('priority')
+        if priority is not None:
+            try:
+                if isinstance(priority, bool):
+                    raise ValueError('a task priority must be a finite '
+                                     'number, not %r' % (priority,))
+                priority_text(priority)
+            except ValueError as exc:
+                raise BadRequest(400, '"priority": %s' % exc)
         try:
             new_id, full = tasknames.submit(self.app, name, args, kwargs,
-                                            delay=delay, task_id=task_id)
+                                            delay=delay, task_id=task_id,
+                                            priority=priority)
         except tasknames.UnknownTask as exc:
             raise BadRequest(404, str(exc), candidates=exc.candidates)
         except tasknames.AmbiguousTask as exc:
@@ -266,21 +315,214 @@ class Routes:
         self._query(request, ())
         if request.body.strip():
             _json_body(request)   # tolerated, but it must be JSON
-        storage, record = overview.find_task(self.app, id)
-        if record is None:
-            return Response.error(404, 'unknown task id %r' % id)
-        state = record['state']
-        if state not in REVOCABLE:
-            return Response.error(
-                409, 'task %s is %s; only pending, scheduled or retrying '
-                     'tasks can be revoked' % (id, state), state=state)
-        revoke_task(self.app, storage, id)
+        outcome = self._act(actions.revoke, request, id)
         return Response.json(200, {'task_id': id, 'revoked': True,
-                                   'state': state,
+                                   'state': outcome.state,
+                                   'already': outcome.already,
                                    'detail': 'the worker that takes it will '
                                              'skip it (state becomes '
                                              'revoked)'})
 
+    # -- operator actions (daemon/actions/) -----------------------------------
+
+    def _act(self, action, request, id):
+        """Run `action` on task `id`: its Outcome, or the error answer
+        (404 unknown, 409 refused, with the task's state and the reason)."""
+        outcome = action(self.app, [id], actions.Actor.http(request.client))[0]
+        if outcome.reason == 'unknown':
+            raise BadRequest(404, 'unknown task id %r' % id)
+        if not outcome.done:
+            raise BadRequest(409, 'task %s is %s: %s' % (
+                id, outcome.state, outcome.detail), state=outcome.state,
+                reason=outcome.reason)
+        return outcome
+
+    def retry_task(self, request, id):
+        self._query(request, ())
+        if request.body.strip():
+            _json_body(request)
+        outcome = self._act(actions.retry, request, id)
+        return Response.json(200, {'task_id': id, 'retried': True,
+                                   'state': outcome.state,
+                                   'href': '/tasks/%s' % id})
+
+    def restore_task(self, request, id):
+        self._query(request, ())
+        if request.body.strip():
+            _json_body(request)
+        outcome = self._act(actions.restore, request, id)
+        return Response.json(200, {'task_id': id, 'restored': True,
+                                   'already': outcome.already,
+                                   'state': outcome.state})
+
+    def _selection(self, request, allowed):
+        body = _json_body(request)
+        if not isinstance(body, dict) or set(body) - set(allowed):
+            raise BadRequest(400, 'expected a JSON object with %s' % (
+                ', '.join('"%s"' % k for k in allowed)))
+        ids = body.get('ids')
+        if ids is not None and (not isinstance(ids, list) or not ids or
+                                len(ids) > 1000 or not all(
+                                    isinstance(i, str) and
+                                    re.fullmatch(TASK_ID, i) for i in ids)):
+            raise BadRequest(400, '"ids" must be a list of 1 to 1000 task '
+                                  'ids')
+        for key in ('name', 'state', 'field', 'queue'):
+            if body.get(key) is not None and not isinstance(body[key], str):
+                raise BadRequest(400, '"%s" must be a string' % key)
+        return body
+
+    def retry_many(self, request):
+        """Body {"ids": [...]} or a selection {"name", "state", "since",
+        "until", "field", "limit", "queue"}."""
+        self._query(request, ())
+        body = self._selection(request, ('ids', 'name', 'state', 'since',
+                                         'until', 'field', 'limit',
+                                         'queue'))
+        who = actions.Actor.http(request.client)
+        try:
+            if body.get('ids') is not None:
+                if set(body) - {'ids', 'queue'}:
+                    raise actions.ActionError('give "ids" or a selection '
+                                              '(name, state, since, until), '
+                                              'not both')
+                outcomes = actions.retry(self.app, body['ids'], who,
+                                         queue=body.get('queue'))
+            else:
+                outcomes = self._retry_selection(body, who)
+        except actions.ActionError as exc:
+            raise BadRequest(exc.status, str(exc))
+        return Response.json(200, actions.summary(outcomes))
+
+    def _retry_selection(self, body, who):
+        storage = overview.storage_for(self.app, body.get('queue'))
+        if storage is None:
+            raise actions.ActionError('unknown queue %r' % body.get('queue'),
+                                      404)
+        limit = body.get('limit', 1000)
+        if isinstance(limit, bool) or not isinstance(limit, int) or \
+                not 1 <= limit <= actions.SELECT_MAX:
+            raise actions.ActionError('"limit" must be a whole number from '
+                                      '1 to %d' % actions.SELECT_MAX)
+        field = body.get('field') or 'finished'
+        if field not in journal.reads.WINDOW_FIELDS:
+            raise actions.ActionError('unknown "field" %r (one of %s)' % (
+                field, ', '.join(journal.reads.WINDOW_FIELDS)))
+        try:
+            since, until = (None if body.get(k) is None else
+                            actions.parse_time(body[k])
+                            for k in ('since', 'until'))
+        except ValueError as exc:
+            raise actions.ActionError(str(exc))
+        name = body.get('name')
+        if name:
+            name = actions.resolve_name(self.app, storage, name)
+        ids = actions.select_retryable(
+            self.app, storage, name=name, state=body.get('state'),
+            since=since, until=until, field=field, limit=limit)
+        return [actions.retry_one(self.app, storage, i, who) for i in ids]
+
+    def _by_name_or_ids(self, request, by_ids, by_name):
+        self._query(request, ())
+        body = self._selection(request, ('ids', 'name', 'queue'))
+        who = actions.Actor.http(request.client)
+        if (body.get('ids') is None) == (body.get('name') is None):
+            raise BadRequest(400, 'give "ids" (a list of task ids) or "name" '
+                                  '(a task name), not both nor neither')
+        try:
+            if body.get('ids') is not None:
+                return actions.summary(by_ids(self.app, body['ids'], who,
+                                              queue=body.get('queue')))
+            return by_name(body['name'], who, body.get('queue'))
+        except actions.ActionError as exc:
+            raise BadRequest(exc.status, str(exc))
+
+    def revoke_many(self, request):
+        """Body {"ids": [...]} or {"name": TASK} (Huey's revoke_all)."""
+        def by_name(name, who, queue):
+            full, outcomes = actions.revoke_name(self.app, name, who, queue)
+            return dict(actions.summary(outcomes), name=full,
+                        name_revoked=True)
+        return Response.json(200, self._by_name_or_ids(
+            request, actions.revoke, by_name))
+
+    def restore_many(self, request):
+        """Body {"ids": [...]} or {"name": TASK} (Huey's restore_all)."""
+        def by_name(name, who, queue):
+            full, was, outcomes = actions.restore_name(self.app, name, who,
+                                                       queue)
+            return dict(actions.summary(outcomes), name=full,
+                        name_was_revoked=was)
+        return Response.json(200, self._by_name_or_ids(
+            request, actions.restore, by_name))
+
+    def purge_queue(self, request):
+        """Body {"confirm": true, "queue": NAME, "schedule": false}."""
+        self._query(request, ())
+        body = _json_body(request)
+        if not isinstance(body, dict) or \
+                set(body) - {'confirm', 'queue', 'schedule'}:
+            raise BadRequest(400, 'expected a JSON object with "confirm": '
+                                  'true (and "queue", "schedule")')
+        storage = self._dead_storage({'queue': body.get('queue')})
+        schedule = body.get('schedule', False)
+        if not isinstance(schedule, bool):
+            raise BadRequest(400, '"schedule" must be true or false')
+        what = 'schedule' if schedule else 'queue'
+        if body.get('confirm') is not True:
+            raise BadRequest(400, 'add "confirm": true to remove the %d '
+                                  'task(s) in the %s of queue %s' % (
+                                      actions.purge_size(storage, schedule),
+                                      what, storage.name))
+        who = actions.Actor.http(request.client)
+        removed = (actions.purge_schedule if schedule else
+                   actions.purge_queue)(storage, who)
+        return Response.json(200, {'queue': storage.name, 'what': what,
+                                   'purged': removed})
+
+    def cancel_task(self, request, id):
+        """A running task is stopped by its worker (202: requested, or 200
+        when it ended canceled at once); a waiting one is revoked (200)."""
+        self._query(request, ())
+        if request.body.strip():
+            _json_body(request)
+        outcome = self._act(actions.cancel, request, id)
+        return Response.json(
+            202 if outcome.result == 'requested' else 200,
+            {'task_id': id, 'result': outcome.result, 'state': outcome.state,
+             'already': outcome.already,
+             'detail': actions.cancel_results[outcome.result],
+             'href': '/tasks/%s' % id})
+
+    def _queue_action(self, request, allowed):
+        self._query(request, ())
+        body = _json_body(request) if request.body.strip() else {}
+        if not isinstance(body, dict) or set(body) - set(allowed):
+            raise BadRequest(400, 'expected a JSON object with %s (or no '
+                                  'body)' % ', '.join('"%s"' % k
+                                                      for k in allowed))
+        for key in allowed:
+            if body.get(key) is not None and not isinstance(body[key], str):
+                raise BadRequest(400, '"%s" must be a string' % key)
+        return body, actions.Actor.http(request.client)
+
+    def pause_queue(self, request):
+        """Body (optional) {"queue": NAME, "reason": TEXT}."""
+        body, who = self._queue_action(request, ('queue', 'reason'))
+        try:
+            return Response.json(200, actions.pause(
+                self.app, who, body.get('queue'), body.get('reason')))
+        except actions.ActionError as exc:
+            raise BadRequest(exc.status, str(exc))
+
+    def resume_queue(self, request):
+        """Body (optional) {"queue": NAME}."""
+        body, who = self._queue_action(request, ('queue',))
+        try:
+            return Response.json(200, actions.resume(self.app, who,
+                                                     body.get('queue')))
+        except actions.ActionError as exc:
+            raise BadRequest(exc.status, str(exc))
 
     # -- dead letters ---------------------------------------------------------
 
@@ -332,16 +574,6 @@ class Routes:
         storage, selectors = self._dead_selection(request)
         return Response.json(200, {'purged': deadletters.purge(storage,
                                                                 selectors)})
-
-
-def revoke_task(app, storage, task_id):
-    """Revoke once (Huey deletes the mark when a worker skips the task); the
-    mark expires with the results, so a lost task cannot leave it behind."""
-    j = journal.install(app)
-    j.stage_revoke_requested(storage, task_id)
-    app.revoke_by_id(task_id, revoke_once=True)
-    storage.conn.expire(storage.result_key('r:%s' % task_id),
-                        int(app.config.huey.result_timeout))
 
 
 def _json_body(request):

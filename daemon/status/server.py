@@ -6,7 +6,7 @@ import logging
 import os
 import socket
 
-from .. import logs
+from .. import logs, preflight
 from ..config import ConfigError
 from ..exitcodes import EX_OK
 from ..mainloop import reread_config
@@ -72,6 +72,10 @@ def is_loopback(address):
         return False
     mapped = getattr(ip, 'ipv4_mapped', None)
     return (mapped or ip).is_loopback
+
+
+# Shorter tokens beyond loopback are warned about (a guessable secret).
+MIN_EXPOSED_TOKEN = 16
 
 
 def _format_address(address):
@@ -175,11 +179,27 @@ class StatusServer:
                 raise
             log.info('listening beyond loopback: every route but GET '
                      '/health/live requires the [status] token')
+            if len(self.cfg.status.token) < MIN_EXPOSED_TOKEN:
+                log.warning('[status] token (%s) is %d characters long: '
+                            'beyond loopback it is all that guards the '
+                            'tasks; use %d or more random ones (e.g. '
+                            '`openssl rand -hex 32`)',
+                            self.cfg.source('status.token'),
+                            len(self.cfg.status.token), MIN_EXPOSED_TOKEN)
         elif not self.cfg.status.token:
             log.info('no [status] token: POST /tasks and /tasks/ID/revoke are '
                      'disabled')
         self.routes.exposed = self.exposed
         defer_accept(sock)
+        # An evicting Redis is refused (78) as soon as Redis answers, now
+        # or later: /health meanwhile says Redis is unreachable.
+        self.preflight = preflight.StartGate(preflight.Preflight(
+            lambda: self.cfg, lambda: self.app.storage.pool,
+            'status-server'), self.cfg)
+        if not self.preflight.attempt():
+            sock.close()
+            raise self.preflight.refusal
+        self.preflight.watch()
         with handled_signals() as flags:
             self.flags = flags
             status = self.cfg.status
@@ -187,13 +207,16 @@ class StatusServer:
                 sock, self.routes, status.max_body_bytes,
                 status.request_timeout, head_timeout=status.head_timeout,
                 max_per_client=status.max_connections_per_client)
-            host, port = self.server.address
-            log.info('status endpoint listening on http://%s:%d/ (%s)', host,
-                     port, how)
-            self.notifier.ready('serving http://%s:%d/' % (host, port))
-            self.server.serve(lambda: flags.stop_requests > 0,
+            where = _format_address(self.server.address[:2])
+            log.info('status endpoint listening on http://%s/ (%s)', where,
+                     how)
+            self.notifier.ready('serving http://%s/' % where)
+            self.server.serve(lambda: flags.stop_requests > 0 or
+                              self.preflight.refusal is not None,
                               tick=self._tick)
             self.notifier.stopping()
+            if self.preflight.refusal is not None:
+                raise self.preflight.refusal
             log.info('status endpoint stopped on %s after %d request(s)',
                      signal_name(flags.last_stop_signal),
                      self.server.requests)

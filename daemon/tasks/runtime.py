@@ -109,7 +109,10 @@ class TaskRun:
 
     def check_timeout(self):
         """Raise TaskTimeout once the task's time limit has passed (the
-        cooperative check; process workers also get a hard SIGALRM)."""
+        cooperative check, for code that may be inside a C call when the
+        limit passes: process workers also get SIGALRM, thread workers
+        TaskTimeout raised in their thread, which goes off only at the
+        next Python line; see docs/operations.md, "Tasks time out")."""
         if self.task is not None:
             self.task.check_timeout()
 

@@ -1,0 +1,87 @@
+"""What Redis holds per finished task (issue 16): the compact layout keeps
+one record, one history and one entry in each of two indexes per task,
+all ending with [journal] retention; Huey's result alone stays for
+[huey] result_timeout, and the results count is per hour, not per task.
+(The bytes against plain huey are bench/footprint.py's: a figure, not a
+test.)"""
+import pytest
+
+import sample_tasks
+from ops_helpers import wait_for_state
+from huey_worker.journal.reads import read_task, replies, results_held_command
+
+pytestmark = pytest.mark.timeout(120)
+
+COUNT = 200
+
+
+def test_per_task_keys_and_their_lifetimes(producer, base_env, start_daemon):
+    storage, conn, keys = producer.storage, producer.storage.conn, \
+        producer.keys
+    results = [sample_tasks.add(i, 1) for i in range(COUNT)]
+    consumer = start_daemon(['consumer', '--workers', '2'], base_env)
+    consumer.wait_for_output('consumer ready')
+    for result in results:
+        wait_for_state(producer, result.id, 'complete')
+    retention = producer.config.journal.retention
+    assert 0 < retention < producer.config.huey.result_timeout
+
+    per_task = {}
+    for raw in conn.scan_iter(count=1000):
+        key = raw.decode()
+        for result in results[:1]:
+            if result.id in key:
+                per_task[key.replace(result.id, 'ID')] = conn.ttl(raw)
+    assert set(per_task) == {'hw:huey:task:ID', 'hw:huey:task-log:ID',
+                             storage.result_key('ID').decode()}
+    assert per_task['hw:huey:task:ID'] <= retention
+    assert per_task['hw:huey:task-log:ID'] <= retention
+    assert per_task[storage.result_key('ID').decode()] > retention
+    # Two index entries per task, none in the first layout's indexes.
+    assert conn.zcard(keys.journal_state('complete')) == COUNT
+    assert conn.zcard(keys.journal_name('sample_tasks.add')) == COUNT
+    assert not conn.exists(keys.journal_recent, keys.journal_results)
+    # Results counted by the hour.
+    assert replies(storage.pool, [results_held_command(storage)]) == [COUNT]
+    assert conn.hlen(keys.journal_held) <= 2
+    # The record stays in Redis's compact encoding and holds no field the
+    # key or the storage already says; reads still show them.
+    record_key = keys.task(results[0].id)
+    assert conn.object('encoding', record_key) == b'listpack'
+    assert not conn.hexists(record_key, 'id')
+    assert not conn.hexists(record_key, 'queue')
+    shown = read_task(producer, storage, results[0].id)
+    assert shown['id'] == results[0].id and shown['queue'] == 'huey'
+    assert shown['result'] == 1
+
+
+def test_a_record_written_by_the_first_layout_still_reads(producer):
+    """Records of the first layout (id and queue fields, listed in
+    journal:recent and journal:results) read as before until they
+    expire, and count among the results held."""
+    import time
+    storage, conn, keys = producer.storage, producer.storage.conn, \
+        producer.keys
+    now = time.time()
+    conn.hset(keys.task('old-one'), mapping={
+        'id': 'old-one', 'queue': 'huey', 'name': 'sample_tasks.add',
+        'state': 'complete', 'finished': now, 'updated': now,
+        'result': '3'})
+    conn.rpush(keys.task_log('old-one'),
+               '{"state": "complete", "at": %r}' % now)
+    conn.zadd(keys.journal_results, {'old-one': now})
+    shown = read_task(producer, storage, 'old-one')
+    assert shown['state'] == 'complete' and shown['result'] == 3
+    assert [e['state'] for e in shown['history']] == ['complete']
+    assert replies(storage.pool, [results_held_command(storage)]) == [1]
+
+
+def test_expired_record_answers_from_hueys_result(producer):
+    """After [journal] retention the record is gone; Huey's result (kept
+    for result_timeout) still answers: the summary kept."""
+    storage = producer.storage
+    storage.put_data('gone-record', producer.serializer.serialize(42),
+                     is_result=True)
+    shown = read_task(producer, storage, 'gone-record')
+    assert shown['state'] == 'complete' and shown['result'] == 42
+    assert shown['queue'] == 'huey'
