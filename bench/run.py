@@ -16,6 +16,7 @@ import datetime
 import os
 import platform
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -24,8 +25,8 @@ BENCH = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(BENCH)
 sys.path[:0] = [ROOT, BENCH]
 
-SECTIONS = ('throughput', 'latency', 'enqueue', 'footprint', 'status', 'pdf',
-            'recovery')
+SECTIONS = ('throughput', 'latency', 'enqueue', 'footprint', 'status',
+            'scrape', 'pdf', 'recovery')
 
 
 def parse_args(argv):
@@ -406,6 +407,30 @@ def footprint(bench, table, results):
     table.row('suite, by key (MEMORY USAGE): ' + ', '.join(
         '%s %.0f' % (name, size) for name, size in
         sorted(parts.items(), key=lambda p: -p[1])), '', '', '', '')
+
+
+def scrape(bench, table, results):
+    """/metrics and the console's polls against a large journal: absolute
+    figures (plain huey has neither), from bench/metrics_scrape.py and
+    bench/console_load.py, each on a private Redis of its own."""
+    quick = ['--quick'] if bench.args.quick else []
+    table.section('/metrics scrape and console polls with 100,000 journal '
+                  'records, 10 task names (absolute: plain huey has '
+                  'neither)' if not quick else
+                  '/metrics scrape and console polls (quick: 500 records)',
+                  ['figures'])
+    lines = []
+    for script in ('metrics_scrape.py', 'console_load.py'):
+        done = subprocess.run([sys.executable, os.path.join(BENCH, script)] +
+                              quick, capture_output=True, text=True,
+                              timeout=1800)
+        if done.returncode != 0:
+            raise RuntimeError('%s failed: %s' % (script,
+                                                   done.stderr[-500:]))
+        lines += [line for line in done.stdout.splitlines() if line.strip()]
+    for line in lines:
+        table.row(line)
+    results['scrape'] = lines
 
 
 def status(bench, table, results):

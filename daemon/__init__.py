@@ -6,7 +6,8 @@ app is imported on first use of the name, so `import huey_worker` (the CLI,
 """
 __version__ = '0.1.0'
 
-__all__ = ['huey', '__version__', 'check_cancelled', 'TaskCanceled']
+__all__ = ['huey', '__version__', 'check_cancelled', 'report_progress',
+           'TaskCanceled']
 
 
 def __getattr__(name):
@@ -16,6 +17,9 @@ def __getattr__(name):
     if name == 'check_cancelled':
         from .progress import check_cancelled
         return check_cancelled
+    if name == 'report_progress':
+        from .progress import report_progress
+        return report_progress
     if name == 'TaskCanceled':
         from .worker import TaskCanceled
         return TaskCanceled

@@ -333,11 +333,16 @@ def derive(cfg, app):
     if original['expire_time']:
         take('huey.result_timeout', int(original['expire_time']))
     take('huey.store_none', bool(original['store_none']))
-    if original['immediate'] and not values['huey.immediate']:
+    if original['immediate'] and not _explicit(cfg, 'huey.immediate'):
         # Producers built from this module run their tasks themselves.
         values['huey.immediate'] = True
         sources['huey.immediate'] = Source(
             'app', 'app %s (built with immediate=True)' % cfg.huey.app)
+    elif original['immediate'] and not values['huey.immediate']:
+        notes.append('the app was built with immediate=True (producers '
+                     'importing it run their tasks themselves); [huey] '
+                     'immediate = false (%s) runs it against Redis here'
+                     % cfg.source('huey.immediate'))
     if not any(_explicit(cfg, name) for name in NAMES_A_REDIS):
         found = redis_values(original['pool'])
         if found is None:

@@ -135,6 +135,13 @@ class Consumer(MainLoop):
         if self._with_redis_or_stop(lambda: self.storage.check_queue_key(
                 str(cfg.source('huey.queue'))) or True) is None:
             return False
+        # Before taking anything over from "a previous run": a live
+        # consumer under the same identity is no previous run (78).
+        other = self._with_redis_or_stop(lambda: [self._identity_in_use()])
+        if other is None:
+            return False
+        if other[0] is not None:
+            raise self._shared_identity_error(other[0])
         moved = self._with_redis_or_stop(
             lambda: self.delivery.requeue_consumer(self.identity, 'lost'))
         if moved is None:
@@ -570,6 +577,55 @@ class Consumer(MainLoop):
             except REDIS_ERRORS as exc:
                 self._waiting(exc)
         return False
+
+    def _identity_in_use(self):
+        """The heartbeat record of another live consumer under this
+        identity, or None.  A record left by this process before a reload
+        (same pid) or by a dead process of this host is no other; else
+        the record must change within two beats to count as alive."""
+        key = self.keys.consumer(self.identity)
+        conn = self.storage.conn
+        try:
+            before = json.loads(conn.get(key) or 'null')
+        except ValueError:
+            return None
+        if not isinstance(before, dict):
+            return None
+        pid = before.get('pid')
+        if before.get('host') == hostname() and isinstance(pid, int):
+            if pid == os.getpid():
+                return None   # this process, before its reload
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return None   # its previous run died
+            except PermissionError:
+                pass
+        self.pause(min(2 * self.cfg.delivery.heartbeat_interval,
+                       self.cfg.delivery.recovery_timeout))
+        try:
+            after = json.loads(conn.get(key) or 'null')
+        except ValueError:
+            return None
+        if isinstance(after, dict) and \
+                after.get('heartbeat') != before.get('heartbeat'):
+            return after
+        return None
+
+    def _shared_identity_error(self, other):
+        cfg = self.cfg
+        setting = 'identity' if cfg.consumer.identity else 'instance'
+        return ConfigError(
+            'consumer identity %r is in use by a live consumer (pid %s on '
+            '%s, started %s): a second one under it would put that one\'s '
+            'tasks back as a dead predecessor\'s while they run, and both '
+            'would run them.  Give this consumer its own [consumer] '
+            'instance (huey-worker@NAME.service does) or identity'
+            % (self.identity, other.get('pid'), other.get('host'),
+               time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(
+                   other.get('started') or 0))),
+            'consumer', setting, getattr(cfg.consumer, setting),
+            origin=str(cfg.source('consumer.' + setting)))
 
     def _with_redis_or_stop(self, operation):
         while not self.flags.stop_requests:

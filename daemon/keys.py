@@ -16,6 +16,9 @@ class Keys:
         # of plain ones: zset member -> -priority (daemon/storage.py).
         self.priority = p + 'priority'
         self.priority_seq = p + 'priority:seq'  # FIFO within a priority
+        # Set by an adopted PriorityRedisHuey's consumers and CLI: the queue
+        # is Huey's sorted set (storage.NATIVE_LAYOUT), even while empty.
+        self.layout = p + 'layout'
         # Scheduler (leader election and what it did); written by the
         # scheduler daemon, read by the status endpoint and CLI.
         self.scheduler_lease = p + 'scheduler:lease'  # owner token, PX lease

@@ -57,6 +57,8 @@ from .keys import Keys
 log = logging.getLogger('huey_worker.storage')
 
 TAG = b'\x00'
+# Keys.layout of an adopted PriorityRedisHuey's queue.
+NATIVE_LAYOUT = b'priority-redis-huey'
 MARKER = b'\x00priority'
 SEQ_DIGITS = 16
 _UNSEQUENCED = b'0' * SEQ_DIGITS
@@ -322,6 +324,9 @@ class SuiteStorage(RedisExpireStorage):
 
     def __init__(self, name='huey', expire_time=604800, **kwargs):
         super().__init__(name, expire_time=expire_time, **kwargs)
+        # The name as configured ('pdf-tasks'): Huey's keys use it cleaned
+        # of everything but letters and digits (self.name, 'pdftasks').
+        self.queue_name = name
         self.keys = Keys(self.name)
         self.priority_key = self.keys.priority
         self._local = threading.local()
@@ -707,6 +712,18 @@ class SuiteStorage(RedisExpireStorage):
         keeps a list (Redis would answer WRONGTYPE to every read, which is
         no outage to wait out).  RedisError when Redis cannot answer."""
         from .config import ConfigError
+        # Huey deletes an empty sorted set: an adopted PriorityRedisHuey's
+        # queue leaves this mark (its consumers and CLI write it), so a
+        # drained queue is not taken for a list's either.
+        mark = self.conn.get(self.keys.layout)
+        if mark == NATIVE_LAYOUT and not isinstance(self,
+                                                    NativePriorityQueue):
+            raise ConfigError(
+                'the queue %r is a PriorityRedisHuey app\'s (%s names it, '
+                'a sorted set at %r while tasks wait): run that app with '
+                '[huey] app = MODULE:ATTRIBUTE, here too (docs/adoption.md)'
+                % (self.name, self.keys.layout, self.queue_key),
+                'huey', 'queue', self.name, origin=origin)
         for key, allowed in self.queue_key_types().items():
             kind = self.conn.type(key)
             kind = kind.decode() if isinstance(kind, bytes) else str(kind)
@@ -715,6 +732,10 @@ class SuiteStorage(RedisExpireStorage):
             if kind == 'zset':
                 why = ('a PriorityRedisHuey writes this queue: run that app '
                        'with [huey] app = MODULE:ATTRIBUTE (docs/adoption.md)')
+            elif kind == 'list':
+                why = ('the suite\'s own app or a RedisHuey wrote it (a '
+                       'command run without [huey] app?); once its tasks '
+                       'are run or moved, DEL %s' % key)
             else:
                 why = 'something other than Huey wrote it'
             raise ConfigError(
@@ -912,6 +933,10 @@ class NativePriorityQueue:
     def queue_key_types(self):
         return dict(super().queue_key_types(),
                     **{self.native_key: ('zset', 'none')})
+
+    def check_queue_key(self, origin=None):
+        super().check_queue_key(origin)
+        self.conn.set(self.keys.layout, NATIVE_LAYOUT)
 
     def queue_size_commands(self):
         return super().queue_size_commands() + [('ZCARD', self.native_key)]

@@ -44,6 +44,13 @@ from .tasks.runtime import TaskRejected
 log = logging.getLogger('huey_worker.worker')
 task_log = logging.getLogger('huey_worker.task')
 
+
+def _attempt_of(task):
+    """The `extra` of a task's log line: its attempt (the journal's count
+    of runs, this one included) when the journal told it."""
+    attempt = getattr(task, 'hw_attempt', None)
+    return {'attempt': attempt} if attempt is not None else None
+
 # The last Huey signal seen in this thread names a delivery's outcome.
 _SIGNAL_STATE = {
     S.SIGNAL_COMPLETE: 'complete', S.SIGNAL_ERROR: 'failed',
@@ -591,7 +598,8 @@ class Worker:
         slot.task_timeout = float(task.timeout or 0)
         slot.busy = 1
         if self.log_start:
-            task_log.info('start %s %s', name, task.id)
+            task_log.info('start %s %s', name, task.id,
+                          extra=_attempt_of(task))
 
     def _run(self, task):
         storage = self.storage
@@ -940,10 +948,11 @@ class Worker:
             # traceback Huey would have logged.
             task_log.warning('end %s %s %s %.3fs (rejected, not retried: '
                              '%s: %s)', self._name, task.id, state, duration,
-                             type(rejected).__name__, rejected)
+                             type(rejected).__name__, rejected,
+                             extra=_attempt_of(task))
         elif self.log_end:
             task_log.info('end %s %s %s %.3fs', self._name, task.id, state,
-                          duration)
+                          duration, extra=_attempt_of(task))
 
     def _ack(self, raw, prefetch):
         """Send the outcome and the ack of `raw`; with `prefetch`, the next

@@ -7,16 +7,13 @@ real signals, the session's private Redis."""
 import json
 import os
 import signal
-import subprocess
-import sys
-import uuid
 
 import pytest
 
-from ops_helpers import (Client, history_states, start_status_server,
+from ops_helpers import (Client, cli, history_states, start_status_server,
                          task_record, wait_for_state, wait_until)
+from task_module_helpers import consumer_env, task_module
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TASKS = '''
 import os
@@ -87,35 +84,14 @@ def note_task(log, token):
 
 @pytest.fixture
 def tasks(tmp_path, producer):
-    name = 'canceltasks_%s' % uuid.uuid4().hex[:8]
-    code = tmp_path / 'code'
-    code.mkdir()
-    (code / (name + '.py')).write_text(TASKS)
-    sys.path.insert(0, str(code))
-    try:
-        module = __import__(name)
-    finally:
-        sys.path.remove(str(code))
-    module.name = name
-    module.env = {'HUEY_MODULES': name,
-                  'HUEY_WORKER_TASKS_PYTHON_PATH': str(code),
-                  'HUEY_WORKER_TASKS_BUILTIN': 'false',
-                  'HUEY_STATUS_TOKEN': 't0ken',
-                  'HUEY_WORKER_DELIVERY_HEARTBEAT_INTERVAL': '0.5',
-                  'HUEY_WORKER_DELIVERY_RECOVERY_TIMEOUT': '3'}
-    return module
+    with task_module(producer, tmp_path, TASKS, 'canceltasks') as module:
+        module.env.update({'HUEY_STATUS_TOKEN': 't0ken',
+                           'HUEY_WORKER_DELIVERY_HEARTBEAT_INTERVAL': '0.5',
+                           'HUEY_WORKER_DELIVERY_RECOVERY_TIMEOUT': '3'})
+        yield module
 
 
-def env_of(base_env, tasks, **extra):
-    env = dict(base_env, **tasks.env)
-    env.update({k: str(v) for k, v in extra.items()})
-    return env
-
-
-def cli(env, *args):
-    return subprocess.run([sys.executable, '-m', 'huey_worker'] + list(args),
-                          env=env, cwd=ROOT, capture_output=True, text=True,
-                          timeout=60)
+env_of = consumer_env
 
 
 def lines(log):

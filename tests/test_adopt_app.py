@@ -354,6 +354,13 @@ def test_derive_treats_an_immediate_app_as_immediate(tmp_path):
     assert derived.huey.immediate is True
     assert 'built with immediate=True' in str(derived.source(
         'huey.immediate'))
+    # Set false explicitly (the consumer's own environment): it wins, noted.
+    cfg = _config(tmp_path, {'HUEY_WORKER_HUEY_IMMEDIATE': 'false'},
+                  '[huey]\napp = core.huey:huey\n')
+    derived, notes = adopt.derive(cfg, app)
+    assert derived.huey.immediate is False
+    assert any('built with immediate=True' in n and
+               'env HUEY_WORKER_HUEY_IMMEDIATE' in n for n in notes), notes
 
 
 def test_file_apps_are_refused_with_the_reason_priority_apps_taken(

@@ -5,8 +5,9 @@ nothing).  A live suite -- the session's private Redis, a real consumer,
 scheduler and status-server started as processes, real tasks -- and each
 action clicked as an operator would: retry a failed task (signing in
 first), revoke a scheduled one and restore it, requeue and purge dead
-letters, purge a queue after its confirmation; each effect is checked in
-Redis and on the page.  Then the page with the status server's Redis
+letters, purge a queue after its confirmation, cancel a running task,
+pause and resume a queue, read a failed task's traceback; each effect is
+checked in Redis and on the page.  Then the page with the status server's Redis
 stopped: it says so and keeps working, and recovers when Redis is back.
 
 Screenshots of each page go to docs/console/ (docs/console.md shows
@@ -119,9 +120,15 @@ class Page:
         self.click('#confirm-ok')
         return text
 
-    def shot(self, name):
+    def shot(self, name, at=None):
+        """docs/console/NAME.png of the window, scrolled to the top or to
+        the element `at` (a CSS selector)."""
         os.makedirs(SHOTS, exist_ok=True)
-        self.driver.execute_script('window.scrollTo(0, 0)')
+        if at is None:
+            self.driver.execute_script('window.scrollTo(0, 0)')
+        else:
+            self.driver.execute_script(
+                'document.querySelector(arguments[0]).scrollIntoView()', at)
         time.sleep(0.3)   # the chart's canvas paints on the next frame
         self.driver.save_screenshot(os.path.join(SHOTS, name + '.png'))
 
@@ -357,3 +364,80 @@ def test_the_page_with_the_status_servers_redis_down(browser, base_env,
         assert page.errors() == []
     finally:
         own.cleanup()
+
+
+def test_cancel_pause_resume_and_a_traceback_in_a_browser(
+        browser, env, producer, start_daemon):
+    import sample_tasks
+    conn = producer.storage.conn
+    paused_key = 'hw:%s:paused' % producer.storage.name
+    consumer = start_daemon(['consumer', '--workers', '2', '--worker-type',
+                             'thread'], env, 'consumer')
+    consumer.wait_for_output('consumer ready')
+    _, port = start_status_server(start_daemon, env)
+    failed = sample_tasks.boom().id
+    # Reports progress in a loop, so its worker sees the cancel mark.
+    running = sample_tasks.progress_steps(100000, pause=0.05).id
+    wait_for_state(producer, failed, 'failed')
+    wait_until(lambda: (task_record(producer, running) or {}).get(
+        'progress'), what='the task reporting progress')
+    page = Page(browser, port)
+
+    # -- a failed task's traceback, as the journal keeps it ------------------
+    page.open('#/task/' + failed)
+    traceback = page.text('#task-error pre.traceback')
+    assert traceback.startswith('Traceback (most recent call last):')
+    assert 'in boom' in traceback
+    assert traceback.rstrip().endswith('ValueError: boom')
+    # Scrolled to its end, it stays there while the page polls on (a
+    # re-render would put it back at its first line).
+    tail = ('const pre = document.querySelector("#task-error pre");'
+            'pre.scrollTop = pre.scrollHeight; return pre.scrollTop')
+    scrolled = browser.execute_script(tail)
+    assert scrolled > 0
+    before = page.find('body').get_attribute('data-polled')
+    page.wait(lambda: page.find('body').get_attribute('data-polled') !=
+              before, 'another poll')
+    assert browser.execute_script('return document.querySelector('
+                                  '"#task-error pre").scrollTop') == scrolled
+    page.shot('task-traceback', at='#task-error')
+
+    # -- cancel the running task: confirm, sign in, it ends canceled ---------
+    page.open('#/task/' + running)
+    page.has_text('#task-state', 'running')
+    page.click('#task-actions button[data-action="cancel"]')
+    page.confirm('Cancel the running task %s?' % running)
+    page.sign_in(TOKEN)
+    record = wait_for_state(producer, running, 'canceled')
+    assert 'canceled' in [e['state'] for e in record['history']]
+    page.has_text('#task-state', 'canceled')
+    page.has_text('#task-history', 'canceled')
+    assert not browser.find_elements(
+        By.CSS_SELECTOR, '#task-actions button[data-action="cancel"]')
+
+    # -- pause the queue: what is enqueued then stays pending ----------------
+    row = '#queue-table tr[data-queue="huey"]'
+    page.open('')
+    page.click(row + ' button[data-action="pause"]')
+    wait_until(lambda: conn.exists(paused_key), what=paused_key)
+    page.has_text(row + ' [data-field=paused]', 'paused')
+    page.has_text('#notice', 'Queue huey paused.')
+    consumer.wait_for_output('queue huey paused')
+    held = sample_tasks.add(2, 3).id
+    page.wait(lambda: page.find(row + ' [data-field=pending]').text == '1',
+              'one pending on the overview')
+    before = page.find('body').get_attribute('data-polled')
+    page.wait(lambda: page.find('body').get_attribute('data-polled') !=
+              before, 'another poll')
+    assert page.find(row + ' [data-field=pending]').text == '1'
+    assert task_record(producer, held)['state'] == 'pending'
+    page.shot('overview-paused')
+
+    # -- resume: it runs -----------------------------------------------------
+    page.click(row + ' button[data-action="resume"]')
+    assert wait_for_state(producer, held, 'complete')['result'] == 5
+    assert not conn.exists(paused_key)
+    page.has_text(row + ' [data-field=paused]', 'active')
+    page.wait(lambda: page.find(row + ' [data-field=pending]').text == '0',
+              'no pending task on the overview')
+    assert page.errors() == []

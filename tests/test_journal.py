@@ -139,10 +139,17 @@ def test_every_state_in_thread_mode(producer, base_env, start_daemon,
     assert task_record(producer, done.id)['result'] == 42
 
     record = wait_for_state(producer, failed.id, 'failed')
-    assert record['error'] == {'type': 'ValueError', 'message': 'boom',
-                               'dead_letter': None}
+    # Failed for good: the traceback too, ending where it was raised.
+    error = dict(record['error'])
+    trace = error.pop('traceback')
+    assert trace.startswith('Traceback (most recent call last):')
+    assert trace.rstrip().endswith('ValueError: boom')
+    assert 'sample_tasks.py' in trace
+    assert error == {'type': 'ValueError', 'message': 'boom',
+                     'dead_letter': None}
 
     record = wait_for_state(producer, retrying.id, 'retrying')
+    assert 'traceback' not in record['error']   # a retry's would be replaced
     assert record['retries_left'] == 1 and record['retries_total'] == 2
     # retry_delay 3600, drawn between half of it and all of it (jitter).
     assert time.time() + 1800 - 60 <= record['next_retry'] <= \

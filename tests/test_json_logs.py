@@ -46,8 +46,10 @@ def test_json_lines_from_every_process_and_after_rotation(
     status, _ = start_status_server(start_daemon, env)
     done = sample_tasks.add(1, 2)
     failed = sample_tasks.boom()
+    retried = sample_tasks.fail_once(str(tmp_path / 'fail-once'))
     wait_for_state(producer, done.id, 'complete')
     wait_for_state(producer, failed.id, 'failed')
+    wait_for_state(producer, retried.id, 'complete')
 
     def ends_logged():
         records = json_lines(log_path.read_text())
@@ -65,6 +67,14 @@ def test_json_lines_from_every_process_and_after_rotation(
     start = [r for r in records if r.get('task_id') == done.id
              and r['message'].startswith('start ')][0]
     assert start['outcome'] == 'started'
+    # The attempt (the journal's count of runs) on start and end lines.
+    assert start['attempt'] == 1 and end['attempt'] == 1
+    def retried_ends():
+        ends = [r['attempt'] for r in json_lines(log_path.read_text())
+                if r.get('task_id') == retried.id and
+                r['message'].startswith('end ')]
+        return ends if len(ends) == 2 else None
+    assert sorted(wait_until(retried_ends, what='the retried ends')) == [1, 2]
     boom = [r for r in records if r.get('task_id') == failed.id
             and r['message'].startswith('end ')][0]
     assert boom['outcome'] == 'failed'

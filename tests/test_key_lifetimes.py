@@ -44,6 +44,9 @@ ALLOWED = [
                                   'then set to expire'),
     (r'hw:huey:journal:name:.+', 'name indexes: as the state indexes'),
     (r'hw:huey:scheduler:info', 'what the scheduler did last: one value'),
+    (r'hw:huey:layout', 'an adopted PriorityRedisHuey\'s queue: one value'),
+    (r'hw:huey:paused', 'a paused queue: until resumed'),
+    (r'hw:huey:events', 'pause and resume events: capped at 100'),
     (r'hw:huey:locks:.*', 'task lock owners: removed with the lock'),
     (r'huey\.lock\..+', 'a task lock (Huey\'s): deleted when its task ends, '
                         'released when its worker dies'),

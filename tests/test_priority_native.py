@@ -378,3 +378,21 @@ def test_the_suites_own_app_on_a_priority_apps_queue_is_a_config_error(
         assert '[huey] app = MODULE:ATTRIBUTE' in out, out
         assert 'env HUEY_QUEUE_NAME' in out, out
     assert plain.queue_size() == 1
+
+
+def test_a_drained_priority_apps_queue_is_still_refused_to_others(
+        base_env, storage, plain):
+    """Redis deletes an empty sorted set; the adopted app's consumers and
+    CLI leave a mark, so a command run without [huey] app does not write
+    a list where the producers' sorted set goes."""
+    plain.enqueue(b'\x80x', 3)
+    storage.check_queue_key()              # what a consumer does at start
+    assert storage.conn.get('hw:nat:layout') == b'priority-redis-huey'
+    storage.conn.delete(storage.native_key)    # drained
+    env = dict(base_env, HUEY_QUEUE_NAME='nat')
+    done = subprocess.run([sys.executable, '-m', 'huey_worker', 'submit',
+                           'sample_tasks.add', '1', '2'], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 78, done.stderr
+    assert "is a PriorityRedisHuey app's (hw:nat:layout" in done.stderr
+    assert not storage.conn.exists('huey.redis.nat')   # nothing written

@@ -83,8 +83,10 @@ def test_a_rejection_is_one_warning_line_and_no_retry(
     record = wait_terminal(producer, result.id)
     reason = '[pdf] input_root %s is not a directory' % missing
     assert record['state'] == 'failed', record
-    assert record['error'] == {'type': 'PdfRejected', 'message': reason,
-                               'dead_letter': None}
+    error = dict(record['error'])
+    assert error.pop('traceback').rstrip().endswith('PdfRejected: ' + reason)
+    assert error == {'type': 'PdfRejected', 'message': reason,
+                     'dead_letter': None}
     assert record['attempt'] == 1 and record['retries_left'] == 0
     assert history(record) == ['pending', 'running', 'failed']
     with pytest.raises(TaskException) as stored:

@@ -61,7 +61,7 @@ local waiting = state == 'pending' or state == 'scheduled'
   or state == 'retrying'
 local back
 if state ~= 'revoked' then
-  if not waiting then return {0, 'state', state} end
+  if not waiting then return {0, 'restore-state', state} end
   -- Revoked by Huey's own revoke_by_id (a producer), not by an action:
   -- the mark is all there is to undo.
   if ARGV[1] ~= 'id' or redis.call('DEL', KEYS[3]) == 0 then
@@ -96,6 +96,8 @@ return {1, 'restored', back}
 WHY = {
     'unknown': 'unknown task id (never enqueued, or its record expired)',
     'state': 'only pending, scheduled or retrying tasks can be revoked',
+    'restore-state': 'only a revoked task (or a pending, scheduled or '
+                     'retrying one revoked by Huey itself) can be restored',
     'ended': 'a worker took it and skipped it: it has ended revoked '
              '(retry it to run it)',
     'by-name': 'it is revoked with its whole task name: restore the name '

@@ -104,8 +104,13 @@ def redis_unreachable(error):
     """One line naming the Redis tried (never its password), exit 69."""
     cfg = app_module.current().config
     where = (' at %s' % redisconn.describe(cfg)) if cfg is not None else ''
-    fail(EX_UNAVAILABLE, 'Redis unreachable%s (%s)' % (
-        where, ' '.join(str(error).split()) or type(error).__name__))
+    # error_text: with the code redis-py strips (READONLY, MASTERDOWN...).
+    text = redisconn.error_text(error) if isinstance(error, BaseException) \
+        else str(error)
+    fail(EX_UNAVAILABLE, 'Redis %s%s (%s)' % (
+        redisconn.outage_word(error) if isinstance(error, BaseException)
+        else 'unreachable', where,
+        ' '.join(text.split()) or type(error).__name__))
 
 
 def output_closed():

@@ -6,11 +6,6 @@ from .actions_common import action_errors, actor
 from .ops_common import connect, ops_command, print_json
 
 
-def queue_option(fn):
-    return click.option('--queue', metavar='NAME', help='The queue: [huey] '
-                        'queue (the default) or one of [status] queues.')(fn)
-
-
 def say(result):
     """The line a pause or resume prints."""
     info = result.get('pause') or result.get('was') or {}
@@ -30,15 +25,15 @@ def say(result):
 @click.command('pause')
 @click.option('--reason', metavar='TEXT', help='Why (shown by status and '
               'in the queue events).')
-@queue_option
 @ops_command
 @action_errors
-def command(reason, queue, as_json, **params):
+def command(reason, as_json, **params):
     """Pause the queue on every host: workers finish the tasks they run
     and take nothing new until `huey-worker resume`; consumers started
     meanwhile start paused.  Producers and the scheduler go on filling
     the queue.  Each consumer applies it within half a second.  Exit 0
-    (also when it was paused already), 66 for an unknown --queue."""
+    (also when it was paused already).  The queue is [huey] queue
+    (--queue NAME names another)."""
     app = connect(params)
-    result = actions.pause(app, actor(), queue, reason)
+    result = actions.pause(app, actor(), None, reason)
     print_json(result) if as_json else click.echo(say(result))

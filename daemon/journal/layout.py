@@ -3,6 +3,7 @@ encoded into the Redis hash (see daemon/journal/__init__.py for the keys)."""
 import datetime
 import inspect
 import json
+import traceback
 
 from .. import progress
 
@@ -30,6 +31,7 @@ KEEPS_MESSAGE = frozenset(('failed', 'revoked', 'canceled'))
 LOG_LENGTH = 50
 TRIM_EVERY = 50
 ERROR_MAX_CHARS = 2000
+TRACEBACK_MAX_CHARS = 4000
 DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0,
                     900.0, 3600.0, float('inf'))
 
@@ -184,10 +186,18 @@ def result_json(value, limit):
     return text, None
 
 
-def error_fields(exc):
+def error_fields(exc, with_traceback=False):
+    """The record's error fields for `exc`; with `with_traceback`, its
+    traceback too (the last TRACEBACK_MAX_CHARS characters: where it was
+    raised), for a task that failed for good."""
     message = str(exc)
-    return {'error_type': type(exc).__name__,
-            'error_message': message[:ERROR_MAX_CHARS]}
+    fields = {'error_type': type(exc).__name__,
+              'error_message': message[:ERROR_MAX_CHARS]}
+    if with_traceback and exc.__traceback__ is not None:
+        text = ''.join(traceback.format_exception(type(exc), exc,
+                                                  exc.__traceback__))
+        fields['error_traceback'] = text[-TRACEBACK_MAX_CHARS:]
+    return fields
 
 
 # --- the writer ----------------------------------------------------------------

@@ -193,6 +193,9 @@ class Purge:
         self.script = storage.conn.register_script(PURGE)
         self.removed = {}
         self.kept = self.round_trips = 0
+        # A dry run removes nothing, so a task found again by a later pass
+        # (an id in several indexes) must not be counted twice.
+        self._counted = set()
 
     def run(self):
         """{'removed': {state: n, '': entries without a record (results
@@ -236,12 +239,15 @@ class Purge:
                                      start=offset, num=self.batch)
             if not ids:
                 return
-            kept, skipped, removed = self._batch(ids, skip)
+            ids, counted = self._fresh(ids)
+            kept, skipped, removed = self._batch(ids, skip) if ids else \
+                (0, 0, 0)
             if count_kept:
                 self.kept += kept
             # What stays in the index is passed over next time; what went
             # no longer shifts the window (in a dry run it stays too).
-            offset += kept + skipped + (removed if self.dry_run else 0)
+            offset += counted + kept + skipped + (
+                removed if self.dry_run else 0)
 
     def _scan_pass(self):
         prefix = self.storage.keys.task('')
@@ -251,10 +257,23 @@ class Purge:
             ids.append(key[len(prefix):] if isinstance(key, str) else
                        key[len(prefix.encode()):])
             if len(ids) >= self.batch:
-                self._batch(ids, skip=2)
+                ids = self._fresh(ids)[0]
+                if ids:
+                    self._batch(ids, skip=2)
                 ids = []
+        ids = self._fresh(ids)[0]
         if ids:
             self._batch(ids, skip=2)
+
+    def _fresh(self, ids):
+        """(the ids a dry run has not looked at yet, how many it had);
+        every id, outside a dry run."""
+        ids = [i.decode() if isinstance(i, bytes) else i for i in ids]
+        if not self.dry_run:
+            return ids, 0
+        fresh = [i for i in ids if i not in self._counted]
+        self._counted.update(fresh)
+        return fresh, len(ids) - len(fresh)
 
     def _results_pass(self):
         """Huey's expiring result keys whose task has no record (it
@@ -290,6 +309,8 @@ class Purge:
             task_id = task_id[len(prefix):]
             if task_id.startswith(('r:', 'rt:')) or ':' in task_id:
                 continue   # Huey's revoke marks and other keys of its own
+            if self.dry_run and task_id in self._counted:
+                continue
             batch.append(task_id)
             if len(batch) >= self.batch:
                 send()

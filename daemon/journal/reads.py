@@ -17,6 +17,12 @@ from .layout import (ERROR_MAX_CHARS, FLOAT_FIELDS, INDEX_GROUPS, INDEX_OF,
 from .scripts import HELD_COUNT
 
 
+def queue_name(storage):
+    """The queue's name as configured ('pdf-tasks'), which records show;
+    Huey's keys use it cleaned ('pdftasks')."""
+    return getattr(storage, 'queue_name', storage.name)
+
+
 def _decode_number(text):
     for kind in (int, float):
         try:
@@ -99,6 +105,8 @@ def shape(record, history=None):
     if r.get('error_type'):
         error = {'type': r['error_type'], 'message': r.get('error_message'),
                  'dead_letter': r.get('dead_letter')}
+        if r.get('error_traceback'):
+            error['traceback'] = r['error_traceback']
     out = {
         'id': r.get('id'), 'name': r.get('name'), 'queue': r.get('queue'),
         'state': r.get('state'), 'terminal': r.get('state') in TERMINAL,
@@ -169,14 +177,14 @@ def read_task(app, storage, task_id, with_history=True):
             return None
         # Journal off when it ran, or its record expired first: Huey's
         # result is all there is.
-        record = {'id': task_id, 'queue': storage.name,
+        record = {'id': task_id, 'queue': queue_name(storage),
                   'state': 'complete'}
         _merge_huey_result(app, storage, task_id, record, result_len, limit)
         return shape(record, [] if with_history else None)
     record = decode_record(raw)
     # Not stored since the compact layout: the key and the storage say it.
     record.setdefault('id', task_id)
-    record.setdefault('queue', storage.name)
+    record.setdefault('queue', queue_name(storage))
     if 'result' not in record and 'result_omitted' not in record \
             and result_len and record.get('state') == 'complete':
         _merge_huey_result(app, storage, task_id, record, result_len, limit)
@@ -390,7 +398,7 @@ def find_tasks(app, storage, state=None, name=None, since=None, until=None,
             if raw:
                 record = decode_record(raw)
                 record.setdefault('id', task_id)
-                record.setdefault('queue', storage.name)
+                record.setdefault('queue', queue_name(storage))
                 if _matches(record, state, name, since, until, field):
                     found.append(shape(record))
             if len(found) >= limit or looked >= scan_max:

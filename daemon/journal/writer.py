@@ -296,7 +296,7 @@ class Journal:
         # Fewest commands on the hot path: the listing index, history trim
         # and time to live wait for the outcome (or the requeue of a
         # delivery that never gets one).
-        running_event = self._stage_change(
+        commands, running_event = self._change_commands(
             storage, task.id,
             {'name': name, 'state': 'running',
              'started': now, 'retries_left': task.retries},
@@ -304,6 +304,16 @@ class Journal:
             drop=RUNNING_DROPS,
             incr={'attempt': 1}, index=False, trim=False, expire=False,
             pairs=pairs, reindex=(WAITING_GROUPS, 'running'))
+        # Where the reply of the attempt's HINCRBY will be: on_started
+        # hands the attempt to the worker's log lines.
+        attempt_at = next(i for i, c in enumerate(commands)
+                          if c[0] == 'HINCRBY' and c[2] == 'attempt')
+
+        def attempt_probe(pipe):
+            stash.attempt_probe = (task_id, len(pipe.command_stack) +
+                                   attempt_at)
+            pipe.command_stack.extend((c, {}) for c in commands)
+        storage.stage(attempt_probe)
         # Whether the record was made at enqueue: every producer of the
         # suite writes retries_total then, so the HSETNX that fills it for
         # the others answers 1 only for a task first seen here (a plain
@@ -328,6 +338,14 @@ class Journal:
         seen, the listing index and the time to live.  Sent before the
         task body runs: one round trip, only for such tasks."""
         self._stash.wait = None
+        attempt_probe = getattr(self._stash, 'attempt_probe', None)
+        self._stash.attempt_probe = None
+        if attempt_probe is not None and attempt_probe[0] == task.id and \
+                attempt_probe[1] < len(replies):
+            attempt = replies[attempt_probe[1]]
+            if isinstance(attempt, int):
+                # Read by the worker's log lines (the JSON format's attempt).
+                task.hw_attempt = attempt
         due_probe = getattr(self._stash, 'due_probe', None)
         probe = getattr(self._stash, 'probe', None)
         self._stash.due_probe = None
@@ -415,7 +433,10 @@ class Journal:
             fields['next_retry' if state == 'retrying' else 'eta'] = eta
             event['eta'] = eta
         if exception is not None:
-            fields.update(error_fields(exception))
+            # The traceback only for a task that failed for good: the
+            # console's task page shows it (a retry's would be replaced).
+            fields.update(error_fields(exception,
+                                       with_traceback=state == 'failed'))
             event['error'] = fields['error_type']
         result_stored = False
         if state == 'complete':
@@ -449,6 +470,12 @@ class Journal:
                 # Counted by the hour of its end (reads.results_held_
                 # command): no per-task entry that outlives the record.
                 add(('HINCRBY', keys.journal_held, int(now // 3600), 1))
+                if not trim:
+                    # Its time to live goes with each count: a process
+                    # whose first outcome (the one that trims) came
+                    # before a FLUSHDB would leave it without one.
+                    add(('EXPIRE', keys.journal_held,
+                         result_ttl_of(storage) + 3600))
             if kept is not None:
                 add(('SET', keys.message(task.id), kept, 'EX', ttl))
             if trim:
@@ -673,7 +700,8 @@ def trim_commands(keys, name, state, now, ttl, result_ttl, index_max):
 
 
 RUNNING_DROPS = progress.PROGRESS_FIELDS + (
-    'finished', 'next_retry', 'duration', 'error_type', 'error_message')
+    'finished', 'next_retry', 'duration', 'error_type', 'error_message',
+    'error_traceback')
 WAITING_GROUPS = ('waiting',)
 
 _HUEY_ENQUEUE = Huey.enqueue.__code__

@@ -71,9 +71,15 @@ export function mount(root, ctx, where) {
     return h('p', { class: 'muted' }, t.terminal ? 'No result.' : 'Not finished yet.');
   }
 
+  let drawn = null;
   function render(t) {
     replace(head.querySelector('#task-state'), badge(t.state));
     renderActions(t);
+    // An unchanged record is not drawn again: a traceback being scrolled
+    // or selected for copying stays put between polls.
+    const key = JSON.stringify(t);
+    if (key === drawn) return;
+    drawn = key;
     const w = t.worker;
     replace(body,
       dl([
@@ -99,6 +105,7 @@ export function mount(root, ctx, where) {
       if (err.status === 404) {
         replace(body, h('p', { class: 'bad', id: 'task-unknown' }, `Unknown task id ${id} (never enqueued, or its record expired).`));
         replace(actionsBox);
+        drawn = null;
         return;
       }
       throw err;
