@@ -76,4 +76,7 @@ def test_find_and_page_over_more_than_5000_records(producer, env,
     assert client.get('/tasks?state=nosuch')[0] == 400
     assert client.get('/tasks?cursor=garbage')[0] == 400
     assert client.get('/tasks?since=yesterday')[0] == 400
+    for endless in ('nan', 'inf', '-inf'):   # no moment in time
+        assert client.get('/tasks?since=%s' % endless)[0] == 400, endless
+        assert client.get('/tasks?until=%s' % endless)[0] == 400, endless
     assert cli(env, 'find', '--since', 'soon').returncode == 65

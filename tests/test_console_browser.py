@@ -9,6 +9,7 @@ letters, purge a queue after its confirmation, cancel a running task,
 pause and resume a queue, read a failed task's traceback; each effect is
 checked in Redis and on the page.  Then the page with the status server's Redis
 stopped: it says so and keeps working, and recovers when Redis is back.
+And the tab hidden: the page stops polling, and polls again once shown.
 
 Screenshots of each page go to docs/console/ (docs/console.md shows
 them)."""
@@ -440,4 +441,72 @@ def test_cancel_pause_resume_and_a_traceback_in_a_browser(
     page.has_text(row + ' [data-field=paused]', 'active')
     page.wait(lambda: page.find(row + ' [data-field=pending]').text == '0',
               'no pending task on the overview')
+    assert page.errors() == []
+
+
+# The console's poll period (POLL_MS in assets/app.js), in seconds.
+POLL_S = 2.5
+
+# Counts the page's requests (fetch is looked up at each call in api.js, so
+# a wrapper installed after load sees them all) and lets the test say
+# whether the tab is hidden: headless chromium reports every tab visible,
+# so the test overrides what the console reads and sends the event it
+# listens to, as the browser does when the tab goes to the background.
+WATCH_FETCH_AND_VISIBILITY = '''
+window.__fetched = [];
+const fetch0 = window.fetch;
+window.fetch = function (input, init) {
+  window.__fetched.push(new URL(String(input), document.baseURI).pathname);
+  return fetch0.apply(this, arguments);
+};
+window.__hidden = false;
+Object.defineProperty(document, 'visibilityState', {configurable: true,
+  get: () => (window.__hidden ? 'hidden' : 'visible')});
+Object.defineProperty(document, 'hidden', {configurable: true,
+  get: () => window.__hidden});
+'''
+# Hides or shows the tab; returns the paths fetched while the event was
+# handled (synchronously, as a poll's requests all start at once).
+SET_HIDDEN = '''
+const before = window.__fetched.length;
+window.__hidden = arguments[0];
+document.dispatchEvent(new Event('visibilitychange'));
+return window.__fetched.slice(before);
+'''
+
+
+def test_polling_pauses_while_the_tab_is_hidden(browser, env, start_daemon):
+    _, port = start_status_server(start_daemon, env)
+    page = Page(browser, port)
+    page.open('')
+    page.has_text('#redis-reachable', 'Redis reachable')
+    browser.execute_script(WATCH_FETCH_AND_VISIBILITY)
+    # Visible: it polls on, each poll fetching the overview's routes.
+    page.wait(lambda: '/queue' in browser.execute_script(
+        'return window.__fetched'), 'a poll while visible')
+
+    assert browser.execute_script(SET_HIDDEN, True) == []
+    page.wait(lambda: page.find('#live-state').get_attribute('data-kind') ==
+              'paused', 'the live state paused')
+    assert page.find('#live-state').text == 'paused (tab hidden)'
+    # Every request of a poll starts when the poll does, so none started
+    # from here on belongs to a poll begun before the tab was hidden.
+    hidden_at = browser.execute_script('return window.__fetched.length')
+    # Two poll periods and a margin: a console that ignored the tab's
+    # visibility would poll at least twice in this window.
+    time.sleep(2 * POLL_S + 1)
+    assert browser.execute_script(
+        'return window.__fetched.slice(arguments[0])', hidden_at) == []
+    assert page.find('#live-state').text == 'paused (tab hidden)'
+
+    # Visible again: a poll at once (in the event's handler), then on.
+    fetched = browser.execute_script(SET_HIDDEN, False)
+    assert {'/health', '/queue', '/workers', '/tasks', '/activity',
+            '/periodic'} <= set(fetched), fetched
+    shown_at = browser.execute_script('return window.__fetched.length')
+    page.wait(lambda: browser.execute_script(
+        'return window.__fetched.length') > shown_at,
+        'the next poll after the tab is shown')
+    page.wait(lambda: page.find('#live-state').get_attribute('data-kind') ==
+              'live', 'the live state live again')
     assert page.errors() == []

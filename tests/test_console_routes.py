@@ -144,7 +144,12 @@ def test_what_is_not_an_asset_is_not_served(server):
         status, _, _ = server.request('GET', path, auth=False)
         assert status == 404, path
     assert server.request('POST', '/console/', auth=False)[0] == 405
-    assert server.request('GET', '/console/?x=1', auth=False)[0] == 400
+    # Refusals carry the console's headers too.
+    for path in ('/console/?x=1', '/console/assets/app.js?v=1&v=2'):
+        status, headers, _ = server.request('GET', path, auth=False)
+        assert status == 400, path
+        assert "default-src 'self'" in headers['Content-Security-Policy']
+        assert headers['X-Frame-Options'] == 'DENY'
 
 
 def test_the_vendored_chart_library_is_the_one_its_notice_records():

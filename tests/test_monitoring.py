@@ -93,8 +93,7 @@ UNIT_TESTS = {
         '7m', {'job': 'hw', 'queue': 'q', 'severity': 'warning'}),
     'HueyWorkerDeadLettersGrowing': (
         ['huey_worker_dead_letters{%s} 0x10 3 5 5' % S],
-        '12m', {'job': 'hw', 'instance': 'a:8470', 'queue': 'q',
-                'severity': 'warning'}),
+        '12m', {'job': 'hw', 'queue': 'q', 'severity': 'warning'}),
     'HueyWorkerQueueLatencyHigh': (
         ['huey_worker_queue_latency_seconds{%s} 0 400x8' % S],
         '7m', {'job': 'hw', 'queue': 'q', 'severity': 'warning'}),

@@ -157,6 +157,12 @@ def test_each_slot_is_enqueued_once(producer, conn, keys):
     assert still and [(e.key, m) for e, m, _ in done] == \
         [('code:a', minute + 60)]
     assert conn.llen(producer.storage.queue_key) == 3
+    # Each task's journal record has its enqueue time from the push itself,
+    # before any worker can take it (the wait-time histogram counts from
+    # it); the enqueue signal writes the rest later.
+    (_, _, task), = done
+    assert float(conn.hget(keys.task(task.id), 'enqueued')) == T0 + 50
+    assert 0 < conn.ttl(keys.task(task.id))
     value = json.loads(conn.get(enqueuer.dedupe_key(entry_a, minute)))
     assert value['leader'] == 'a:1:x' and value['slot'] == '2030-01-01T12:00Z'
     assert 86000 < conn.ttl(enqueuer.dedupe_key(entry_a, minute)) <= 86400

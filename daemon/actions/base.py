@@ -4,6 +4,7 @@ the times operators type (parse_time)."""
 import datetime
 import getpass
 import json
+import math
 import os
 import re
 import socket
@@ -129,6 +130,8 @@ def parse_time(text, now=None):
     with or without an offset; without one it is local time), or a
     duration ago (90s, 30m, 2h, 7d, 1w).  ValueError names the text."""
     if isinstance(text, (int, float)) and not isinstance(text, bool):
+        if not math.isfinite(text):
+            raise ValueError('expected a time, got %r' % (text,))
         return float(text)
     if not isinstance(text, str) or not text.strip():
         raise ValueError('expected a time: epoch seconds, an ISO 8601 date '
@@ -140,9 +143,14 @@ def parse_time(text, now=None):
         now = time.time() if now is None else now
         return now - float(match.group(1)) * _UNITS[match.group(2)]
     try:
-        return float(value)
+        seconds = float(value)
     except ValueError:
         pass
+    else:
+        if not math.isfinite(seconds):   # nan, inf: no moment in time
+            raise ValueError('%r is not a time: give epoch seconds, an ISO '
+                             '8601 date or time, or a duration ago' % text)
+        return seconds
     try:
         moment = datetime.datetime.fromisoformat(value.replace('Z',
                                                                '+00:00'))

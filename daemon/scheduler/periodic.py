@@ -35,17 +35,22 @@ MAX_WAIT_AHEAD = 300
 BATCH = 100
 PASS_LIMIT = 1000   # slots enqueued per main-loop pass (a long catch-up)
 
-# KEYS: lease, queue, priority set, its sequence, dedupe key 1..n.  ARGV:
-# token, dedupe ttl (ms), then for each slot its dedupe value and its
-# message (with the priority prefix when the task has a priority:
-# storage.tag_message).  Returns the positions (1..n) of the slots
-# enqueued now; a slot already done is left alone.
+# KEYS: lease, queue, priority set, its sequence, dedupe key 1..n, then
+# the journal record of each slot's task 1..n.  ARGV: token, dedupe ttl
+# (ms), now, the records' ttl (s; 0: the journal is off), then for each
+# slot its dedupe value and its message (with the priority prefix when
+# the task has a priority: storage.tag_message).  Returns the positions
+# (1..n) of the slots enqueued now; a slot already done is left alone.
+# The record gets its enqueue time with the push, before any worker can
+# take the task (the rest comes with the enqueue signal): the wait-time
+# histogram counts from it.
 ENQUEUE_SLOTS = LEADER_CHECK + PRIORITY_LUA + """
 local added = {}
 local ranked = false
-for i = 5, #KEYS do
-  local at = 3 + (i - 5) * 2
-  if redis.call('SET', KEYS[i], ARGV[at], 'NX', 'PX', ARGV[2]) then
+local n = (#KEYS - 4) / 2
+for j = 1, n do
+  local at = 5 + (j - 1) * 2
+  if redis.call('SET', KEYS[4 + j], ARGV[at], 'NX', 'PX', ARGV[2]) then
     local m = ARGV[at + 1]
     local score = hw_score(m)
     if score then
@@ -54,7 +59,11 @@ for i = 5, #KEYS do
     else
       redis.call('LPUSH', KEYS[2], m)
     end
-    added[#added + 1] = i - 4
+    if tonumber(ARGV[4]) > 0 then
+      redis.call('HSETNX', KEYS[4 + n + j], 'enqueued', ARGV[3])
+      redis.call('EXPIRE', KEYS[4 + n + j], ARGV[4])
+    end
+    added[#added + 1] = j
   end
 end
 if ranked then hw_mark(KEYS[2], KEYS[3]) end
@@ -271,6 +280,14 @@ class SlotEnqueuer:
         self.ttl_ms = int(dedupe_ttl_seconds * 1000)
         self._script = conn.register_script(ENQUEUE_SLOTS)
 
+    def _record_ttl(self):
+        """The journal records' time to live, 0 with the journal off."""
+        cfg = self.app.config
+        if cfg is None or not cfg.journal.enabled:
+            return 0
+        from ..journal.layout import ttl_of
+        return ttl_of(self.app.storage)
+
     def dedupe_key(self, entry, minute):
         return '%s%s:%s' % (self.prefix, entry.key, slot_name(minute))
 
@@ -281,13 +298,15 @@ class SlotEnqueuer:
         done = []
         for start in range(0, len(slots), BATCH):
             batch = slots[start:start + BATCH]
-            tasks, keys, args = [], [], [token, self.ttl_ms]
+            tasks, keys, records = [], [], []
+            args = [token, self.ttl_ms, repr(float(now)), self._record_ttl()]
             for entry, minute in batch:
                 task = entry.make_task()
                 if task.expires:
                     task.resolve_expires(self.app.utc)
                 tasks.append(task)
                 keys.append(self.dedupe_key(entry, minute))
+                records.append(self.app.storage.keys.task(task.id))
                 args.append(json.dumps({
                     'entry': entry.key, 'slot': slot_name(minute),
                     'task': entry.task_name, 'id': task.id, 'leader': token,
@@ -296,7 +315,7 @@ class SlotEnqueuer:
                 args.append(tag_message(data, task.priority)
                             if task.priority else data)
             reply = self._script(keys=[self.lease_key] + self.queue_keys +
-                                 keys, args=args)
+                                 keys + records, args=args)
             if reply == NOT_LEADER:
                 return done, False
             for position in reply:

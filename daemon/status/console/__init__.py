@@ -139,13 +139,28 @@ class Console:
         return Response(308, b'', 'text/plain; charset=utf-8',
                         [('Location', '/console/')] + list(SECURITY_HEADERS))
 
+    def _query(self, request, allowed):
+        """The owner's query check, its refusal with the console's
+        headers (every console response carries them); None when fine."""
+        from ..routes import BadRequest
+        try:
+            self.owner._query(request, allowed)
+        except BadRequest as exc:
+            return Response.error(exc.status, exc.detail,
+                                  list(SECURITY_HEADERS), **exc.extra)
+        return None
+
     def page(self, request):
-        self.owner._query(request, ())
+        refused = self._query(request, ())
+        if refused is not None:
+            return refused
         body, kind = assets()['index.html']
         return page_response(body, kind)
 
     def asset(self, request, name):
-        self.owner._query(request, ('v',))
+        refused = self._query(request, ('v',))
+        if refused is not None:
+            return refused
         found = assets().get(name)
         if found is None or name == 'index.html':
             return Response.error(404, 'no such console asset: %s' % name,
