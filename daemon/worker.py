@@ -44,6 +44,15 @@ from .tasks.runtime import TaskRejected
 log = logging.getLogger('huey_worker.worker')
 task_log = logging.getLogger('huey_worker.task')
 
+# KEYS: the deliveries hash.  ARGV: task id.  Takes back one delivery
+# count; the field goes at 0 (no entry outlives the messages in flight).
+UNCOUNT_DELIVERY = """
+if redis.call('HINCRBY', KEYS[1], ARGV[1], -1) <= 0 then
+  redis.call('HDEL', KEYS[1], ARGV[1])
+end
+return 1
+"""
+
 
 def _attempt_of(task):
     """The `extra` of a task's log line: its attempt (the journal's count
@@ -550,13 +559,20 @@ class Worker:
         # The task's cancel mark rides the same read (a message put back
         # before its cancel reached a put-back script: it ends here).
         try:
+            # The in-flight list too: a message a peer took back while
+            # this consumer could not reach Redis (cut off, paused past
+            # recovery_timeout) is no longer ours to run.
             results = self._with_redis(lambda: storage.flush_all(
+                ('LRANGE', self.inflight_key, 0, -1),
                 ('HINCRBY', self.keys.deliveries, task.id, 1),
                 ('MGET', *[storage.result_key(k) for k in revoke_keys],
                  self.keys.cancel(task.id))))
         except _Stopped:
             return
         deliveries, revoke_values = results[-2], results[-1]
+        if raw not in (results[-3] or ()):
+            self._not_ours(task)
+            return
         canceled = revoke_values[-1]
         hooks.call(hooks.on_started, storage, task, results)
         if deliveries > self.max_deliveries:
@@ -584,6 +600,21 @@ class Worker:
             return
         self._current = None
         self._finish(raw, task, state, duration)
+
+    def _not_ours(self, task):
+        """The message left this worker's in-flight list before its run
+        began: a peer recovered it and runs it.  Its delivery is not
+        counted (the count goes when it reaches 0: the peer's ack may
+        have removed it already), nothing else is written."""
+        self.storage.discard_pending()
+        try:
+            self._with_redis(lambda: self.storage.conn.eval(
+                UNCOUNT_DELIVERY, 1, self.keys.deliveries, task.id))
+        except _Stopped:
+            pass
+        log.warning('%s: %s %s was put back by a peer before it started '
+                    'here (this consumer was presumed dead): not run',
+                    self.name, self.task_name(task), task.id)
 
     def _start(self, task):
         slot = self.slot
