@@ -16,6 +16,23 @@ from .storage import CANCELED_LUA, PRIORITY_LUA, message_data
 
 log = logging.getLogger('huey_worker.delivery')
 
+# hw_drain: every message of an in-flight list back where its priority
+# says (hw_put_back), one of a cancelled task dropped instead; appends to
+# the `moved` and `dropped` tables.  Shared by the scripts below.
+DRAIN_LUA = PRIORITY_LUA + CANCELED_LUA + r"""
+local function hw_drain(list, queue, set, prefix, moved, dropped)
+  while true do
+    local msg = redis.call('RPOP', list)
+    if not msg then return end
+    if hw_canceled(prefix, msg) then
+      dropped[#dropped + 1] = msg
+    elseif hw_put_back(queue, set, msg) then
+      moved[#moved + 1] = msg
+    end
+  end
+end
+"""
+
 # KEYS: inflight list, queue, priority set.  ARGV: the cancel marks'
 # prefix (Keys.cancel_message_prefix).  Moves every message back to the
 # head of the queue (the end BRPOPLPUSH takes from), oldest first, a
@@ -25,18 +42,10 @@ log = logging.getLogger('huey_worker.delivery')
 # head of the list while it holds messages.  The message of a task an
 # operator cancelled is dropped (storage.CANCELED_LUA): never delivered
 # again.  Returns {moved, dropped}.
-REQUEUE_LIST = PRIORITY_LUA + CANCELED_LUA + """
+REQUEUE_LIST = DRAIN_LUA + """
 local moved, dropped = {}, {}
 hw_unmark(KEYS[2])
-while true do
-  local msg = redis.call('RPOP', KEYS[1])
-  if not msg then break end
-  if hw_canceled(ARGV[1], msg) then
-    dropped[#dropped + 1] = msg
-  elseif hw_put_back(KEYS[2], KEYS[3], msg) then
-    moved[#moved + 1] = msg
-  end
-end
+hw_drain(KEYS[1], KEYS[2], KEYS[3], ARGV[1], moved, dropped)
 hw_mark(KEYS[2], KEYS[3])
 return {moved, dropped}
 """
@@ -46,21 +55,13 @@ return {moved, dropped}
 # acts when the heartbeat key is gone (the consumer is dead: the key's
 # expiry is Redis's clock, no host's) and nobody recovered it yet; returns
 # {moved, dropped} as REQUEUE_LIST does.
-RECOVER_CONSUMER = PRIORITY_LUA + CANCELED_LUA + """
+RECOVER_CONSUMER = DRAIN_LUA + """
 if redis.call('EXISTS', KEYS[1]) == 1 then return false end
 if not redis.call('ZSCORE', KEYS[4], ARGV[1]) then return false end
 local moved, dropped = {}, {}
 hw_unmark(KEYS[3])
 for _, list in ipairs(redis.call('SMEMBERS', KEYS[2])) do
-  while true do
-    local msg = redis.call('RPOP', list)
-    if not msg then break end
-    if hw_canceled(ARGV[2], msg) then
-      dropped[#dropped + 1] = msg
-    elseif hw_put_back(KEYS[3], KEYS[5], msg) then
-      moved[#moved + 1] = msg
-    end
-  end
+  hw_drain(list, KEYS[3], KEYS[5], ARGV[2], moved, dropped)
 end
 hw_mark(KEYS[3], KEYS[5])
 redis.call('DEL', KEYS[2])
@@ -80,7 +81,7 @@ return {moved, dropped}
 # false.
 REQUEUE_ORPHAN = """
 if redis.replicate_commands then redis.replicate_commands() end
-""" + PRIORITY_LUA + CANCELED_LUA + """
+""" + DRAIN_LUA + """
 if redis.call('EXISTS', KEYS[2]) == 1 or
     redis.call('ZSCORE', KEYS[3], ARGV[1]) or
     redis.call('LLEN', KEYS[1]) == 0 then
@@ -98,15 +99,7 @@ if now - since < tonumber(ARGV[2]) then return false end
 redis.call('HDEL', KEYS[4], KEYS[1])
 local moved, dropped = {}, {}
 hw_unmark(KEYS[5])
-while true do
-  local msg = redis.call('RPOP', KEYS[1])
-  if not msg then break end
-  if hw_canceled(ARGV[3], msg) then
-    dropped[#dropped + 1] = msg
-  elseif hw_put_back(KEYS[5], KEYS[6], msg) then
-    moved[#moved + 1] = msg
-  end
-end
+hw_drain(KEYS[1], KEYS[5], KEYS[6], ARGV[3], moved, dropped)
 hw_mark(KEYS[5], KEYS[6])
 return {moved, dropped}
 """
