@@ -28,7 +28,7 @@ run: dev
 	$(VENV)/bin/huey-worker run $(RUN_ARGS)
 
 test: dev
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n auto --dist loadgroup --durations=15 tests
 
 bench: dev
 	$(PY) bench/run.py

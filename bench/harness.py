@@ -344,6 +344,32 @@ class StatusServer(Contender):
         return env
 
 
+def parses_with_hiredis(contender):
+    """Whether redis-py parses with hiredis in the process `contender`
+    starts: asked of the same interpreter, environment and directory."""
+    done = subprocess.run(
+        [contender.command()[0], '-c', 'import redis.utils; '
+         'print(redis.utils.HIREDIS_AVAILABLE)'],
+        env=contender.environment(), cwd=BENCH, capture_output=True,
+        text=True, timeout=60)
+    return done.stdout.strip() == 'True'
+
+
+def hiredis_line(redis_url, workdir):
+    """The header line saying whether both consumers parse with hiredis.
+    huey's consumer without it is 1.2 to 1.4 times slower, which would
+    flatter the suite: a warning then."""
+    found = {label: parses_with_hiredis(kind(1, 'thread', redis_url, workdir))
+             for label, kind in (('suite', SuiteConsumer),
+                                 ('huey_consumer', PlainConsumer))}
+    line = 'hiredis: %s (both run by %s)' % (', '.join(
+        '%s %s' % (label, 'yes' if yes else 'NO')
+        for label, yes in found.items()), PYTHON)
+    if not all(found.values()):
+        line += '; WARNING: the ratios compare unlike parsers'
+    return line
+
+
 @contextmanager
 def private_redis(prefix):
     """A throwaway Redis server for one benchmark: HUEY_* and REDIS_*
@@ -370,13 +396,47 @@ CHUNK = 500                 # staged writes sent per round trip
 
 
 @contextmanager
+def held_writes(storage):
+    """The producer's writes held back on `storage` (this thread) for a
+    later flush(), journal records included.  storage.deferring alone
+    would lose them: the journal stages an enqueue's record as a callable
+    that writes it only while that enqueue is under way (it is dropped
+    when the enqueue fails), and a plain deferred flush runs it after.
+    So each held write turns the callables staged before it into their
+    commands at once."""
+    from huey_worker import transaction
+    pending = storage._pending()
+    done = [0]   # how much of `pending` is plain commands already
+
+    def write(*args):
+        start = done[0] if done[0] <= len(pending) else 0   # flushed since
+        tail = pending[start:]
+        del pending[start:]
+        for command in tail:
+            if type(command) is tuple:
+                pending.append(command)
+            else:   # scripts as EVAL with their text, as sent in a MULTI
+                pipe = storage._record([command])
+                pending.extend(transaction.as_sent(pipe,
+                                                    pipe.command_stack))
+        pending.append(args)
+        done[0] = len(pending)
+    storage._write = write
+    storage.deferring = True
+    try:
+        yield
+    finally:
+        storage.deferring = False
+        del storage._write
+
+
+@contextmanager
 def staged_enqueue(storage):
     """Enqueue through the suite's producer path (journal records included)
     into STAGING, with writes held back and sent CHUNK messages at a time;
     yields the function to call after each message."""
     queue_key = storage.queue_key
     storage.queue_key = STAGING
-    storage.deferring = True
     sent = [0]
 
     def one_more():
@@ -384,8 +444,8 @@ def staged_enqueue(storage):
         if sent[0] % CHUNK == 0:
             storage.flush()
     try:
-        yield one_more
-        storage.flush()
+        with held_writes(storage):
+            yield one_more
+            storage.flush()
     finally:
-        storage.deferring = False
         storage.queue_key = queue_key

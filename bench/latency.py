@@ -10,7 +10,7 @@ for huey, its LPUSH.  Both sides run on this host, so one clock serves.
 import random
 import time
 
-from harness import percentile, wait_redis_idle
+from harness import held_writes, percentile, wait_redis_idle
 
 STAMPS = 'bench:stamps'
 
@@ -19,13 +19,10 @@ def suite_sender(app, task):
     storage = app.storage
 
     def send():
-        storage.deferring = True
-        try:
+        with held_writes(storage):
             task()
             sent = time.time()
             storage.flush()
-        finally:
-            storage.deferring = False
         return sent
     return send
 

@@ -26,6 +26,7 @@ BENCH = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(BENCH), BENCH]
 
 from huey_worker.devredis import EmbeddedRedis  # noqa: E402
+from harness import held_writes  # noqa: E402
 
 ROUNDS = 8
 
@@ -101,16 +102,38 @@ class SendCounter:
         transaction.pack = counted_pack
 
 
+def redis_cpu(client):
+    info = client.info('cpu')
+    return info['used_cpu_sys'] + info['used_cpu_user']
+
+
 def measure(step, fill, count, client, sends):
     fill(count)
     sends.count = sends.commands = 0
+    server = redis_cpu(client)
     wall, cpu = time.perf_counter(), time.process_time()
     for _ in range(count):
         step()
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    server = redis_cpu(client) - server
     trips, commands = sends.count, sends.commands
     return cpu / count * 1e6, wall / count * 1e6, commands / count, \
-        trips / count
+        trips / count, server / count * 1e6
+
+
+def commands_per_task(step, fill, count, client):
+    """{command: (calls, microseconds) per task}: what Redis counted
+    (INFO commandstats; a script's commands too, and the script with
+    them) over `count` tasks."""
+    fill(count)
+    client.config_resetstat()
+    for _ in range(count):
+        step()
+    stats = client.info('commandstats')
+    return {name[len('cmdstat_'):]: (value['calls'] / count,
+                                      value['usec'] / count)
+            for name, value in stats.items()
+            if name not in ('cmdstat_config|resetstat', 'cmdstat_info')}
 
 
 def main(argv=None):
@@ -164,11 +187,10 @@ def run(args, server, workdir):
 
     def suite_fill(n):
         storage = app.storage
-        storage.deferring = True
-        for _ in range(n):
-            bench_tasks.noop()
-        storage.flush()
-        storage.deferring = False
+        with held_writes(storage):
+            for _ in range(n):
+                bench_tasks.noop()
+            storage.flush()
 
     def plain_fill(n):
         pipe = client.pipeline(transaction=False)
@@ -209,16 +231,30 @@ def run(args, server, workdir):
     print('per no-op task, %d x %d tasks each, logging: %s' % (
         ROUNDS, per_round, 'no per-task lines' if args.quiet
         else 'two INFO lines per task to a file'))
-    print('%-6s %10s %10s %10s %12s' % ('', 'cpu us', 'wall us',
-                                        'commands', 'round trips'))
+    print('%-6s %10s %10s %10s %12s %14s' % (
+        '', 'cpu us', 'wall us', 'commands', 'round trips', 'redis cpu us'))
     for label, rows in results.items():
         rows.sort()
-        cpu, wall, commands, trips = rows[len(rows) // 2]
-        print('%-6s %10.0f %10.0f %10.1f %12.1f' % (label, cpu, wall,
-                                                  commands, trips))
+        cpu, wall, commands, trips, server = rows[len(rows) // 2]
+        print('%-6s %10.0f %10.0f %10.1f %12.1f %14.0f' % (
+            label, cpu, wall, commands, trips, server))
     ratio = sorted(p[0] / s[0] for s, p in zip(results['suite'],
                                                results['plain']))
     print('plain/suite cpu ratio (median): %.2f' % ratio[len(ratio) // 2])
+    settle_suite(app)
+    for label, step, fill in (('suite', suite_step, suite_fill),
+                              ('plain', as_plain(step_plain), plain_fill)):
+        calls = commands_per_task(step, fill, per_round, client)
+        print('%s: %.1f commands a task as Redis runs them (a script\'s '
+              'too), %.0f us in them (a script\'s own time includes its '
+              'commands\'): %s' % (
+                  label, sum(c for c, _ in calls.values()),
+                  sum(u for name, (_, u) in calls.items()
+                      if name not in ('eval', 'evalsha', 'exec')),
+                  ', '.join('%s %.2g (%.1f us)' % (name, c, u)
+                            for name, (c, u) in sorted(
+                                calls.items(), key=lambda c: -c[1][0]))))
+        settle_suite(app)
 
     if args.profile or args.pyinstrument:
         suite_fill(args.tasks)

@@ -5,7 +5,8 @@ private Redis, printed as one table.
         [--only SECTION,...] [--markdown PATH]
 
 Sections: throughput (with start-up time, memory and CPU per task on the
-way), latency, enqueue, status, pdf, recovery.  Each figure is the median
+way), latency, enqueue, footprint, durable ([redis] durable_writes against
+a replica), status, scrape, pdf, recovery.  Each figure is the median
 of --runs runs with their min and max; runs of the two consumers alternate
 so a busy machine slows both alike, and the ratios (taken run by run) are
 the figures to read first.  Targets (issue 8) are shown beside the rows
@@ -25,8 +26,8 @@ BENCH = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(BENCH)
 sys.path[:0] = [ROOT, BENCH]
 
-SECTIONS = ('throughput', 'latency', 'enqueue', 'footprint', 'status',
-            'scrape', 'pdf', 'recovery')
+SECTIONS = ('throughput', 'latency', 'enqueue', 'footprint', 'durable',
+            'status', 'scrape', 'pdf', 'recovery')
 
 
 def parse_args(argv):
@@ -196,13 +197,18 @@ def throughput(bench, table, results):
     def get(mode, who, variant, name):
         return figures.get((mode, (who, variant), name))
 
+    drained = ('Throughput, no-op tasks/s, draining a queue pre-filled '
+               'with %d no-op tasks (moved in at once with RENAME while the '
+               'consumer waits idle), from the RENAME to the results of the '
+               'last tasks, every result checked; ratio suite / '
+               'huey_consumer run by run' % args.tasks)
     for name, header in (
-            ('info', 'Throughput, no-op tasks/s: default logging to a file '
+            ('info', drained + '; default logging to a file '
                      '(suite: one INFO line per task, [logging] task_events '
                      '= end; huey_consumer: two), and in the last columns '
                      'the suite with two (task_events = both); journal on '
                      '(the default)'),
-            ('quiet', 'Throughput, no-op tasks/s: no per-task log lines '
+            ('quiet', drained + '; no per-task log lines '
                       '(suite task_events = none, huey_consumer -q); '
                       'journal on, and off in the last columns')):
         if name not in [v[0] for v in variants]:
@@ -220,7 +226,7 @@ def throughput(bench, table, results):
                         'rate')
             table.row(mode, cell(suite_rate), cell(plain_rate),
                       ratio_cell(suite_rate, plain_rate),
-                      cell(get(mode, 'floor', 'info', 'rate')), '>= 1.00x',
+                      cell(get(mode, 'floor', 'info', 'rate')), '>= 1.20x',
                       *([cell(other), ratio_cell(other, plain_rate)]
                         if other is not None else []))
         table.section('CPU per no-op task, microseconds: the consumer process '
@@ -309,7 +315,7 @@ def throughput(bench, table, results):
 
 def latency(bench, table, results):
     from harness import Figure
-    from table import cell
+    from table import cell, ratio_cell
     import latency as lat
     args, client = bench.args, bench.client
     senders = {
@@ -330,14 +336,20 @@ def latency(bench, table, results):
             progress('latency %s run %d: p50 %.2f ms, p99 %.2f ms' % (
                 who, run + 1, out['p50'], out['p99']))
     results['latency'] = figures
-    table.section('Pickup latency, ms: enqueue into an idle queue to task '
-                  'start (thread x4, %d probes per run)'
+    table.section('Pickup latency, ms: one task at a time enqueued into an '
+                  'idle queue, from its enqueue\'s write leaving the '
+                  'producer to the start of the task body (thread x4, %d '
+                  'probes per run); ratio suite / huey_consumer run by run'
                   % args.latency_samples,
-                  ['', 'suite', 'huey_consumer', 'target'])
+                  ['', 'suite', 'huey_consumer', 'ratio', 'target'])
     table.row('p50', cell(figures[('suite', 'p50')], '%.2f'),
-              cell(figures[('plain', 'p50')], '%.2f'), '')
+              cell(figures[('plain', 'p50')], '%.2f'),
+              ratio_cell(figures[('suite', 'p50')],
+                         figures[('plain', 'p50')]), '<= 1.00x')
     table.row('p99', cell(figures[('suite', 'p99')], '%.2f'),
-              cell(figures[('plain', 'p99')], '%.2f'), '<= 2 ms')
+              cell(figures[('plain', 'p99')], '%.2f'),
+              ratio_cell(figures[('suite', 'p99')],
+                         figures[('plain', 'p99')]), '<= 2 ms')
 
 
 def enqueue(bench, table, results):
@@ -372,6 +384,24 @@ def enqueue(bench, table, results):
     table.row('suite, journal off', cell(figures['suite-nojournal']),
               ratio_cell(figures['suite-nojournal'], figures['plain']))
     table.row('plain huey', cell(figures['plain']), '')
+
+
+def durable(bench, table, results):
+    from table import cell, ratio_cell
+    import durable as dur
+    args = bench.args
+    runs, tasks = min(args.runs, 3), args.enqueue_tasks
+    figures = dur.with_replica(bench.server, bench.workdir, runs, tasks,
+                               4, 'thread')
+    bench.app.configure(bench.cfg)
+    results['durable'] = figures
+    table.section('[redis] durable_writes: each enqueue and each ack waits '
+                  'for a replica (WAIT 1; one replica on loopback), tasks/s; '
+                  '%d no-op tasks per run, thread x4, no per-task log lines'
+                  % tasks, ['', 'durable_writes off', 'on', 'ratio'])
+    for what in ('enqueue', 'drain'):
+        off, on = figures[what, 'plain'], figures[what, 'durable']
+        table.row(what, cell(off), cell(on), ratio_cell(on, off))
 
 
 def footprint(bench, table, results):
@@ -579,7 +609,7 @@ def recovery(bench, table, results):
               % (lost, args.runs, watch))
 
 
-def machine_lines(args):
+def machine_lines(args, hiredis):
     import huey
     import redis
     from huey_worker.devredis import find_redis_server
@@ -605,11 +635,11 @@ def machine_lines(args):
     return ['huey-worker benchmark, %s' % datetime.datetime.now().strftime(
                 '%Y-%m-%d %H:%M'),
             'machine: %d CPUs (%s), %s, Python %s, Redis %s, huey %s, '
-            'redis-py %s (hiredis %s); load average at start %s' % (
+            'redis-py %s; load average at start %s' % (
                 os.cpu_count(), cpu, platform.platform(terse=True),
                 platform.python_version(), redis_version, huey.__version__,
-                redis.__version__,
-                'yes' if redis.utils.HIREDIS_AVAILABLE else 'no', load),
+                redis.__version__, load),
+            hiredis,
             'each figure: median of %d run(s) [min-max]; ratios run by run%s'
             % (args.runs, '; QUICK RUN, figures mean little' if args.quick
                else '')]
@@ -631,7 +661,8 @@ def main(argv=None):
     server.start()
     os.environ['BENCH_REDIS_URL'] = server.url
     started = time.monotonic()
-    table = Table(machine_lines(args))
+    from harness import hiredis_line
+    table = Table(machine_lines(args, hiredis_line(server.url, workdir)))
     results = {}
     failed = []
     try:

@@ -27,6 +27,7 @@ from .config import ConfigError
 from .mainloop import MainLoop, refuse_immediate, reread_config
 from .notify import Notifier
 from .journal.layout import ttl_of
+from .scheduler import clock as clock_module
 from .signals import name as signal_name
 from .storage import message_data
 from .worker import Slot, StopFlag, Worker
@@ -88,12 +89,15 @@ class Consumer(MainLoop):
         self.slots = multiprocessing.RawArray(Slot, self.count)
         self.stop_flag = None
         self.workers = [None] * self.count      # (Worker, thread/process)
-        self.started_at = time.time()
+        # The wall times the heartbeat record carries, by Redis's clock
+        # (read with each beat): other hosts' tools compare them with theirs.
+        self.clock = clock_module.RedisClock(clock_module.from_environment())
+        self.started_at = self.clock()
         self._started_mono = time.monotonic()
         self.restarts = 0
         self.recycled = 0
         self.abandoned = 0     # thread workers stuck past a time limit
-        self.outage = redisconn.RedisOutage(cfg)
+        self.outage = redisconn.RedisOutage(cfg, clock=self.clock)
         self._last_beat = 0.0
         self._queue_depth = None
         self._stuck = []
@@ -124,6 +128,7 @@ class Consumer(MainLoop):
         if not cfg.huey.secret_key and not adopt.signs(self.app):
             log.warning('[huey] secret_key is not set: anyone who can write '
                         'to this Redis can run code in the workers')
+        clock_module.warn_if_test_clock(self.clock, log)
         if not self._wait_for_redis():
             return False
         # Before any task is taken: an evicting Redis is refused (78).
@@ -511,6 +516,10 @@ class Consumer(MainLoop):
             if not self._alive(index):
                 continue   # _check_workers replaces it
             if not slot.busy or slot.task_id != token:
+                if self.in_process and slot.task_id == token:
+                    # Its task ended and its process is ending (SIGTERM):
+                    # _check_workers tells of it and replaces it.
+                    continue
                 del self._canceling[index]
                 continue
             if now - since < INTERRUPT_GRACE:
@@ -572,6 +581,8 @@ class Consumer(MainLoop):
         while not self.flags.stop_requests:
             try:
                 self.storage.conn.ping()
+                self.clock.sync(self.storage.conn)
+                self.started_at = self.clock()
                 self.outage.ok()
                 return True
             except REDIS_ERRORS as exc:
@@ -674,7 +685,7 @@ class Consumer(MainLoop):
         return True
 
     def describe(self):
-        now_wall, now_mono = time.time(), time.monotonic()
+        now_wall, now_mono = self.clock(), time.monotonic()
         workers = []
         for index in range(self.count):
             slot = self.slots[index]
@@ -711,6 +722,7 @@ class Consumer(MainLoop):
         ttl_ms = int(self.cfg.delivery.recovery_timeout * 1000)
         try:
             pipe = self.storage.conn.pipeline(transaction=False)
+            pipe.time()
             pipe.set(key, json.dumps(info), px=ttl_ms)
             pipe.zadd(self.keys.consumers, {self.identity: info['heartbeat']})
             # Again each beat: a consumer that stalled past recovery_timeout
@@ -720,10 +732,13 @@ class Consumer(MainLoop):
             sizing = self.storage.queue_size_commands()
             for command in sizing:
                 pipe.execute_command(*command)
+            sent = clock_module.boot_clock()
             replies = pipe.execute()
+            self.clock.note(replies[0], sent, clock_module.boot_clock())
+            self.clock.tell_skew(log, 'consumer')
             self._queue_depth = self.storage.queue_size_of(
                 replies[-len(sizing):])
-            if replies[1] and not force:
+            if replies[2] and not force:
                 # ZADD added us anew: a peer presumed us dead (paused,
                 # cut off) and put our tasks back.  Each worker finds its
                 # message gone at its ack and fences the outcome

@@ -11,7 +11,9 @@ import time
 import uuid
 import zlib
 
-from . import hooks
+from redis.exceptions import ResponseError
+
+from . import hooks, redisconn
 from .storage import CANCELED_LUA, PRIORITY_LUA, message_data
 
 log = logging.getLogger('huey_worker.delivery')
@@ -103,6 +105,70 @@ hw_drain(KEYS[1], KEYS[5], KEYS[6], ARGV[3], moved, dropped)
 hw_mark(KEYS[5], KEYS[6])
 return {moved, dropped}
 """
+
+# KEYS: a worker's in-flight list.  ARGV: the message, then commands, each
+# as its argument count followed by its arguments.  The ack of a delivery
+# with its outcome, fenced: the message leaves the list and the commands
+# (the outcome's writes) run only if it was still there; if a peer took
+# it back (this consumer presumed dead), nothing is written and the reply
+# is an error starting with FENCED_REPLY.  A command that fails does not
+# stop the others (as in MULTI/EXEC); the first error is the reply.  The
+# LREM is the script's first write, so a Redis refusing writes (READONLY,
+# MISCONF, min-replicas) refuses it whole, and under maxmemory the rest
+# is let through once it began (Redis stops no script half-way).
+FENCED_REPLY = 'HWFENCED'
+ACK_IF_HELD = r"""
+if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then
+  return redis.error_reply('%s the message left the in-flight list')
+end
+local failed
+local i, n = 2, #ARGV
+while i <= n do
+  local count = tonumber(ARGV[i])
+  local reply = redis.pcall(unpack(ARGV, i + 1, i + count))
+  if failed == nil and type(reply) == 'table' and reply.err then
+    failed = reply
+  end
+  i = i + count + 1
+end
+if failed then return failed end
+return 1
+""" % FENCED_REPLY
+# What cannot run inside a script; command names seen to be fine.
+_UNSCRIPTABLE = frozenset(('EVAL', 'EVALSHA', 'EVAL_RO', 'EVALSHA_RO',
+                           'FCALL', 'FCALL_RO', 'MULTI', 'EXEC', 'WATCH'))
+_scriptable = set()
+
+
+def guarded_ack(inflight_key, raw, commands):
+    """One command (an argument tuple, ACK_IF_HELD) that takes `raw` out
+    of `inflight_key` and runs `commands` (argument tuples; the LREM of
+    `raw` among them is left out) only if it was there.  None when one of
+    them is no plain command: a script (none can run in another), a name
+    of two words, a callable not yet made commands."""
+    ack = ('LREM', inflight_key, 1, raw)
+    args = ['EVAL', ACK_IF_HELD, 1, inflight_key, raw]
+    add, extend = args.append, args.extend
+    for command in commands:
+        if type(command) is not tuple:
+            return None
+        name = command[0]
+        if name not in _scriptable:
+            if ' ' in name or name.upper() in _UNSCRIPTABLE:
+                return None
+            _scriptable.add(name)
+        if command != ack:
+            add(len(command))
+            extend(command)
+    return tuple(args)
+
+
+def fenced(error):
+    """Whether `error` is ACK_IF_HELD's refusal (the message was no longer
+    in the in-flight list)."""
+    return isinstance(error, ResponseError) and \
+        redisconn.error_code(error) == FENCED_REPLY
+
 
 # SCAN's COUNT hint, and the SCAN calls of one heartbeat's orphan sweep
 # step: a full pass over a keyspace of K keys takes K / (COUNT * CALLS)

@@ -96,13 +96,16 @@ def snapshot(app, storage, counts=False, scheduler=False, metrics=False):
                      reads.results_held_command(storage)]
     if scheduler:
         # Delayed and retrying tasks due for longer than OVERDUE_GRACE: only
-        # a scheduler moves them into the queue.
-        overdue_score = storage.convert_ts(naive_utc(
-            time.time() - OVERDUE_GRACE))
+        # a scheduler moves them into the queue.  Due by Redis's clock, as
+        # the scheduler judges it, not by this host's; the scores' zone
+        # offset (none for the suite's storage) is this host's to tell.
+        now = time.time()
+        offset = storage.convert_ts(naive_utc(now)) - now
         commands += [('GET', keys.scheduler_lease),
                      ('PTTL', keys.scheduler_lease),
                      ('GET', keys.scheduler_info),
-                     ('ZCOUNT', storage.schedule_key, '-inf', overdue_score)]
+                     ('EVAL', COUNT_OVERDUE, 1, storage.schedule_key,
+                      OVERDUE_GRACE, repr(offset))]
     if metrics:
         commands += [('HGETALL', keys.metrics_outcomes),
                      ('HGETALL', keys.metrics_durations)]
@@ -275,6 +278,16 @@ def _scheduler(lease, lease_ms, raw_info):
 # a scheduler is unhealthy: a leader moves due tasks every [scheduler]
 # interval (1 s), so a few seconds late is a scheduler missing, not slow.
 OVERDUE_GRACE = 10
+# KEYS: the schedule.  ARGV: grace (s), the scores' offset from unix
+# seconds (s).  Counts the tasks due more than `grace` ago by Redis's
+# clock (TIME); reads only.
+COUNT_OVERDUE = """
+local t = redis.call('TIME')
+local due = tonumber(t[1]) + tonumber(t[2]) / 1e6 - tonumber(ARGV[1])
+  + tonumber(ARGV[2])
+return redis.call('ZCOUNT', KEYS[1], '-inf', string.format('%.6f', due))
+"""
+
 
 def write_refusal(storage):
     """Why Redis, though it answers reads, refuses every write (str), or

@@ -8,7 +8,8 @@ import time
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
-from redis.sentinel import Sentinel
+from redis.connection import Connection
+from redis.sentinel import Sentinel, SentinelManagedConnection
 
 from .config import ConfigError, redact_url
 
@@ -75,7 +76,9 @@ def _connection_pool(cfg):
                  for w in r.sentinels]
         sentinel = Sentinel(hosts, sentinel_kwargs=sentinel_kwargs,
                             db=r.db, **kwargs)
-        return sentinel.master_for(r.sentinel_master).connection_pool
+        return sentinel.master_for(
+            r.sentinel_master,
+            connection_class=MasterFollowingConnection).connection_pool
     if r.url:
         if r.url.startswith('rediss://'):
             kwargs.update(_tls_kwargs(cfg))
@@ -87,6 +90,43 @@ def _connection_pool(cfg):
             raise ConfigError(str(exc), 'redis', 'url', redact_url(r.url),
                               origin=str(cfg.source('redis.url')))
     return redis.ConnectionPool(host=r.host, port=r.port, db=r.db, **kwargs)
+
+
+class MasterFollowingConnection(SentinelManagedConnection):
+    """A connection to the Sentinel master that asks the sentinels where
+    the master is each time it reconnects, however it reconnects.
+
+    redis-py 8's Connection.send_packed_command reconnects a dropped
+    connection by connect_check_health(), past SentinelManagedConnection's
+    connect(), which is where the master is looked up: a connection kept
+    out of the pool (a worker's own, SuiteStorage.pin_connection) then
+    reconnected to the address it had, the dead or demoted primary, for
+    good.  Pool checkouts call connect() and were never affected.
+
+    A READONLY reply (the primary was demoted while alive) has the
+    connection dropped before its next command, so that command asks the
+    sentinels again; not at once, as the replies after it (a pipeline's)
+    are still to be read.  It is raised as the ReadOnlyError it is:
+    redis-py's own class turns it into a ConnectionError, which would hide
+    that nothing was written (a refused write is safe to send again; one
+    whose reply was lost is not)."""
+
+    demoted = False   # a READONLY reply came: reconnect before sending
+
+    def send_packed_command(self, command, check_health=True):
+        if self.demoted:
+            self.demoted = False
+            self.disconnect()
+        if not self._sock:
+            self.connect()   # the Sentinel lookup, then the socket
+        super().send_packed_command(command, check_health)
+
+    def read_response(self, *args, **kwargs):
+        try:
+            return Connection.read_response(self, *args, **kwargs)
+        except redis.exceptions.ReadOnlyError:
+            self.demoted = True
+            raise
 
 
 def describe(cfg):
@@ -196,6 +236,27 @@ class Backoff:
 
     def reset(self):
         self.ceiling = None
+
+
+READONLY_TRIES = 5
+
+
+def retry_readonly(write):
+    """`write()`, tried again while Redis refuses it with READONLY, up to
+    READONLY_TRIES times in all, waiting 0 to 0.2, 0.4, 0.8, 1.6 s (full
+    jitter) between tries; returns what it returns.  For a producer's
+    write, which has no retry loop of its own: a demoted primary applied
+    nothing, and through Sentinel the next try finds the new primary
+    (MasterFollowingConnection).  The last ReadOnlyError, and any other
+    error at once, is raised."""
+    backoff = Backoff(0.2, 1.6)
+    for tries_left in range(READONLY_TRIES - 1, -1, -1):
+        try:
+            return write()
+        except redis.exceptions.ReadOnlyError:
+            if not tries_left:
+                raise
+            time.sleep(backoff.next())
 
 
 class RedisOutage:

@@ -380,8 +380,11 @@ SETTINGS = (
       'Longest pause between reconnection attempts (backoff doubles up to it).'),
     S('redis', 'durable_writes', Number(0, 60), 0.0,
       'Seconds to wait (WAIT 1) for a replica to confirm each enqueue and '
-      'each ack before it counts as done, so a failover cannot lose it; 0: '
-      'off (replication stays asynchronous).  See docs/delivery.md.'),
+      'each ack before it counts as done, so a failover does not lose it; '
+      'a replica that does not confirm in time is logged and the write '
+      'still counts (set min-replicas-to-write on the Redis side to refuse '
+      'it instead); 0: off (replication stays asynchronous).  See '
+      'docs/delivery.md.'),
     S('redis', 'allow_eviction', Boolean(), False,
       'Let the daemons start on a Redis whose maxmemory-policy is not '
       'noeviction.  Such a Redis deletes keys when full: queued tasks '

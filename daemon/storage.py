@@ -51,7 +51,7 @@ import time
 import redis
 from huey.storage import RedisExpireStorage
 
-from . import transaction
+from . import redisconn, transaction
 from .keys import Keys
 
 log = logging.getLogger('huey_worker.storage')
@@ -379,7 +379,7 @@ class SuiteStorage(RedisExpireStorage):
             return None
         return self.flush_all(last)[-1]
 
-    def flush_all(self, *extra):
+    def flush_all(self, *extra, durable=True):
         """Like flush, but returns the replies of every command sent (those
         of the staged commands raw: nobody reads them, so redis-py's
         response callbacks are spared; those of `extra`, argument tuples
@@ -387,7 +387,9 @@ class SuiteStorage(RedisExpireStorage):
 
         Called without arguments, as Huey's flush() does, it is Huey's
         flush_all: the queue (plain and priority messages), the schedule,
-        the results and the counters are deleted."""
+        the results and the counters are deleted.  `durable=False`: no
+        WAIT under [redis] durable_writes, for a write a later WAIT on the
+        same connection covers (WAIT counts every write sent before it)."""
         if not extra:
             self.flush()
             return super().flush_all()
@@ -395,7 +397,7 @@ class SuiteStorage(RedisExpireStorage):
         pipe = self._record(pending)
         staged = len(pipe.command_stack)
         self._record([c for c in extra if c is not None], pipe)
-        durable = self._durable_ms()
+        durable = self._durable_ms() if durable else 0
         if not durable:
             results = transaction.execute(
                 pipe, self._own_connection(),
@@ -457,7 +459,8 @@ class SuiteStorage(RedisExpireStorage):
         if self.deferring:
             self._pending().append(args)
             return None
-        return self.flush(lambda c: c.execute_command(*args))
+        return redisconn.retry_readonly(
+            lambda: self.flush(lambda c: c.execute_command(*args)))
 
     _read = flush
 

@@ -1,17 +1,17 @@
 """One MULTI/EXEC round trip for a redis-py pipeline, with less client work
 than Pipeline.execute.
 
-Every task costs the worker two transactions of 5 to 30 commands (the
-journal's writes, Huey's outcome, the ack).  redis-py's Pipeline.execute
-spends several microseconds of Python per command on bookkeeping the
-worker never needs (observability hooks, HIMPORT preparation, per-reply
-dispatch), which made the transactions the biggest cost of a no-op task
-(profile in docs/benchmarks.md).  Here the pipeline is only the recorder:
-its commands are packed and sent in one write with redis-py's own packer,
-and the replies read with its own parser, with the same results and
-errors as Pipeline.execute (response callbacks applied, the first error
-raised).  Anything unusual (WATCH, a non-transactional pipeline) is left
-to redis-py.
+Every task costs the worker a transaction of 10 to 20 commands (the
+journal's writes, the delivery count) and the ack with its outcome.
+redis-py's Pipeline.execute spends several microseconds of Python per
+command on bookkeeping the worker never needs (observability hooks,
+HIMPORT preparation, per-reply dispatch), which made the transactions the
+biggest cost of a no-op task (profile in docs/benchmarks.md).  Here the
+pipeline is only the recorder: its commands are packed and sent in one
+write with redis-py's own packer, and the replies read with its own
+parser, with the same results and errors as Pipeline.execute (response
+callbacks applied, the first error raised).  Anything unusual (WATCH, a
+non-transactional pipeline) is left to redis-py.
 
 Lua scripts called on the pipeline (Script(..., client=pipe)) go as EVAL
 with their text rather than EVALSHA: redis-py would first ask SCRIPT
@@ -19,6 +19,9 @@ EXISTS, one more round trip per transaction, and an EVALSHA the server
 has forgotten (a restart) would fail inside EXEC after the commands
 before it had run.  EVAL finds the compiled script by its hash all the
 same; the text costs a few hundred bytes on the wire.
+
+A transaction of one command (a worker's ack is one script) goes without
+MULTI and EXEC: one command is atomic alone.
 
 With hiredis installed, commands are packed by hiredis.pack_command
 directly, as redis-py itself does but without its per-command Python
@@ -208,7 +211,9 @@ def _results(pipe, stack, replies, errors, wanted=None):
     return out
 
 
-def _commands(pipe, stack):
+def as_sent(pipe, stack):
+    """The argument tuples of `stack` (a pipeline's command_stack) as
+    execute() sends them: scripts as EVAL with their text."""
     if not pipe.scripts:
         return [args for args, _ in stack]
     texts = {script.sha: script.script for script in pipe.scripts}
@@ -234,8 +239,18 @@ def pack(conn, commands):
 
 
 def _exchange(pipe, conn, stack, then=None):
+    if len(stack) == 1:
+        # One command is atomic alone (a worker's ack is one script): no
+        # MULTI and EXEC around it, for Redis to run and us to read.
+        conn.send_packed_command(pack(
+            conn, as_sent(pipe, stack) + ([then] if then is not None
+                                          else [])))
+        try:
+            return [conn.read_response()], []
+        except ResponseError as exc:   # raised as redis-py's execute would
+            return [exc], []
     conn.send_packed_command(pack(
-        conn, [_MULTI] + _commands(pipe, stack) + [_EXEC] +
+        conn, [_MULTI] + as_sent(pipe, stack) + [_EXEC] +
         ([then] if then is not None else [])))
     # Every reply is read even after an error, so the connection stays in
     # step; an error here means Redis refused a command before EXEC.

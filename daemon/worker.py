@@ -6,9 +6,12 @@ The round trips of one task:
     moves the best one: SuiteStorage, "Priorities").
  2. One MULTI/EXEC: hooks' staged writes (journal: running), the delivery
     count, and Huey's revocation keys read ahead of Huey asking for them.
- 3. One MULTI/EXEC after the task: the outcome Huey writes (result, retry,
-    on_complete), hooks' writes (journal: final state) and the ack (the
-    message leaves the in-flight list).  The ack never goes before the
+ 3. One script after the task (delivery.ACK_IF_HELD): the ack (the
+    message leaves the in-flight list) and, only if the message was still
+    there, the outcome Huey writes (result, retry, on_complete) and hooks'
+    writes (journal: final state).  A message a peer took back meanwhile
+    (this consumer presumed dead) gets no outcome from this run: the fence
+    costs no round trip of its own.  The ack never goes before the
     outcome; if Redis is down the worker keeps retrying, and if it dies
     first the message is still in flight and runs again.
 While the consumer runs on, the next task's BRPOPLPUSH (1) goes in the same
@@ -35,7 +38,8 @@ from huey.api import PeriodicTask
 from huey.exceptions import HueyException, TaskTimeout
 from huey.utils import Error
 
-from . import context, delivery, hooks, logs, progress, redisconn
+from . import context, delivery, hooks, logs, progress, redisconn, \
+    transaction
 from .storage import message_data
 from .app import hostname
 from .devredis import dies_with_this_process
@@ -566,7 +570,9 @@ class Worker:
                 ('LRANGE', self.inflight_key, 0, -1),
                 ('HINCRBY', self.keys.deliveries, task.id, 1),
                 ('MGET', *[storage.result_key(k) for k in revoke_keys],
-                 self.keys.cancel(task.id))))
+                 self.keys.cancel(task.id)),
+                # durable_writes: the ack's WAIT covers this write too.
+                durable=False))
         except _Stopped:
             return
         deliveries, revoke_values = results[-2], results[-1]
@@ -949,15 +955,19 @@ class Worker:
         try:
             # Fencing: a peer that presumed this consumer dead (paused,
             # cut off) put the message back and another run owns the task
-            # now; this run's outcome must not land over that one's.
-            if not putting_back and not self._with_redis(
-                    lambda: storage.watch_in_flight(self.inflight_key, raw),
-                    give_up_on_stop=False):
+            # now; this run's outcome must not land over that one's.  The
+            # ack's own script checks (no round trip of its own); an
+            # outcome that holds a script is checked first instead.
+            if not putting_back and not self._guard_ack(raw) and \
+                    not self._with_redis(
+                        lambda: storage.watch_in_flight(self.inflight_key,
+                                                        raw),
+                        give_up_on_stop=False):
                 refused = _FENCED
             else:
                 refused = self._ack(raw, prefetch)
             if isinstance(refused, redis.exceptions.WatchError) or \
-                    refused is _FENCED:
+                    refused is _FENCED or delivery.fenced(refused):
                 storage.discard_pending()
                 log.warning('%s: %s %s was put back by a peer while it ran '
                             'here (this consumer was presumed dead): its '
@@ -984,6 +994,22 @@ class Worker:
         elif self.log_end:
             task_log.info('end %s %s %s %.3fs', self._name, task.id, state,
                           duration, extra=_attempt_of(task))
+
+    def _guard_ack(self, raw):
+        """Make the staged ack of `raw` (_stage_ack's, with the outcome)
+        one delivery.ACK_IF_HELD call, which writes nothing if a peer
+        took the message back.  False, leaving the commands as they are
+        sent (callables made commands), when one of them is a script."""
+        pending = self.storage._pending()
+        guarded = delivery.guarded_ack(self.inflight_key, raw, pending)
+        if guarded is None and any(type(c) is not tuple for c in pending):
+            pipe = self.storage._record(pending)
+            pending[:] = transaction.as_sent(pipe, pipe.command_stack)
+            guarded = delivery.guarded_ack(self.inflight_key, raw, pending)
+        if guarded is None:
+            return False
+        pending[:] = [guarded]
+        return True
 
     def _ack(self, raw, prefetch):
         """Send the outcome and the ack of `raw`; with `prefetch`, the next

@@ -17,6 +17,18 @@ from huey_worker.devredis import EmbeddedRedis  # noqa: E402
 _db_counter = iter(range(1, 16))
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    # Under pytest-xdist (make test: -n auto --dist loadgroup) the system
+    # tests run one after another on one worker: they boot machines, build
+    # network namespaces and load both cores, and their waits are sized for
+    # a machine that runs one of them at a time.  The other workers take
+    # the rest.
+    for item in items:
+        if item.get_closest_marker('slow'):
+            item.add_marker(pytest.mark.xdist_group('system'))
+
+
 @pytest.fixture(scope='session')
 def redis_server(tmp_path_factory):
     server = EmbeddedRedis(str(tmp_path_factory.mktemp('redis')))

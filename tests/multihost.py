@@ -8,6 +8,10 @@ it cannot run.  Every name carries a random run id, so a crashed run never
 collides with the next, and `Cluster.close()` (called from a finally
 block by the `cluster` context manager) kills every process it started,
 then deletes the namespaces and the bridge, whatever failed before.
+SIGTERM (a CI job cancelled) unwinds like Ctrl-C, so that finally block
+runs; what a SIGKILLed run left is swept by the next one: each run writes
+its id and its owner's pid under RUNS_DIR, and a run whose owner is gone
+has its processes killed, its namespaces and links deleted.
 """
 import contextlib
 import os
@@ -16,11 +20,14 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import redis
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# One file per live run, named by its run id, holding its owner's pid.
+RUNS_DIR = '/run/huey-worker-multihost'
 
 
 def available():
@@ -133,7 +140,8 @@ class Host:
         argv = ['redis-server', '--bind', '%s 127.0.0.1' % self.address,
                 '--port', str(port), '--protected-mode', 'no',
                 '--save', '', '--appendonly', 'no', '--dir', data,
-                '--daemonize', 'no']
+                # A replica (re)joining syncs at once, not 5 s later.
+                '--repl-diskless-sync-delay', '0', '--daemonize', 'no']
         if replica_of is not None:
             argv += ['--replicaof', replica_of[0], str(replica_of[1])]
         process = self.start(name, argv, dict(os.environ))
@@ -202,6 +210,10 @@ class Cluster:
         self.hosts = {}
 
     def up(self):
+        sweep_stale_runs()
+        os.makedirs(RUNS_DIR, exist_ok=True)
+        with open(os.path.join(RUNS_DIR, self.run_id), 'w') as fh:
+            fh.write(str(os.getpid()))
         _ip('link', 'add', self.bridge, 'type', 'bridge')
         _ip('addr', 'add', self.gateway + '/24', 'dev', self.bridge)
         _ip('link', 'set', self.bridge, 'up')
@@ -226,17 +238,80 @@ class Cluster:
             _ip('link', 'del', host.outer, check=False)
             _ip('netns', 'del', host.ns, check=False)
         _ip('link', 'del', self.bridge, check=False)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(RUNS_DIR, self.run_id))
         if errors:
             raise errors[0]
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt('signal %d' % signum)
+
+
 @contextlib.contextmanager
 def cluster(tmp):
+    # SIGTERM unwinds as Ctrl-C does (pytest then tears down and stops);
+    # only the main thread can take a handler.
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _interrupt)
     made = Cluster(tmp)
     try:
         yield made.up()
     finally:
-        made.close()
+        if previous is not None:   # a second SIGTERM must not cut close()
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        try:
+            made.close()
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+
+
+def _owner_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def sweep_stale_runs():
+    """Remove what runs whose owner died (SIGKILL, a lost CI runner) left:
+    their processes (every pid inside their namespaces), namespaces and
+    links.  Runs of a live owner -- another test session -- are left
+    alone.  Returns the run ids swept."""
+    try:
+        names = os.listdir(RUNS_DIR)
+    except FileNotFoundError:
+        return []
+    swept = []
+    for run_id in names:
+        path = os.path.join(RUNS_DIR, run_id)
+        try:
+            with open(path) as fh:
+                owner = int(fh.read().strip() or 0)
+        except (OSError, ValueError):
+            continue
+        if owner and _owner_alive(owner):
+            continue
+        namespaces = [n for n in _ip('netns', 'list').stdout.split()
+                      if n.startswith(run_id + '-')]
+        for ns in namespaces:
+            for pid in _ip('netns', 'pids', ns, check=False).stdout.split():
+                with contextlib.suppress(ProcessLookupError, ValueError):
+                    os.kill(int(pid), signal.SIGKILL)
+        for name in leftovers(run_id):
+            if name in namespaces:
+                _ip('netns', 'del', name, check=False)
+            else:
+                _ip('link', 'del', name.split('@')[0], check=False)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        swept.append(run_id)
+    return swept
 
 
 def leftovers(run_id):
@@ -247,3 +322,31 @@ def leftovers(run_id):
     return [n for n in names if n.startswith(run_id)] + \
         [line.split(':')[1].strip() for line in links.splitlines()
          if run_id[2:] in line.split(':')[1] or run_id in line]
+
+
+_HTTP_GET = '''
+import sys, urllib.request, urllib.error
+try:
+    with urllib.request.urlopen(sys.argv[1], timeout=5) as reply:
+        status, body = reply.status, reply.read()
+except urllib.error.HTTPError as exc:
+    status, body = exc.code, exc.read()
+except OSError:
+    sys.exit(3)
+sys.stdout.write('%d\\n' % status)
+sys.stdout.buffer.write(body)
+'''
+
+
+def http_get(host, port, path):
+    """GET http://127.0.0.1:`port``path` from inside `host`'s namespace
+    (where a daemon bound to loopback listens): (status, body text), or
+    (None, None) when nothing answers."""
+    done = subprocess.run(
+        ['ip', 'netns', 'exec', host.ns, sys.executable, '-c', _HTTP_GET,
+         'http://127.0.0.1:%d%s' % (port, path)],
+        capture_output=True, text=True, timeout=30)
+    if done.returncode:
+        return None, None
+    status, _, body = done.stdout.partition('\n')
+    return int(status), body

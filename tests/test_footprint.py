@@ -76,6 +76,41 @@ def test_a_record_written_by_the_first_layout_still_reads(producer):
     assert replies(storage.pool, [results_held_command(storage)]) == [1]
 
 
+def test_the_enqueue_event_reads_the_same_in_either_layout(producer):
+    """The producer's pending is no longer stored as an event (the
+    record's `enqueued` says it): a record whose history holds it (written
+    before) and one whose history does not read alike, and a history
+    that starts waiting (a task with an eta) gets no second one."""
+    import json
+    import time
+    storage, conn, keys = producer.storage, producer.storage.conn, \
+        producer.keys
+    now = time.time()
+    for task_id, stored in (('before', True), ('after', False)):
+        conn.hset(keys.task(task_id), mapping={
+            'name': 'sample_tasks.add', 'state': 'complete',
+            'enqueued': now, 'updated': now + 2})
+        events = [{'state': 'running', 'at': now + 1},
+                  {'state': 'complete', 'at': now + 2}]
+        if stored:
+            events.insert(0, {'state': 'pending', 'at': now})
+        conn.rpush(keys.task_log(task_id), *map(json.dumps, events))
+    before, after = (read_task(producer, storage, task_id)['history']
+                     for task_id in ('before', 'after'))
+    assert before == after
+    assert [e['state'] for e in after] == ['pending', 'running', 'complete']
+    assert after[0]['at'] == pytest.approx(now)
+
+    delayed = sample_tasks.add.schedule((1, 2), delay=3600)
+    history = read_task(producer, storage, delayed.id)['history']
+    assert [e['state'] for e in history] == ['scheduled']
+    assert conn.exists(keys.task_log(delayed.id))
+    pending = sample_tasks.add(1, 2)
+    history = read_task(producer, storage, pending.id)['history']
+    assert [e['state'] for e in history] == ['pending']
+    assert not conn.exists(keys.task_log(pending.id))
+
+
 def test_expired_record_answers_from_hueys_result(producer):
     """After [journal] retention the record is gone; Huey's result (kept
     for result_timeout) still answers: the summary kept."""

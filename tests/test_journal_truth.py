@@ -156,7 +156,9 @@ def test_a_history_is_read_in_the_order_redis_took_it(producer):
     task_id, raw = queued(producer)
     conn = producer.storage.conn
     log_key = producer.keys.task_log(task_id)
-    pending_at = json.loads(conn.lindex(log_key, 0))['at']
+    # The producer's pending is the record's `enqueued` (not stored as an
+    # event: reads put it first).
+    pending_at = float(conn.hget(producer.keys.task(task_id), 'enqueued'))
     conn.rpush(log_key, json.dumps({'state': 'running',
                                     'at': pending_at - 0.5}))
     conn.rpush(log_key, json.dumps({'state': 'complete',

@@ -14,7 +14,7 @@ import time
 import pytest
 import redis
 
-from deploy_support import CACHE
+from redis5_build import redis5_binary
 from huey_worker import preflight
 from huey_worker.devredis import find_redis_server, free_port
 from huey_worker.exitcodes import EX_CONFIG
@@ -25,7 +25,6 @@ pytestmark = pytest.mark.timeout(180)
 DAEMONS = (['consumer', '--workers', '1'], ['scheduler'],
            ['status-server', '--port', '0'])
 # Where tests/test_redis5.py builds Redis 5.0.6.
-REDIS5 = os.path.join(CACHE, 'redis-5.0.6', 'redis-server')
 
 
 class OwnRedis:
@@ -270,15 +269,15 @@ def test_daemons_log_a_change_once(own_redis, tmp_path, caplog):
 
 
 def _binaries():
-    out = [pytest.param(find_redis_server(), id='system')]
-    out.append(pytest.param(REDIS5, id='redis5', marks=pytest.mark.skipif(
-        not os.access(REDIS5, os.X_OK), reason='Redis 5 not built (run '
-        'tests/test_redis5.py once)')))
-    return out
+    # Redis 5 is built on first use (tests/redis5_build.py): a system test.
+    return [pytest.param(find_redis_server, id='system'),
+            pytest.param(redis5_binary, id='redis5', marks=pytest.mark.slow)]
 
 
-@pytest.mark.parametrize('binary', _binaries())
-def test_info_fields_on_each_redis_and_without_config(own_redis, binary):
+@pytest.mark.parametrize('server_binary', _binaries())
+def test_info_fields_on_each_redis_and_without_config(own_redis,
+                                                      server_binary):
+    binary = server_binary()
     server = own_redis('--maxmemory-policy', 'volatile-lru',
                        '--appendonly', 'no', binary=binary)
     pool = redis.ConnectionPool.from_url(server.url, protocol=2)

@@ -557,31 +557,3 @@ def test_no_priority_task_lost_under_kill_9(producer, base_env,
     for daemon in running.values():
         daemon.signal(signal.SIGTERM)
         assert daemon.wait() == 0
-
-
-# -- Redis 5 ------------------------------------------------------------------
-
-@pytest.mark.timeout(1200)
-def test_priorities_work_on_redis_5():
-    """The tests above, again against Redis 5.0 (the oldest the suite
-    supports), built as tests/test_redis5.py builds it."""
-    import fcntl
-    import test_redis5
-    server = test_redis5.SERVER
-    os.makedirs(os.path.dirname(server), exist_ok=True)
-    with open(server + '.lock', 'w') as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not test_redis5._answers_version(server):
-            test_redis5._build(server)
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(('HUEY_', 'REDIS_', 'PYTEST_'))}
-    env['HUEY_WORKER_REDIS_SERVER'] = server
-    result = subprocess.run(
-        [sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider',
-         'tests/test_priority.py', '-k', 'not redis_5'], cwd=ROOT, env=env,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        timeout=1100)
-    summary = result.stdout.strip().splitlines()[-1]
-    print('against Redis 5.0.6:', summary)
-    assert result.returncode == 0, result.stdout[-6000:]
-    assert ' passed' in summary and 'skipped' not in summary, summary

@@ -159,3 +159,34 @@ def test_a_command_refused_before_exec_aborts_the_transaction(redis_url):
     # Redis discarded the whole transaction; the connection is in step.
     assert storage.flush_all(('MGET', 'a', 'b', 'c'))[-1] == [None] * 3
     assert storage.flush_all(('SET', 'a', 1), ('GET', 'a')) == [True, b'1']
+
+
+def test_an_outcome_whose_message_a_peer_took_back_is_not_written(producer):
+    """The fence on the ack (delivery.ACK_IF_HELD): while the body runs, a
+    peer that presumed this consumer dead puts its message back in the
+    queue; the outcome is then written nowhere, in the same write as the
+    ack (the message stays where the peer put it)."""
+    import multiprocessing
+
+    from huey_worker import config
+    from huey_worker.worker import Slot, StopFlag, Worker
+    app, storage = producer, producer.storage
+    stop = StopFlag()
+
+    @app.task(name='test_worker_fastpath.taken_back')
+    def taken_back():
+        conn = storage.conn
+        for key in conn.scan_iter(storage.keys.prefix + 'inflight:*'):
+            while conn.rpoplpush(key, storage.queue_key):
+                pass
+        stop.set()   # this worker takes nothing after it
+        return 'stale'
+
+    result = taken_back()
+    slot = multiprocessing.RawArray(Slot, 1)[0]
+    Worker(app, config.load(), 0, slot, stop, 'fence-test', False,
+           'one').run()
+    assert storage.conn.exists(storage.result_key(result.id)) == 0
+    assert [app.deserialize_task(m).id for m in storage.enqueued_items()] \
+        == [result.id]
+    assert slot.done == 0 and slot.failed == 0

@@ -5,7 +5,9 @@ the operator CLI.
 Layout (hw:<queue>: prefix, see daemon/keys.py):
   task:<id>       hash, the record: state, name, args summary, times,
                   attempt, retries, worker, progress, metadata, error, result
-  task-log:<id>   list, the last LOG_LENGTH state changes (JSON)
+  task-log:<id>   list, the last LOG_LENGTH state changes (JSON) but the
+                  producer's first, which is the record's `enqueued`
+                  (reads.with_enqueue_event; pushed only with an eta)
   journal:state:<group>  zset id -> when it entered its state (listings)
   journal:name:<name>    zset id -> when it was enqueued
   journal:results-held   hash hour -> results Huey stored then
@@ -22,6 +24,8 @@ Writers:
   producer  Huey's SIGNAL_ENQUEUED: pending (scheduled with a future eta);
             staged, so it rides the LPUSH of the enqueue itself, and only
             that: an enqueue that raises (pickling, Redis) leaves none.
+            Five commands (record, its TTL, two index entries, the name
+            index's TTL): a web request waits on them.
   worker    huey_worker.hooks: on_dequeued -> running (and on_started, for
             a task no producer recorded, the rest of its record: a plain
             Huey producer's); on_outcome -> complete,

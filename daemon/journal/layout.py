@@ -124,6 +124,11 @@ def _clip(value, budget, depth=0):
     return text if len(text) <= budget else text[:budget] + '...'
 
 
+# One encoder made once: json.dumps with arguments builds one per call.
+_summary_json = json.JSONEncoder(default=repr, sort_keys=True).encode
+NO_ARGS = _summary_json({'args': [], 'kwargs': {}})
+
+
 def args_summary(task, limit):
     """(summary text or None, sensitive flag)."""
     hidden = progress.sensitivity(task)
@@ -144,9 +149,13 @@ def args_summary(task, limit):
             if names is None or (index < len(names) and names[index] in
                                  hidden):
                 args[index] = '********'
+    if not args and not kwargs:
+        # The common call with no arguments: its text is always this one.
+        return (NO_ARGS if len(NO_ARGS) <= limit else
+                NO_ARGS[:limit] + '...'), bool(hidden)
     summary = {'args': _clip(args, limit),
                'kwargs': _clip(kwargs, limit)}
-    text = json.dumps(summary, default=repr, sort_keys=True)
+    text = _summary_json(summary)
     if len(text) > limit:
         text = text[:limit] + '...'
     return text, bool(hidden)

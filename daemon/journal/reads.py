@@ -12,8 +12,8 @@ from redis.exceptions import ResponseError
 
 from .. import transaction
 from .layout import (ERROR_MAX_CHARS, FLOAT_FIELDS, INDEX_GROUPS, INDEX_OF,
-                     INT_FIELDS, JSON_FIELDS, NUMBER_FIELDS, STATES,
-                     TERMINAL, result_json, result_ttl_of)
+                     INT_FIELDS, JSON_FIELDS, LOG_LENGTH, NUMBER_FIELDS,
+                     STATES, TERMINAL, result_json, result_ttl_of)
 from .scripts import HELD_COUNT
 
 
@@ -161,6 +161,21 @@ def _decode_history(items):
     return [event for event in events if isinstance(event, dict)]
 
 
+def with_enqueue_event(record, history):
+    """`history` with the producer's first event put back in front: its
+    record says when it was enqueued (`enqueued`) but its first event is
+    stored only for a task with an eta (Journal._stage_enqueue_record).
+    A history that starts waiting already has it (a record of the
+    first layout, the scheduler's note, a task with an eta); one cut to
+    LOG_LENGTH has lost it for good."""
+    enqueued = record.get('enqueued')
+    if enqueued is None or len(history) >= LOG_LENGTH or (
+            history and history[0].get('state') in ('pending',
+                                                    'scheduled')):
+        return history
+    return [{'state': 'pending', 'at': enqueued}] + history
+
+
 def read_task(app, storage, task_id, with_history=True):
     """The shaped record of `task_id`, or None.  Never deletes anything:
     Huey's result is only looked at (STRLEN, then GET when small) for
@@ -188,7 +203,8 @@ def read_task(app, storage, task_id, with_history=True):
     if 'result' not in record and 'result_omitted' not in record \
             and result_len and record.get('state') == 'complete':
         _merge_huey_result(app, storage, task_id, record, result_len, limit)
-    return shape(record, _decode_history(history) if with_history else None)
+    return shape(record, with_enqueue_event(
+        record, _decode_history(history)) if with_history else None)
 
 
 # -- one connection per reading thread ------------------------------------

@@ -142,44 +142,39 @@ class Journal:
         state = 'scheduled' if eta is not None and eta > now else 'pending'
         args_text, hidden = args_summary(task,
                                          self._settings().args_max_bytes)
-        fields = {'name': self.task_name(task), 'state': state,
-                  'retries_left': task.retries, 'eta': eta,
-                  'expires': epoch(task.expires_resolved),
-                  'args': args_text, 'args_sensitive': hidden or None}
-        event = {'state': state, **({'eta': eta} if eta else {})}
-        first = {'enqueued': now, 'retries_total': task.retries}
-        name_index = storage.keys.journal_name(fields['name'])
-        ttl = ttl_of(storage)
-
-        def by_name(add):
-            add(('ZADD', name_index, now, task.id))
-            add(('EXPIRE', name_index, ttl))
+        name = self.task_name(task)
+        expires = epoch(task.expires_resolved)
         entry = self._enqueue_entry(task)
-        if entry is not None:
-            # Staged as one callable that adds the record's commands only
-            # while this enqueue is under way: they ride its LPUSH, in the
-            # same MULTI, so no worker can see the task first; when the
-            # enqueue fails instead (an argument that cannot be pickled,
-            # Redis down) there is no record, and nothing left staged.
-            fields.update(first)
-            self._stage_enqueue_record(storage, entry, task.id, fields,
-                                       event, reindex=((), state),
-                                       extra=by_name)
-            return
-        if _inside_huey_enqueue():
+        if entry is not None or _inside_huey_enqueue():
             # The LPUSH follows in this thread: the record rides with it,
             # in the same MULTI, so no worker can see the task first.
-            fields.update(first)
-            self._stage_change(storage, task.id, fields, event, trim=False,
-                               reindex=((), state), extra=by_name)
+            # As text: hiredis packs a float several times slower, and
+            # a web request waits on this.
+            at, retries = repr(now), str(task.retries)
+            pairs = ['name', name, 'state', state, 'enqueued', at,
+                     'retries_total', retries, 'retries_left', retries]
+            if eta is not None:
+                pairs += ('eta', repr(eta))
+            if expires is not None:
+                pairs += ('expires', repr(expires))
+            if args_text is not None:
+                pairs += ('args', args_text)
+            if hidden:
+                pairs += ('args_sensitive', '1')
+            self._stage_enqueue_record(storage, entry, task.id, name, state,
+                                       at, eta, pairs)
             return
         # Emitted for a message already in the queue (the scheduler moving
         # due or periodic tasks): a worker may have taken it already, so
         # the record only fills what is missing and becomes pending only
         # from scheduled or retrying; sent now, as no write of ours follows.
-        first.update((k, v) for k, v in fields.items() if v is not None)
-        first.pop('state', None)
-        self._stage_guarded_enqueue(storage, task.id, first, now)
+        first = {'enqueued': now, 'retries_total': task.retries,
+                 'name': name, 'retries_left': task.retries, 'eta': eta,
+                 'expires': expires, 'args': args_text,
+                 'args_sensitive': hidden or None}
+        self._stage_guarded_enqueue(
+            storage, task.id,
+            {k: v for k, v in first.items() if v is not None}, now)
         if not storage.deferring:
             storage.flush()
 
@@ -207,10 +202,34 @@ class Journal:
             return stack[-1]
         return None
 
-    def _stage_enqueue_record(self, storage, entry, task_id, fields, event,
-                              **options):
-        commands, _ = self._change_commands(storage, task_id, fields, event,
-                                            trim=False, **options)
+    def _stage_enqueue_record(self, storage, entry, task_id, name, state,
+                              now, eta, pairs):
+        """Stage the producer's record of `task_id` (`now`: the enqueue
+        time as text, `pairs`: the record's fields) to ride the enqueue's
+        LPUSH, in the same MULTI: the fewest commands, as a web request
+        waits on them.  Its first event (pending at `enqueued`) is not
+        pushed: reads put it first (reads.with_enqueue_event), so a task
+        without an eta has no history list until a worker takes it.  With
+        `entry` (SuiteApp.enqueue's), only while that enqueue is under
+        way: when it fails instead (an argument that cannot be pickled,
+        Redis down) there is no record, and nothing left staged."""
+        keys = storage.keys
+        key, name_index = keys.task(task_id), keys.journal_name(name)
+        ttl = str(ttl_of(storage))
+        commands = [('HSET', key, 'updated', now, *pairs),
+                    ('EXPIRE', key, ttl),
+                    ('ZADD', keys.journal_state(INDEX_OF[state]), now,
+                     task_id),
+                    ('ZADD', name_index, now, task_id),
+                    ('EXPIRE', name_index, ttl)]
+        if eta is not None:
+            log_key = keys.task_log(task_id)
+            commands += [('RPUSH', log_key, _event_json(
+                {'state': state, 'eta': eta, 'at': float(now)})),
+                ('EXPIRE', log_key, ttl)]
+        if entry is None:
+            storage.stage_commands(commands)
+            return
         stack = self._stash.enqueues
 
         def write(pipe):
@@ -304,6 +323,10 @@ class Journal:
             drop=RUNNING_DROPS,
             incr={'attempt': 1}, index=False, trim=False, expire=False,
             pairs=pairs, reindex=(WAITING_GROUPS, 'running'))
+        # The history list may begin here (the producer stores no first
+        # event): it expires from its first event on, whatever follows.
+        commands.append(('EXPIRE', storage.keys.task_log(task.id),
+                         ttl_of(storage)))
         # Where the reply of the attempt's HINCRBY will be: on_started
         # hands the attempt to the worker's log lines.
         attempt_at = next(i for i, c in enumerate(commands)

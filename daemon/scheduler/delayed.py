@@ -8,7 +8,10 @@ onto the queue, atomically, and only for the lease holder, so each is
 moved exactly once.  Scores are unix seconds (SuiteStorage.convert_ts: a
 naive eta read as UTC, not as the host's local time as Huey's own storage
 does), so a score means the same moment on every host whatever its zone
-or daylight-saving state, and `due` is simply the scheduler's wall clock.
+or daylight-saving state, and `due` is the scheduler's wall clock:
+Redis's (clock.RedisClock), so a scheduler on a host whose clock is off
+moves nothing early or late.  The eta itself is the producer's: Huey
+turns a delay into an eta by the enqueuing host's clock.
 
 A task with a priority is scheduled with it (SuiteStorage.add_to_schedule)
 and goes into the priority set, behind the messages of its priority that

@@ -5,7 +5,8 @@ A slot is one minute, in UTC (the shared app runs Huey with utc=True, so
 crontab fields are UTC as in Huey).  Each enqueue goes with a dedupe key
 `hw:<queue>:periodic:<entry>:<slot>` set NX in the same script, so a slot
 reached twice -- a failover mid-minute, a restart within the minute, a
-leader whose clock runs ahead -- is enqueued once.
+leader whose clock runs ahead (a Redis failover to a server whose clock
+differs: the minute is Redis's, clock.RedisClock) -- is enqueued once.
 """
 import datetime
 import difflib

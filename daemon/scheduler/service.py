@@ -57,7 +57,9 @@ class Scheduler(MainLoop):
                  clock=None):
         with logs.config_errors_to_file():
             refuse_immediate(cfg, 'scheduler')
-            self.clock = clock or clock_module.from_environment()
+            # Redis's clock: every host's scheduler sees the same minute
+            # and the same due tasks, whatever its own clock says.
+            self.clock = clock or clock_module.shared_clock()
             self.entries = periodic.load_entries(cfg, app)
             self.conn = scheduler_connection(cfg)
         self.cfg, self.app = cfg, app
@@ -101,10 +103,7 @@ class Scheduler(MainLoop):
         log.info('missed slots are enqueued up to %gs late (catchup_window '
                  '%ds, at least lease_timeout + %gs)', self.window,
                  cfg.scheduler.catchup_window, periodic.HANDOVER_GRACE)
-        if isinstance(self.clock, clock_module.FileClock):
-            log.warning('TEST CLOCK: wall time is read from %s (%s is for '
-                        'tests only)', self.clock.path,
-                        clock_module.TEST_CLOCK_ENV)
+        clock_module.warn_if_test_clock(self.clock, log)
         if not cfg.huey.secret_key and not adopt.signs(self.app):
             log.warning('[huey] secret_key is not set: anyone who can write '
                         'to this Redis can run code in the workers')
@@ -126,6 +125,7 @@ class Scheduler(MainLoop):
 
     def loop(self):
         try:
+            self._sync_clock()
             self._keep_lease()
             if self.lease.held():
                 self._act()
@@ -181,6 +181,12 @@ class Scheduler(MainLoop):
         if self.notifier.watchdog_interval:
             waits.append(self.notifier.watchdog_interval)
         return max(0.01, self._error_wait, min(waits))
+
+    def _sync_clock(self):
+        """Read Redis's clock (TIME) for this pass."""
+        if isinstance(self.clock, clock_module.RedisClock):
+            self.clock.sync(self.conn)
+            self.clock.tell_skew(log, 'scheduler')
 
     # -- the lease ---------------------------------------------------------
 
