@@ -11,8 +11,10 @@ checked in Redis and on the page.  Then the page with the status server's Redis
 stopped: it says so and keeps working, and recovers when Redis is back.
 And the tab hidden: the page stops polling, and polls again once shown.
 
-Screenshots of each page go to docs/console/ (docs/console.md shows
-them)."""
+Screenshots of each page go to $HUEY_TEST_SCREENSHOTS when it is set
+(`HUEY_TEST_SCREENSHOTS=docs/console` refreshes the ones docs/console.md
+shows), else to the test's temporary directory: a test run leaves the
+tree as it was."""
 import os
 import re
 import signal
@@ -26,7 +28,8 @@ from ops_helpers import (Client, start_status_server, task_record,
 pytestmark = pytest.mark.slow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHOTS = os.path.join(ROOT, 'docs', 'console')
+# Where screenshots go (see the module's docstring); None: a temp dir.
+SHOTS = os.environ.get('HUEY_TEST_SCREENSHOTS')
 CHROMIUM = '/usr/bin/chromium'
 CHROMEDRIVER = '/usr/bin/chromedriver'
 TOKEN = 'console-test-token-0123456789'
@@ -38,7 +41,7 @@ from selenium.webdriver.common.by import By  # noqa: E402
 
 
 @pytest.fixture
-def browser():
+def browser(tmp_path):
     for path in (CHROMIUM, CHROMEDRIVER):
         if not os.access(path, os.X_OK):
             pytest.skip('%s missing: apt-get install chromium chromium-driver '
@@ -53,6 +56,7 @@ def browser():
     options.set_capability('goog:loggingPrefs', {'browser': 'ALL'})
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     driver.implicitly_wait(0)
+    driver.shots_dir = str(tmp_path / 'shots')   # unless SHOTS is set
     yield driver
     driver.quit()
 
@@ -63,6 +67,7 @@ class Page:
 
     def __init__(self, driver, port):
         self.driver, self.base = driver, 'http://127.0.0.1:%d/console/' % port
+        self.tmp = driver.shots_dir
 
     def open(self, hash_=''):
         self.driver.get(self.base + hash_)
@@ -122,16 +127,18 @@ class Page:
         return text
 
     def shot(self, name, at=None):
-        """docs/console/NAME.png of the window, scrolled to the top or to
-        the element `at` (a CSS selector)."""
-        os.makedirs(SHOTS, exist_ok=True)
+        """NAME.png of the window in SHOTS (or the test's temporary
+        directory), scrolled to the top or to the element `at` (a CSS
+        selector)."""
+        shots = SHOTS or self.tmp
+        os.makedirs(shots, exist_ok=True)
         if at is None:
             self.driver.execute_script('window.scrollTo(0, 0)')
         else:
             self.driver.execute_script(
                 'document.querySelector(arguments[0]).scrollIntoView()', at)
         time.sleep(0.3)   # the chart's canvas paints on the next frame
-        self.driver.save_screenshot(os.path.join(SHOTS, name + '.png'))
+        self.driver.save_screenshot(os.path.join(shots, name + '.png'))
 
     def errors(self):
         """The browser's script errors (a failed request's own log line
