@@ -99,6 +99,7 @@ class Consumer(MainLoop):
         self.abandoned = 0     # thread workers stuck past a time limit
         self.outage = redisconn.RedisOutage(cfg, clock=self.clock)
         self._last_beat = 0.0
+        self._recovery_held_until = 0.0   # time.monotonic()
         self._queue_depth = None
         self._stuck = []
         # Set while the queue is paused (hw:<queue>:paused, read each pass:
@@ -736,6 +737,7 @@ class Consumer(MainLoop):
             replies = pipe.execute()
             self.clock.note(replies[0], sent, clock_module.boot_clock())
             self.clock.tell_skew(log, 'consumer')
+            self._hold_recovery_on_jump()
             self._queue_depth = self.storage.queue_size_of(
                 replies[-len(sizing):])
             if replies[2] and not force:
@@ -749,11 +751,29 @@ class Consumer(MainLoop):
                             ' the outcomes of the runs still going here are '
                             'fenced', self.identity,
                             self.cfg.delivery.recovery_timeout)
-            self.delivery.recover_dead(self.cfg.delivery.recovery_timeout)
+            if time.monotonic() >= self._recovery_held_until:
+                self.delivery.recover_dead(
+                    self.cfg.delivery.recovery_timeout)
             self._sweep_predecessors()
             self.outage.ok()
         except REDIS_ERRORS as exc:
             self.outage.failed(exc)
+
+    def _hold_recovery_on_jump(self):
+        """Redis's clock jumped ahead (a failover to a replica whose clock
+        is ahead, or a step of its clock): every heartbeat key, whose
+        expiry is an absolute time by that clock, may have run out at
+        once, live consumers' too.  Recover nobody for one
+        recovery_timeout, time for each live consumer to beat again."""
+        timeout = self.cfg.delivery.recovery_timeout
+        if self.clock.jump < clock_module.SKEW_WARNING:
+            return
+        self._recovery_held_until = time.monotonic() + timeout
+        log.warning('Redis\'s clock jumped %+.1fs (a failover to a server '
+                    'whose clock differs, or its clock stepped): no '
+                    'consumer is taken for dead for %gs, so that live ones '
+                    'whose heartbeats ran out with the jump beat again',
+                    self.clock.jump, timeout)
 
     def _requeue_own(self, reason):
         try:

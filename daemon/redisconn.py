@@ -69,11 +69,18 @@ def _connection_pool(cfg):
     if r.sentinels:
         sentinel_kwargs = {'socket_connect_timeout': r.connect_timeout,
                            'socket_timeout': r.connect_timeout,
+                           # One try per sentinel, then the next one:
+                           # redis-py's default retries a sentinel that
+                           # does not answer 10 times with backoff (about
+                           # a minute for a paused host's, at the default
+                           # connect_timeout) before asking the others.
+                           'retry': Retry(NoBackoff(), 0),
                            'protocol': 2}
         if r.sentinel_password:
             sentinel_kwargs['password'] = r.sentinel_password
-        hosts = [(w.rpartition(':')[0], int(w.rpartition(':')[2]))
-                 for w in r.sentinels]
+        # An IPv6 address comes bracketed ([::1]:26379), as in a URL.
+        hosts = [(w.rpartition(':')[0].strip('[]'),
+                  int(w.rpartition(':')[2])) for w in r.sentinels]
         sentinel = Sentinel(hosts, sentinel_kwargs=sentinel_kwargs,
                             db=r.db, **kwargs)
         return sentinel.master_for(
@@ -156,6 +163,19 @@ _ANNOTATED = re.compile(r'^Command # \d+ \(.*\) of pipeline caused error: ',
                         re.S)
 
 
+class NotReplicated(redis.exceptions.ResponseError):
+    """A write the primary took that no replica confirmed within [redis]
+    durable_writes (WAIT): not acknowledged, as with Redis's own
+    min-replicas-to-write refusal, whose code it carries (so every daemon
+    waits it out as Redis unavailable).  Unlike that refusal the write
+    may be there: it survives unless a failover drops it (the primary
+    demoted while alive loses what it took since the promotion)."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.status_code = 'NOREPLICAS'   # an instance's in redis-py 8
+
+
 def error_code(exc):
     """The code a Redis error reply starts with ('READONLY', 'ERR', ...),
     or None for errors that are not replies."""
@@ -169,10 +189,19 @@ def error_code(exc):
     return word if word.isupper() else None
 
 
+# redis-py's MasterNotFoundError names each sentinel by its client's repr
+# (a few hundred characters each): host:port says the same.
+_SENTINEL_REPR = re.compile(
+    r'<redis\.client\.Redis\(<redis\.connection\.ConnectionPool\(<'
+    r'[^<>]*?(?:<[^<>]*>[^<>]*?)*?host=([^,]+),port=(\d+)[^<>]*?'
+    r'(?:<[^<>]*>[^<>]*?)*>\)>\)>')
+
+
 def error_text(exc):
     """`exc` as a line for logs and STATUS, with the code redis-py strips
-    from the replies it knows ('READONLY You can't write against...')."""
-    text = str(exc)
+    from the replies it knows ('READONLY You can't write against...'),
+    and sentinels named host:port."""
+    text = _SENTINEL_REPR.sub(r'sentinel \1:\2', str(exc))
     code = getattr(exc, 'status_code', None)
     if code and not text.startswith(code):
         return '%s %s' % (code, text)

@@ -177,7 +177,12 @@ class HostPortList(WordList):
 
     def parse(self, raw):
         pairs = []
-        for word in super().parse(raw):
+        words = super().parse(raw)
+        if raw.strip() and not words:
+            # Only separators (REDIS_SENTINELS=","): left empty, the daemons
+            # would quietly use [redis] host and port instead.
+            raise InvalidValue('expected host:port, ..., got %r' % raw)
+        for word in words:
             host, sep, port = word.rpartition(':')
             if not sep or not host or not port.isdigit() \
                     or not 0 < int(port) < 65536:
@@ -380,11 +385,11 @@ SETTINGS = (
       'Longest pause between reconnection attempts (backoff doubles up to it).'),
     S('redis', 'durable_writes', Number(0, 60), 0.0,
       'Seconds to wait (WAIT 1) for a replica to confirm each enqueue and '
-      'each ack before it counts as done, so a failover does not lose it; '
-      'a replica that does not confirm in time is logged and the write '
-      'still counts (set min-replicas-to-write on the Redis side to refuse '
-      'it instead); 0: off (replication stays asynchronous).  See '
-      'docs/delivery.md.'),
+      'each ack before it counts as done, so a failover does not lose it.  '
+      'An enqueue no replica confirms in time is not acknowledged (raises '
+      'NotReplicated, code NOREPLICAS); a worker\'s ack only warns (a '
+      'failover that drops it runs the task again).  0: off (replication '
+      'stays asynchronous).  See docs/operations.md (Sentinel).'),
     S('redis', 'allow_eviction', Boolean(), False,
       'Let the daemons start on a Redis whose maxmemory-policy is not '
       'noeviction.  Such a Redis deletes keys when full: queued tasks '

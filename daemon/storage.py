@@ -414,7 +414,7 @@ class SuiteStorage(RedisExpireStorage):
             results = transaction.execute(
                 pipe, conn, wanted=len(pipe.command_stack) - staged)
             pending.clear()
-            self._wait_replica(conn, durable)
+            self._wait_replica(conn, durable, acknowledged=pool is not None)
         finally:
             if pool is not None:
                 pool.release(conn)
@@ -424,13 +424,27 @@ class SuiteStorage(RedisExpireStorage):
         return getattr(self.pool, 'durable_wait_ms', 0)
 
     @staticmethod
-    def _wait_replica(conn, ms):
+    def _wait_replica(conn, ms, acknowledged):
         """WAIT for one replica to hold this connection's writes, up to
-        `ms`; a warning (not an error: the write is done, on the primary)
-        when none confirms in time."""
-        if not transaction.command(conn, 'WAIT', 1, ms):
-            log.warning('no replica confirmed a write within %dms ([redis] '
-                        'durable_writes): a failover now could lose it', ms)
+        `ms`.  When none confirms in time the connection is dropped (so
+        the next command asks Sentinel where the primary is: this one may
+        have been demoted while alive, its new writes bound to be lost);
+        then, for a write someone is told about (`acknowledged`: an
+        enqueue, an operator's action, the scheduler's moves) NotReplicated
+        is raised: the write is not acknowledged.  A worker's ack (on its
+        own pinned connection) only warns: the outcome is on the primary,
+        and if a failover drops it the message is back in flight there
+        and runs again."""
+        if transaction.command(conn, 'WAIT', 1, ms):
+            return
+        conn.disconnect()
+        text = ('no replica confirmed a write within %dms ([redis] '
+                'durable_writes)' % ms)
+        if acknowledged:
+            raise redisconn.NotReplicated(
+                text + ': not acknowledged; it may or may not survive a '
+                'failover')
+        log.warning('%s: a failover now could lose it', text)
 
     def _record(self, commands, pipe=None):
         """A pipeline holding `commands`: argument tuples, or callables
@@ -462,7 +476,14 @@ class SuiteStorage(RedisExpireStorage):
         return redisconn.retry_readonly(
             lambda: self.flush(lambda c: c.execute_command(*args)))
 
-    _read = flush
+    def _read(self, last):
+        """Like flush, for a read: with nothing staged it is sent alone,
+        with no WAIT under [redis] durable_writes (a read needs no
+        replica; a replica that is down must not fail the producers'
+        result reads)."""
+        if not self._pending():
+            return last(self.conn)
+        return self.flush(last)
 
     # -- a worker's own connection ------------------------------------------
 
@@ -833,7 +854,7 @@ class SuiteStorage(RedisExpireStorage):
 
     def put_if_empty(self, key, value, ttl=None):
         rkey = self.result_key(key)
-        return bool(self._read(lambda c: c.set(rkey, value, nx=True, ex=ttl)))
+        return bool(self.flush(lambda c: c.set(rkey, value, nx=True, ex=ttl)))
 
     def incr(self, key, amount=1):
         # Needs its own reply mid-pipeline; send what is held back first.

@@ -969,6 +969,10 @@ class Worker:
             if isinstance(refused, redis.exceptions.WatchError) or \
                     refused is _FENCED or delivery.fenced(refused):
                 storage.discard_pending()
+                # Our list here is not what this worker thought it held:
+                # after a failover it can still hold a message whose ack
+                # the old primary took and lost; put back what it holds.
+                self._orphan_check = True
                 log.warning('%s: %s %s was put back by a peer while it ran '
                             'here (this consumer was presumed dead): its '
                             'outcome (%s) is fenced, not written', self.name,

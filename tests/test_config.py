@@ -203,6 +203,10 @@ def test_bad_environment_value_names_the_variable():
     assert message == "[consumer] workers = 'lots' (env " \
                       "HUEY_WORKER_COUNT): expected 'auto' or a whole " \
                       "number >= 1"
+    # Only separators: never an empty list that falls back to host:port.
+    assert error_of(env={'REDIS_SENTINELS': ','}) == \
+        "[redis] sentinels = ',' (env REDIS_SENTINELS): expected host:port, " \
+        "..., got ','"
 
 
 def test_secrets_are_redacted_in_the_effective_configuration():

@@ -114,6 +114,19 @@ def test_a_volatile_policy_is_refused_naming_what_it_deletes(
     assert 'consumer heartbeats' in out and "scheduler's lease" in out
 
 
+@pytest.mark.parametrize('args', DAEMONS[:2], ids=lambda a: a[0])
+def test_a_redis_without_time_is_refused(own_redis, base_env, start_daemon,
+                                         args):
+    """A managed Redis that renamed TIME away: the daemons that go by
+    Redis's clock refuse it (78) naming TIME, rather than wait for it as
+    for an outage forever."""
+    server = own_redis('--rename-command', 'TIME', '')
+    daemon = start_daemon(args, env_for(base_env, server))
+    assert daemon.wait(60) == EX_CONFIG
+    out = daemon.output()
+    assert 'config error' in out and 'Redis refuses TIME' in out
+
+
 @pytest.mark.parametrize('args', DAEMONS, ids=lambda a: a[0])
 def test_redis_down_at_start_waits_then_refuses_when_it_answers(
         own_redis, base_env, start_daemon, args):

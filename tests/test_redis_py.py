@@ -36,9 +36,6 @@ from huey_worker.devredis import find_redis_server
 TESTS = ['tests/test_worker_fastpath.py', 'tests/test_delivery.py',
          'tests/test_journal.py', 'tests/test_priority.py',
          'tests/test_plain_producer.py']
-# Runs the priority tests against Redis 5 in a pytest of its own: the
-# Redis server's version is not what is tested here.
-DESELECT = ['tests/test_priority.py::test_priorities_work_on_redis_5']
 TEST_TOOLS = ['pytest>=7', 'pytest-timeout>=2.1']
 
 
@@ -209,8 +206,7 @@ def test_the_redis_heavy_tests_pass_at_both_ends_and_without_hiredis(
                                            'w+'))
             proc = subprocess.Popen(
                 [python, '-m', 'pytest', '-q', '-p', 'no:cacheprovider',
-                 '--basetemp', str(tmp_path / variant)] + TESTS
-                + ['--deselect=%s' % d for d in DESELECT], cwd=ROOT,
+                 '--basetemp', str(tmp_path / variant)] + TESTS, cwd=ROOT,
                 env=nested_env(), stdout=log, stderr=subprocess.STDOUT)
             stack.callback(proc.kill)   # a no-op once it has ended
             runs[variant] = found, log, proc

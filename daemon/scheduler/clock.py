@@ -20,6 +20,9 @@ log a warning when it is set.
 import os
 import time
 
+import redis
+
+from .. import redisconn
 from ..config import ConfigError
 
 TEST_CLOCK_ENV = 'HUEY_TEST_CLOCK_FILE'
@@ -94,18 +97,37 @@ class RedisClock:
     def __init__(self, host=system_clock):
         self.host = host
         self._base = None   # (Redis's unix seconds, boot clock) at a read
+        self.jump = 0.0     # seconds Redis's clock jumped at the last read
         self._skew_told = False
 
     def sync(self, conn):
-        """Read TIME from `conn` (one round trip); Redis errors raise."""
+        """Read TIME from `conn` (one round trip); Redis errors raise, and
+        ConfigError when Redis refuses TIME itself (renamed away by
+        rename-command, as some managed Redis do, or an ACL without it):
+        waiting, as for an outage, would never end."""
         sent = boot_clock()
-        self.note(conn.time(), sent, boot_clock())
+        try:
+            reply = conn.time()
+        except redis.exceptions.ResponseError as exc:
+            if redisconn.unavailable(exc):
+                raise
+            raise ConfigError(
+                'Redis refuses TIME (%s): the consumers and the scheduler '
+                'go by Redis\'s clock; allow TIME on this Redis (no '
+                'rename-command of TIME, +time in the ACL)'
+                % redisconn.error_text(exc))
+        self.note(reply, sent, boot_clock())
 
     def note(self, reply, sent, received):
         """Take a TIME `reply` ([seconds, microseconds]) sent and received
         at these boot clock times: Redis read its clock in between."""
         seconds, micros = (int(v) for v in reply)
+        expected = None if self._base is None else self()
         self._base = (seconds + micros / 1e6, (sent + received) / 2.0)
+        # How far Redis's clock moved against the boot clock since the
+        # last read: a failover to a server whose clock differs, or a step
+        # of the server's clock.
+        self.jump = 0.0 if expected is None else self() - expected
 
     def __call__(self):
         if self._base is None:

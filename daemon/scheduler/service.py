@@ -417,6 +417,9 @@ class Scheduler(MainLoop):
         while not self.flags.stop_requests:
             try:
                 self.conn.ping()
+                # Now, not in the first pass: a Redis refusing TIME is a
+                # ConfigError (78) at start, not an outage logged forever.
+                self._sync_clock()
                 self.outage.ok()
                 return True
             except REDIS_ERRORS as exc:
