@@ -8,6 +8,8 @@ script) so they ride the worker's next round trip.
 """
 import logging
 
+from . import redisconn
+
 log = logging.getLogger('huey_worker.hooks')
 
 # (storage, task, worker_info) -- a worker took `task` and is about to run
@@ -53,6 +55,13 @@ def call(hooks, *args):
     for hook in list(hooks):
         try:
             hook(*args)
-        except Exception:
-            log.exception('hook %s failed', getattr(hook, '__qualname__',
-                                                    hook))
+        except Exception as exc:
+            name = getattr(hook, '__qualname__', hook)
+            if redisconn.unavailable(exc):
+                # Redis's state (a failover under way, no replica to
+                # confirm a write): no bug to show a traceback for.
+                log.warning('hook %s: Redis %s (%s); its write is not made',
+                            name, redisconn.outage_word(exc),
+                            redisconn.error_text(exc))
+            else:
+                log.exception('hook %s failed', name)

@@ -3,6 +3,7 @@ through Sentinel."""
 import logging
 import random
 import re
+import threading
 import time
 
 import redis
@@ -120,6 +121,10 @@ class MasterFollowingConnection(SentinelManagedConnection):
 
     demoted = False   # a READONLY reply came: reconnect before sending
 
+    def connect(self):
+        super().connect()
+        _note_master((self.host, self.port))
+
     def send_packed_command(self, command, check_health=True):
         if self.demoted:
             self.demoted = False
@@ -134,6 +139,27 @@ class MasterFollowingConnection(SentinelManagedConnection):
         except redis.exceptions.ReadOnlyError:
             self.demoted = True
             raise
+
+
+# The Sentinel master this process last connected to, and how many times
+# that changed: a worker compares the count between its queue reads
+# (master_changes), as a failover may have dropped writes it made to the
+# old primary.
+_master = {'address': None, 'changes': 0}
+_master_lock = threading.Lock()
+
+
+def _note_master(address):
+    with _master_lock:
+        if _master['address'] not in (None, address):
+            _master['changes'] += 1
+        _master['address'] = address
+
+
+def master_changes():
+    """How many times this process's connections found the Sentinel master
+    at another address than before (int; 0 without Sentinel)."""
+    return _master['changes']
 
 
 def describe(cfg):

@@ -365,6 +365,7 @@ class Worker:
         # A new worker may inherit its in-flight list from a predecessor
         # that died while Redis was unreachable: look there first.
         self._orphan_check = True
+        self._master_changes = redisconn.master_changes()
         # Read once: the hot path runs per task, and the configuration of a
         # running worker never changes (a reload starts new workers).
         self.read_timeout = cfg.consumer.read_timeout
@@ -481,6 +482,19 @@ class Worker:
             self.stop_flag.wait(self._retry.next())
             return
         self._redis_ok()
+        changes = redisconn.master_changes()
+        if changes != self._master_changes:
+            # A failover since the last read: an ack this worker sent to
+            # the old primary (demoted alive, it drops what it took since
+            # the promotion) may be lost, its message still in our
+            # in-flight list on the new one, where nobody would put it
+            # back while we live.  What this read took goes back too:
+            # then the whole list (the next loop), to run again.
+            self._master_changes = changes
+            self._orphan_check = True
+            if raw is not None:
+                self._put_back_untaken(raw, 'Redis failed over')
+            return
         if raw is None:
             return
         if self.stop_flag.is_set() or (paused is not None and paused.value):
@@ -513,10 +527,9 @@ class Worker:
             reply = self._with_redis(storage.flush)
         except (_Stopped, redis.exceptions.RedisError) as exc:
             storage.discard_pending()
-            log.warning('%s: a message taken while %s stays in flight for '
-                        'the consumer to put back (%s)', self.name,
-                        'stopping' if why == 'stopping' else 'paused',
-                        'Redis unavailable until the stop'
+            log.warning('%s: a message its last queue read took (%s) '
+                        'stays in flight for the consumer to put back (%s)',
+                        self.name, why, 'Redis unavailable until the stop'
                         if isinstance(exc, _Stopped) else exc)
             return
         if reply == 0:
