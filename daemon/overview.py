@@ -7,6 +7,7 @@ Every read is bounded: LLEN/ZCARD/ZCOUNT, and at most MAX_CONSUMERS
 heartbeat records per queue.
 """
 import json
+import re
 import time
 
 import redis
@@ -289,18 +290,33 @@ return redis.call('ZCOUNT', KEYS[1], '-inf', string.format('%.6f', due))
 """
 
 
+_GOOD_REPLICAS = re.compile(r'^min_slaves_good_slaves:(\d+)', re.M)
+
+
 def write_refusal(storage):
     """Why Redis, though it answers reads, refuses every write (str), or
     None: it is a replica (as the old master is after a failover, until
-    the daemons' connections follow Sentinel to the new one).  None too
-    when ROLE is not allowed (an ACL): nothing known then."""
+    the daemons' connections follow Sentinel to the new one), or a master
+    that min-replicas-to-write stops (no replica in sync).  None too when
+    ROLE is not allowed (an ACL): nothing known then."""
     try:
-        role = reads.replies(storage.pool, [('ROLE',)])[0]
+        role, replication = reads.replies(
+            storage.pool, [('ROLE',), ('INFO', 'replication')])
     except redis.exceptions.ResponseError:
         return None
     kind = role[0].decode('utf-8', 'replace') if isinstance(
         role[0], bytes) else str(role[0])
     if kind == 'master':
+        # Shown only under min-replicas-to-write: with no replica good
+        # enough, every write is refused (NOREPLICAS), as on an old
+        # primary left without its replica after a failover.
+        good = _GOOD_REPLICAS.search(replication.decode('utf-8', 'replace')
+                                     if isinstance(replication, bytes)
+                                     else str(replication))
+        if good and int(good.group(1)) == 0:
+            return ('NOREPLICAS: Redis is a master without a replica in '
+                    'sync (min-replicas-to-write is set); every write is '
+                    'refused')
         return None
     if kind == 'slave' and len(role) >= 4:
         master = '%s:%s' % tuple(

@@ -121,6 +121,13 @@ def test_the_seeds_environment_names_work():
     assert cfg.redis.url == 'redis://:pw@localhost:6379'
     assert cfg.consumer.workers == 5
     assert cfg.huey.immediate is True
+    # Sentinel: the REDIS_ names go together.
+    cfg = load(env={'REDIS_SENTINELS': 's1:26379,s2:26379',
+                    'REDIS_SENTINEL_MASTER': 'pdf',
+                    'REDIS_SENTINEL_PASSWORD': 'sp'})
+    assert cfg.redis.sentinels == ('s1:26379', 's2:26379')
+    assert (cfg.redis.sentinel_master, cfg.redis.sentinel_password) == \
+        ('pdf', 'sp')
 
 
 def test_first_listed_environment_name_wins():
@@ -492,6 +499,15 @@ def test_config_prints_sources_and_redacts(tmp_path):
     assert lines['host'].endswith('# env REDIS_HOST')
     assert lines['workers'].endswith('# cli --workers')
     assert lines['port'].endswith('# default')
+    assert '# Redis: redis://h1:6379/0' in out.stdout.splitlines()
+    # With sentinels, where the master is comes from them.
+    out = cli('config', '--config', path,
+              env={'REDIS_SENTINELS': '10.0.0.1:26379'}).stdout
+    lines = {line.split('=')[0].strip(): line for line in
+             out.splitlines() if '=' in line}
+    assert '# Redis: sentinel master mymaster via 10.0.0.1:26379' in out
+    assert lines['host'].endswith('# default, unused: [redis] sentinels is '
+                                  'set')
     as_json = json.loads(cli('config', '--json', '--config', path).stdout)
     assert as_json['settings']['redis']['password'] == {
         'value': config.REDACTED, 'source': '%s:2' % path}

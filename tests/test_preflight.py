@@ -221,6 +221,28 @@ def test_health_degraded_near_maxmemory_then_ok_again(
     assert (code, body['status']) == (200, 'ok')
 
 
+def test_health_names_a_master_that_refuses_writes_for_want_of_replicas(
+        own_redis, base_env, start_daemon):
+    """min-replicas-to-write with no replica in sync (an old primary left
+    alone after a failover): every write is refused with NOREPLICAS, and
+    /health says so instead of blaming the consumers."""
+    server = own_redis('--min-replicas-to-write', '1',
+                       '--min-replicas-max-lag', '10')
+    env = env_for(base_env, server)
+    _, port = start_status_server(start_daemon, env)
+    code, body = wait_until(
+        lambda: (lambda r: r if r[1] and not r[1]['checks']['redis'].get(
+            'ok', True) else None)(Client(port).get('/health')),
+        what='/health naming the refusal')
+    assert code == 503, body
+    assert body['checks']['redis']['error'].startswith('NOREPLICAS'), body
+    assert any('NOREPLICAS' in r for r in body['reasons']), body
+    # With the setting gone the same Redis takes writes: no refusal.
+    server.client().config_set('min-replicas-to-write', 0)
+    code, body = Client(port).get('/health')
+    assert body['checks']['redis'].get('ok') is True, body
+
+
 def test_policy_changed_while_running(own_redis, base_env, start_daemon):
     server = own_redis()
     env = env_for(base_env, server)

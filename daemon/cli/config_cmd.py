@@ -60,14 +60,20 @@ def command(check, as_json, sample, reference, **params):
                               indent=2, sort_keys=True))
         return
     click.echo('# files read: %s' % (', '.join(cfg.files) or 'none'))
+    from ..redisconn import describe
+    click.echo('# Redis: %s' % describe(cfg))
+    # With sentinels the master's address comes from them: the address
+    # settings are not used (a Redis on this host's 6379 is not it).
+    unused = {'redis.host', 'redis.port'} if cfg.redis.sentinels else set()
     width = max(len(s.key) for s in registry.SETTINGS)
     for section in registry.SECTIONS:
         click.echo('[%s]' % section)
         for s in registry.SETTINGS:
             if s.section == section:
-                click.echo('%-*s = %-30s # %s' % (
+                click.echo('%-*s = %-30s # %s%s' % (
                     width, s.key, cfg.display_value(s.name),
-                    cfg.source(s.name)))
+                    cfg.source(s.name), ', unused: [redis] sentinels is set'
+                    if s.name in unused else ''))
         click.echo('')
     for name, keys in sorted(cfg.periodic.items()):
         click.echo('[periodic:%s]' % name)
