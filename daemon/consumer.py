@@ -27,7 +27,7 @@ from .config import ConfigError
 from .mainloop import MainLoop, refuse_immediate, reread_config
 from .notify import Notifier
 from .journal.layout import ttl_of
-from .scheduler import clock as clock_module
+from . import clock as clock_module
 from .signals import name as signal_name
 from .storage import message_data
 from .worker import Slot, StopFlag, Worker

@@ -20,7 +20,7 @@ command.
 """
 import logging
 
-from .clock import boot_clock
+from ..clock import boot_clock
 
 log = logging.getLogger('huey_worker.scheduler')
 

@@ -17,11 +17,11 @@ import redis
 from huey import signals as huey_signals
 
 from .. import __version__, adopt, logs, preflight, redisconn
+from .. import clock as clock_module
 from ..app import hostname, load_task_modules
 from ..mainloop import MainLoop, refuse_immediate, reread_config
 from ..notify import Notifier
 from ..signals import name as signal_name
-from . import clock as clock_module
 from . import periodic
 from .delayed import DelayedMover
 from .info import InfoWriter

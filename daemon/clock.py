@@ -22,8 +22,8 @@ import time
 
 import redis
 
-from .. import redisconn
-from ..config import ConfigError
+from . import redisconn
+from .config import ConfigError
 
 TEST_CLOCK_ENV = 'HUEY_TEST_CLOCK_FILE'
 # Seconds this host's clock may be off Redis's before a daemon says so
