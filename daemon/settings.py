@@ -560,9 +560,11 @@ SETTINGS = (
       'Port of the status endpoint.', env=('HUEY_STATUS_PORT',),
       cli='--port'),
     S('status', 'token', BearerToken(), '',
-      'Bearer token; when set, POST /tasks and POST /tasks/ID/revoke are '
-      'enabled and require it (and so do reads, when bind is beyond '
-      'loopback).', env=('HUEY_STATUS_TOKEN',)),
+      'Bearer token; when set, the routes that write (POST /tasks and '
+      'the operator actions: retry, revoke, restore, cancel, purge, '
+      'dead-letter requeue and purge, pause, resume) are enabled and '
+      'require it (and so do reads, when bind is beyond loopback).',
+      env=('HUEY_STATUS_TOKEN',)),
     S('status', 'max_body_bytes', Integer(0, 64 << 20), 1 << 20,
       'Largest request body accepted.'),
     S('status', 'request_timeout', Number(0.1, 600), 10.0,

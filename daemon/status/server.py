@@ -187,8 +187,8 @@ class StatusServer:
                             self.cfg.source('status.token'),
                             len(self.cfg.status.token), MIN_EXPOSED_TOKEN)
         elif not self.cfg.status.token:
-            log.info('no [status] token: POST /tasks and /tasks/ID/revoke are '
-                     'disabled')
+            log.info('no [status] token: the routes that write (POST '
+                     '/tasks, the operator actions) are disabled')
         self.routes.exposed = self.exposed
         defer_accept(sock)
         # An evicting Redis is refused (78) as soon as Redis answers, now
