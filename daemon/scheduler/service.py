@@ -125,6 +125,12 @@ class Scheduler(MainLoop):
 
     def loop(self):
         try:
+            if self.outage.down:
+                # A pass may send nothing but TIME, which a Redis that
+                # refuses data (a replica that lost its master: MASTERDOWN)
+                # still answers, as it does PING: read the lease before
+                # calling Redis back, or each such pass says so.
+                self.conn.exists(self.keys.scheduler_lease)
             self._sync_clock()
             self._keep_lease()
             if self.lease.held():
