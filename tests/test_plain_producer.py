@@ -169,20 +169,26 @@ def test_waiting_then_run_then_read(webapp, start_daemon, tmp_path):
     assert conn.llen('huey.redis.huey') == 4   # looking took nothing
 
     # `wait` follows it from the queue to its end once a consumer runs.
-    waiting = subprocess.Popen(
-        [sys.executable, '-m', 'huey_worker', 'wait', add, '--json',
-         '--timeout', '60', '--interval', '0.1'], env=env, cwd=ROOT,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(0.5)
+    progress_file = tmp_path / 'wait.err'
+    with open(progress_file, 'w') as progress_out:
+        waiting = subprocess.Popen(
+            [sys.executable, '-m', 'huey_worker', 'wait', add, '--json',
+             '--timeout', '60', '--interval', '0.1'], env=env, cwd=ROOT,
+            stdout=subprocess.PIPE, stderr=progress_out, text=True)
+    # The progress line shows it waiting (before any consumer: a slow
+    # start of `wait` must not see it done already).
+    wait_until(lambda: 'pending' in progress_file.read_text(),
+               what='wait showing the task pending')
     assert waiting.poll() is None   # still pending: no consumer yet
     consumer = start_daemon(['consumer', '--workers', '2'], env, 'consumer')
     consumer.wait_for_output('consumer ready')
     assert 'webapp_tasks:huey' in consumer.output()
-    out, err = waiting.communicate(timeout=60)
+    out, _ = waiting.communicate(timeout=60)
+    err = progress_file.read_text()
     assert waiting.returncode == 0, err
     record = json.loads(out)
     assert record['state'] == 'complete' and record['result'] == 42
-    assert 'pending' in err   # the progress line showed it waiting
+    assert 'complete' in err   # and then its end
 
     status, body = client.get('/tasks/%s' % add)
     assert body['state'] == 'complete' and body['result'] == 42
