@@ -8,7 +8,8 @@ from huey import RedisExpireHuey
 
 huey = RedisExpireHuey('huey', url=os.environ.get('BENCH_REDIS_URL',
                                                   'redis://127.0.0.1:1/0'),
-                       results=True, utc=True, expire_time=604800)
+                       results=True, utc=True, expire_time=int(
+                           os.environ.get('BENCH_RESULT_TIMEOUT', 604800)))
 
 
 @huey.task()

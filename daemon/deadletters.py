@@ -50,6 +50,7 @@ if ARGV[3] == '' then return 1 end
 redis.call('HDEL', KEYS[3], ARGV[3])
 if redis.call('HGET', KEYS[4], 'state') == 'failed'
     and redis.call('HEXISTS', KEYS[4], 'dead_letter') == 1 then
+  hw_fold(KEYS[4], KEYS[5], ARGV[6])
   redis.call('HDEL', KEYS[4], 'finished', 'error_type', 'error_message',
              'dead_letter')
   redis.call('HSET', KEYS[4], 'state', 'pending', 'updated', ARGV[4],

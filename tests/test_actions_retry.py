@@ -53,7 +53,11 @@ def test_retry_by_id_runs_the_same_arguments_once(
     assert record['retried'] == 1 and record['attempt'] == 2
     assert runs(log) == ['run tok-1', 'run tok-1']
     states = history_states(record)
-    assert states[-4:] == ['retried', 'pending', 'running', 'complete']
+    # The failed delivery's running and end, told by the record until the
+    # retry overwrote them, are in the history before the retry.
+    assert states == ['pending', 'running', 'failed', 'retried', 'pending',
+                      'running', 'complete']
+    assert record['history'][2]['error'] == 'RuntimeError'
     retried = record['history'][states.index('retried')]
     assert retried['via'] == 'cli' and retried['by'] and retried['from']
     assert record['last_action']['action'] == 'retry'

@@ -251,8 +251,12 @@ def test_retention_follows_result_timeout(producer, base_env, start_daemon):
     # Records live [journal] retention (one day by default), within the
     # results' own time.
     journal_ttl = min(ttl, producer.config.journal.retention or ttl)
-    for key in (keys.task(result.id), keys.task_log(result.id)):
-        assert 0 < storage.conn.ttl(key) <= journal_ttl
+    assert 0 < storage.conn.ttl(keys.task(result.id)) <= journal_ttl
+    # A task that ran once to its end has no history list at all: its
+    # record's fields tell its running and its end.
+    assert not storage.conn.exists(keys.task_log(result.id))
+    assert history_states(task_record(producer, result.id)) == [
+        'pending', 'running', 'complete']
 
 
 def test_journal_can_be_switched_off(producer, monkeypatch):

@@ -6,7 +6,9 @@
   events, whichever of the recovery and the redelivery writes first (the
   race driven step by step: the consumer's move, the new worker's run,
   then the consumer's late note), and the history is read in the order
-  Redis took the events, never by the writers' clocks;
+  Redis took the events, never by the writers' clocks (but for the
+  running and end of a delivery the record's fields tell, which go after
+  the last event at or before their time);
 * sys.exit() (or KeyboardInterrupt) inside a task fails that task with a
   clear error; the worker goes on.
 """
@@ -163,6 +165,82 @@ def test_a_history_is_read_in_the_order_redis_took_it(producer):
                                     'at': pending_at - 0.5}))
     conn.rpush(log_key, json.dumps({'state': 'complete',
                                     'at': pending_at - 0.4}))
+    assert history_states(task_record(producer, task_id)) == [
+        'pending', 'running', 'complete']
+
+
+# -- the events a record's fields tell --------------------------------------
+
+def fold(app, task_id):
+    """What every script that ends a delivery or overwrites its fields
+    runs first (scripts.FOLD_LUA): the record's unlogged events into the
+    history list.  Returns how many it pushed."""
+    from huey_worker.journal.layout import LOG_LENGTH
+    from huey_worker.journal.scripts import FOLD_LUA
+    keys = app.keys
+    return app.storage.conn.eval(
+        FOLD_LUA + 'return hw_fold(KEYS[1], KEYS[2], ARGV[1])', 2,
+        keys.task(task_id), keys.task_log(task_id), LOG_LENGTH)
+
+
+def test_a_run_to_its_end_writes_no_history_list(producer):
+    """The common life (enqueued, run once, ended) is told by the record
+    alone; the history reads the same as one pushed event by event, and
+    folding it into the list (as a retry would) changes nothing read."""
+    task_id, raw = queued(producer)
+    conn, keys = producer.storage.conn, producer.keys
+    Delivery(producer, raw, inflight(producer, 0)).take().start().finish()
+    assert not conn.exists(keys.task_log(task_id))
+    record = task_record(producer, task_id)
+    assert history_states(record) == ['pending', 'running', 'complete']
+    running, complete = record['history'][1:]
+    assert running['at'] == record['started']
+    assert running['worker'] == '%s:%s/%s' % (
+        record['worker']['host'], record['worker']['pid'],
+        record['worker']['worker'])
+    assert complete['at'] == record['finished']
+    assert complete['duration'] == record['duration']
+    assert fold(producer, task_id) == 2
+    assert conn.llen(keys.task_log(task_id)) == 2
+    assert not [f for f in conn.hkeys(keys.task(task_id))
+                if f.startswith(b'run:') or f == b'unlogged']
+    assert task_record(producer, task_id)['history'] == record['history']
+    assert fold(producer, task_id) == 0   # nothing left to fold
+
+
+def test_a_request_while_it_runs_sits_between_its_running_and_end(producer):
+    """A revoke request pushed while the task runs (the list's only event)
+    reads after the running the record tells and before its end; a fold
+    puts them in the list in that order."""
+    task_id, raw = queued(producer)
+    delivery = Delivery(producer, raw, inflight(producer, 0)).take().start()
+    from huey_worker import journal
+    journal.install(producer).stage_revoke_requested(producer.storage,
+                                                     task_id)
+    producer.storage.flush()
+    delivery.finish(state='revoked')
+    record = task_record(producer, task_id)
+    assert history_states(record) == [
+        'pending', 'running', 'revoke-requested', 'revoked']
+    fold(producer, task_id)
+    raw_events = producer.storage.conn.lrange(
+        producer.keys.task_log(task_id), 0, -1)
+    assert [json.loads(e)['state'] for e in raw_events] == [
+        'running', 'revoke-requested', 'revoked']
+    assert task_record(producer, task_id)['history'] == record['history']
+
+
+def test_a_running_an_earlier_layout_pushed_is_not_read_twice(producer):
+    """A task running when the suite was upgraded: its running is in the
+    list (the earlier layout pushed it) and its end is told by the
+    record; the running reads once."""
+    task_id, raw = queued(producer)
+    conn, keys = producer.storage.conn, producer.keys
+    Delivery(producer, raw, inflight(producer, 0)).take().start().finish()
+    record = task_record(producer, task_id)
+    started = record['started']
+    conn.rpush(keys.task_log(task_id), json.dumps(record['history'][1]))
+    assert conn.hget(keys.task(task_id), 'run:%r' % started)
     assert history_states(task_record(producer, task_id)) == [
         'pending', 'running', 'complete']
 

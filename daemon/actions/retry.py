@@ -72,6 +72,9 @@ else
 end
 redis.call('DEL', KEYS[3], KEYS[13])
 for i = 14, #ARGV do redis.call('LREM', KEYS[15], 1, ARGV[i]) end
+-- The failed delivery's running and end, told by the record's fields
+-- the next delivery overwrites.
+hw_fold(KEYS[1], KEYS[2], ARGV[5])
 redis.call('HDEL', KEYS[1], %s)
 redis.call('HSET', KEYS[1], 'state', 'pending', 'updated', ARGV[3],
            'retried_at', ARGV[3], 'last_action', ARGV[9])

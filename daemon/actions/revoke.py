@@ -40,6 +40,7 @@ end
 if ARGV[1] ~= '' then
   redis.call('SET', KEYS[3], ARGV[1], 'EX', ARGV[2])
 end
+hw_fold(KEYS[1], KEYS[2], ARGV[4])
 redis.call('HSET', KEYS[1], 'state', 'revoked', 'revoked_from', state,
            'revoked_reason', ARGV[8], 'revoke_requested', ARGV[3],
            'updated', ARGV[3], 'last_action', ARGV[7])
@@ -68,7 +69,9 @@ if state ~= 'revoked' then
     return {2, 'not-revoked', state}
   end
   back = state
+  hw_fold(KEYS[1], KEYS[2], ARGV[4])
 else
+  hw_fold(KEYS[1], KEYS[2], ARGV[4])
   if redis.call('HEXISTS', KEYS[1], 'finished') == 1 then
     return {0, 'ended', state}
   end

@@ -5,9 +5,15 @@ the operator CLI.
 Layout (hw:<queue>: prefix, see daemon/keys.py):
   task:<id>       hash, the record: state, name, args summary, times,
                   attempt, retries, worker, progress, metadata, error, result
-  task-log:<id>   list, the last LOG_LENGTH state changes (JSON) but the
-                  producer's first, which is the record's `enqueued`
-                  (reads.with_enqueue_event; pushed only with an eta)
+  task-log:<id>   list, the last LOG_LENGTH state changes (JSON) but those
+                  the record tells: the producer's first (its `enqueued`,
+                  reads.with_enqueue_event; pushed only with an eta), a
+                  delivery's running (a field run:<started>) and its end
+                  (`unlogged` 'o'): reads.unlogged_events.  A task run
+                  once to its end has no list; whatever ends a delivery
+                  otherwise or overwrites its fields pushes them first
+                  (the worker for a retry or its own requeue, FOLD_LUA in
+                  the scripts of requeues and actions)
   journal:state:<group>  zset id -> when it entered its state (listings)
   journal:name:<name>    zset id -> when it was enqueued
   journal:results-held   hash hour -> results Huey stored then

@@ -28,6 +28,9 @@ INDEX_GROUPS = tuple(sorted(set(INDEX_OF.values())))
 RETRYABLE = ('failed', 'lost', 'revoked', 'canceled')
 KEEPS_MESSAGE = frozenset(('failed', 'revoked', 'canceled'))
 
+# The record's field of a delivery's running, until the history holds
+# it: run:<started> -> the worker's label (reads.unlogged_events).
+RUN_PREFIX = 'run:'
 LOG_LENGTH = 50
 TRIM_EVERY = 50
 ERROR_MAX_CHARS = 2000

@@ -13,7 +13,8 @@ from redis.exceptions import ResponseError
 from .. import transaction
 from .layout import (ERROR_MAX_CHARS, FLOAT_FIELDS, INDEX_GROUPS, INDEX_OF,
                      INT_FIELDS, JSON_FIELDS, LOG_LENGTH, NUMBER_FIELDS,
-                     STATES, TERMINAL, result_json, result_ttl_of)
+                     RUN_PREFIX, STATES, TERMINAL, result_json,
+                     result_ttl_of)
 from .scripts import HELD_COUNT
 
 
@@ -161,6 +162,65 @@ def _decode_history(items):
     return [event for event in events if isinstance(event, dict)]
 
 
+def unlogged_events(record):
+    """The events the record's fields tell instead of the history, as the
+    history would hold them, oldest first: the running of each delivery
+    whose field run:<started> (the worker's label) is there (the worker
+    writes it, and pushes the event only when the delivery ends other than
+    for good: a retry, a requeue), and with `unlogged` 'o' the end of the
+    last one, from `state`, `finished`, `duration` and `error_type`.  A
+    change that ends a delivery or overwrites those fields pushes them
+    first (scripts.FOLD_LUA); records of earlier layouts have no such
+    fields and hold every event in the history."""
+    out = []
+    for name, value in record.items():
+        if name.startswith(RUN_PREFIX):
+            try:
+                at = float(name[len(RUN_PREFIX):])
+            except ValueError:
+                continue
+            out.append({'state': 'running', 'worker': value, 'at': at})
+    out.sort(key=_time_of)
+    finished = record.get('finished')
+    if 'o' in (record.get('unlogged') or '') and record.get('state') and \
+            isinstance(finished, float):
+        event = {'state': record['state']}
+        if record.get('duration') is not None:
+            event['duration'] = record['duration']
+        if record.get('error_type'):
+            event['error'] = record['error_type']
+        event['at'] = finished
+        out.append(event)
+    return out
+
+
+def with_unlogged_events(record, history):
+    """`history` with unlogged_events(record) in their places: each after
+    the last event at or before its time (an operator's request while the
+    task ran comes after its running), as FOLD_LUA places them.  One the
+    history holds already (the same state and time: written by an earlier
+    layout) is not repeated."""
+    extra = unlogged_events(record)
+    if not extra:
+        return history
+    history = list(history)
+    for event in extra:
+        if any(e.get('state') == event['state'] and e.get('at') ==
+               event['at'] for e in history):
+            continue
+        at = event['at']
+        pos = len(history)
+        while pos > 0 and _time_of(history[pos - 1]) > at:
+            pos -= 1
+        history.insert(pos, event)
+    return history
+
+
+def _time_of(event):
+    at = event.get('at')
+    return at if isinstance(at, (int, float)) else 0
+
+
 def with_enqueue_event(record, history):
     """`history` with the producer's first event put back in front: its
     record says when it was enqueued (`enqueued`) but its first event is
@@ -204,7 +264,8 @@ def read_task(app, storage, task_id, with_history=True):
             and result_len and record.get('state') == 'complete':
         _merge_huey_result(app, storage, task_id, record, result_len, limit)
     return shape(record, with_enqueue_event(
-        record, _decode_history(history)) if with_history else None)
+        record, with_unlogged_events(record, _decode_history(history)))
+        if with_history else None)
 
 
 # -- one connection per reading thread ------------------------------------

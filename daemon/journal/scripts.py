@@ -5,6 +5,78 @@ known only from the claim of a message that failed its checks, and a task
 found waiting in the queue with no record; and the read of the queued
 messages' beginnings that finds it."""
 
+# A Lua function, put before the text of scripts that end a delivery or
+# overwrite the fields of a task's last one (the requeue of a dead
+# worker's message, an operator's retry, revoke or restore, a dead
+# letter's requeue): hw_fold(record, history, length) pushes the events
+# the record's fields tell instead of the history (reads.unlogged_events
+# makes the same: a field run:<started> -> worker label per delivery
+# whose running is not in the history, and `unlogged` 'o' for the end
+# the record's state, finished, duration and error_type tell), each
+# after the last event at or before its time, keeps the last `length`
+# and drops those fields.  Returns how many events it pushed.
+FOLD_LUA = """
+local function hw_fold(record, history, length)
+  local all = redis.call('HGETALL', record)
+  local f, events, drop = {}, {}, {}
+  for i = 1, #all, 2 do
+    local name = all[i]
+    if string.sub(name, 1, 4) == 'run:' then
+      local at = string.sub(name, 5)
+      if tonumber(at) then
+        events[#events + 1] = {tonumber(at), '{"state": "running", ' ..
+          '"worker": ' .. cjson.encode(all[i + 1]) .. ', "at": ' .. at ..
+          '}'}
+      end
+      drop[#drop + 1] = name
+    else
+      f[name] = all[i + 1]
+    end
+  end
+  if f.unlogged then
+    drop[#drop + 1] = 'unlogged'
+    if string.find(f.unlogged, 'o', 1, true) and f.state and
+        tonumber(f.finished) then
+      local text = '{"state": ' .. cjson.encode(f.state)
+      if tonumber(f.duration) then
+        text = text .. ', "duration": ' .. f.duration
+      end
+      if f.error_type then
+        text = text .. ', "error": ' .. cjson.encode(f.error_type)
+      end
+      events[#events + 1] = {tonumber(f.finished),
+                             text .. ', "at": ' .. f.finished .. '}'}
+    end
+  end
+  if #drop > 0 then redis.call('HDEL', record, unpack(drop)) end
+  if #events == 0 then return 0 end
+  table.sort(events, function(a, b) return a[1] < b[1] end)
+  local items = redis.call('LRANGE', history, 0, -1)
+  local times = {}
+  for i, item in ipairs(items) do
+    local ok, event = pcall(cjson.decode, item)
+    times[i] = ok and type(event) == 'table' and tonumber(event.at) or 0
+  end
+  local at_end = true
+  for _, event in ipairs(events) do
+    local pos = #items + 1
+    while pos > 1 and times[pos - 1] > event[1] do pos = pos - 1 end
+    if pos <= #items then at_end = false end
+    table.insert(items, pos, event[2])
+    table.insert(times, pos, event[1])
+  end
+  if at_end then
+    for i = #items - #events + 1, #items do
+      redis.call('RPUSH', history, items[i])
+    end
+  else
+    redis.call('DEL', history)
+    redis.call('RPUSH', history, unpack(items))
+  end
+  redis.call('LTRIM', history, -tonumber(length), -1)
+  return #events
+end
+"""
 # KEYS: record, log, queue, recent index (the first layout's: unused),
 # priority set, and (optional)
 # the running and waiting state indexes.  ARGV: message,
@@ -14,7 +86,7 @@ messages' beginnings that finds it."""
 # REQUEUE_LOOK entries at the end workers take from, then among the first
 # REQUEUE_LOOK of the priority set (a priority message goes back there).
 REQUEUE_LOOK = 1000
-GUARDED_REQUEUE = """
+GUARDED_REQUEUE = FOLD_LUA + """
 local waiting = false
 local look = %d
 local step = 100
@@ -43,6 +115,8 @@ redis.call('HINCRBY', KEYS[1], 'requeues', 1)
 -- it notes the loss itself, before that (Journal.on_started), so the
 -- history keeps the order things happened in.
 if waiting then
+  -- The lost delivery's running, told by the record until now.
+  hw_fold(KEYS[1], KEYS[2], ARGV[4])
   redis.call('RPUSH', KEYS[2], ARGV[6])
   redis.call('HSET', KEYS[1], unpack(ARGV, 9))
   redis.call('RPUSH', KEYS[2], ARGV[7])
@@ -156,30 +230,28 @@ if KEYS[5] then
 end
 return 1
 """
-# KEYS: log.  ARGV: this delivery's running event (as pushed), the lost
-# event, log length.  Run by a redelivery (the message was delivered
-# before without an outcome): when the event before its running is the
-# dead delivery's running (the consumer that put the message back found
-# this delivery running it already and noted nothing), the loss goes in
-# between.  Only what this suite writes between deliveries is passed
-# over (a revoke request).  Returns 1 when noted.
+# KEYS: log.  ARGV: the lost event, log length, ttl.  Run by a
+# redelivery (the message was delivered before without an outcome): when
+# the consumer that put the message back noted nothing (a worker had taken
+# it again first), the history does not end with that note's pending (only
+# what this suite writes between deliveries is passed over: a revoke or
+# cancel request), and the loss is noted here; this delivery's running
+# follows it (the record tells it, reads.unlogged_events).  Returns 1
+# when noted.
 NOTE_UNNOTED_LOSS = """
-local items = redis.call('LRANGE', KEYS[1], -tonumber(ARGV[3]), -1)
+local items = redis.call('LRANGE', KEYS[1], -tonumber(ARGV[2]), -1)
 for i = #items, 1, -1 do
-  if items[i] == ARGV[1] then
-    for j = i - 1, 1, -1 do
-      local ok, event = pcall(cjson.decode, items[j])
-      if ok and type(event) == 'table' and
-          event.state ~= 'revoke-requested' then
-        if event.state ~= 'running' then return 0 end
-        redis.call('LINSERT', KEYS[1], 'BEFORE', ARGV[1], ARGV[2])
-        return 1
-      end
-    end
-    return 0
+  local ok, event = pcall(cjson.decode, items[i])
+  if ok and type(event) == 'table' and event.state ~= 'revoke-requested'
+      and event.state ~= 'cancel-requested' then
+    if event.state == 'pending' then return 0 end
+    break
   end
 end
-return 0
+redis.call('RPUSH', KEYS[1], ARGV[1])
+redis.call('LTRIM', KEYS[1], -tonumber(ARGV[2]), -1)
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+return 1
 """
 # KEYS: the results-held hash (hour -> results stored then).  ARGV: the
 # first hour still held.  Drops the hours before it: at most a week's
@@ -218,13 +290,14 @@ return math.floor(total + 0.5)
 """
 # A Lua function for scripts that move a journal record to another state
 # (the operator's actions, the requeue of a dead letter), put before their
-# text: hw_moved(record, history, ttl, length, recent, leaving, entering,
+# text (with hw_fold, which each calls before it changes the record):
+# hw_moved(record, history, ttl, length, recent, leaving, entering,
 # now, id, event...) appends the events (JSON) to the history and keeps
 # its last `length`, gives the record and the history `ttl` seconds more,
 # puts task `id` first in the recent index and moves it from the state
 # indexes in the table `leaving` into the state index `entering` (both
 # indexes scored `now`).
-MOVED_LUA = """
+MOVED_LUA = FOLD_LUA + """
 local function hw_moved(record, history, ttl, length, recent, leaving,
                         entering, now, id, ...)
   redis.call('RPUSH', history, ...)

@@ -16,7 +16,8 @@ from .. import deadletters, hooks, progress
 from ..storage import tag_message
 from .layout import (DUE_FIELDS, DURATION_BUCKETS, ERROR_MAX_CHARS,
                      EXECUTED, INDEX_GROUPS, INDEX_OF, KEEPS_MESSAGE,
-                     LOG_LENGTH, TERMINAL, TRIM_EVERY, args_summary, encode,
+                     LOG_LENGTH, RUN_PREFIX, TERMINAL, TRIM_EVERY,
+                     args_summary, encode,
                      epoch, error_fields, field_pairs, result_json,
                      result_ttl_of, text, ttl_of)
 from .scripts import (GUARDED_DEAD_LETTER, GUARDED_ENQUEUE, GUARDED_REQUEUE,
@@ -79,8 +80,15 @@ class Journal:
 
     def _change_commands(self, storage, task_id, fields, event, drop=(),
                          setnx=None, incr=None, extra=None, index=True,
-                         trim=True, expire=True, pairs=(), reindex=None):
+                         trim=True, expire=True, pairs=(), reindex=None,
+                         before=()):
         """The commands of one state change of `task_id`: a fixed set.
+        `event`: what the history gets (a dict, its `at` set here), or
+        None for a change the record's own fields tell (UNLOGGED: the
+        running of the attempt under way, its end); `before`: events
+        (JSON text) pushed ahead of it, the record's unlogged ones it
+        folds in (the field is dropped with them).
+        (`before`: (events, the record's fields that told them) or ().)
         `pairs`: more field/value arguments for the HSET, ready encoded;
         `index`: unused (the listing reads the state indexes); `trim`: cut the
         history to LOG_LENGTH (skipped where it cannot have grown much);
@@ -88,11 +96,16 @@ class Journal:
         change of the same delivery renews it anyway); `reindex`: (state
         index groups it leaves, the state it enters or None), for the
         state indexes (layout.INDEX_OF).  Returns (the commands, the event
-        as pushed on the history: JSON text)."""
+        as pushed on the history: JSON text, or None)."""
         keys = storage.keys
         key, log_key = keys.task(task_id), keys.task_log(task_id)
         now = time.time()
         commands = []
+        if before:
+            # The delivery whose running goes in now: its field (and any
+            # end the record told) are the history's from here.
+            drop = tuple(drop) + before[1]
+            before = before[0]
         if drop:
             commands.append(('HDEL', key) + tuple(drop))
         if setnx:
@@ -103,14 +116,23 @@ class Journal:
                          for field, amount in incr.items()]
         commands.append(('HSET', key, 'updated', now, *pairs,
                          *field_pairs(fields)))
-        event['at'] = now
-        encoded = _event_json(event)
-        commands.append(('RPUSH', log_key, encoded))
-        if trim:
-            commands.append(('LTRIM', log_key, -LOG_LENGTH, -1))
+        encoded = None
+        pushed = list(before)
+        if event is not None:
+            event['at'] = now
+            encoded = _event_json(event)
+            pushed.append(encoded)
+        if pushed:
+            commands.append(('RPUSH', log_key, *pushed))
+            if trim:
+                commands.append(('LTRIM', log_key, -LOG_LENGTH, -1))
         if expire:
             ttl = ttl_of(storage)
-            commands += [('EXPIRE', key, ttl), ('EXPIRE', log_key, ttl)]
+            commands.append(('EXPIRE', key, ttl))
+            # The history may exist from an earlier change (a retry, a
+            # requeue, an operator's action): it lives as long as the
+            # record; EXPIRE of a missing key is a no-op.
+            commands.append(('EXPIRE', log_key, ttl))
         if reindex is not None:
             leave, state = reindex
             for group in leave:
@@ -315,18 +337,21 @@ class Journal:
         # Fewest commands on the hot path: the listing index, history trim
         # and time to live wait for the outcome (or the requeue of a
         # delivery that never gets one).
-        commands, running_event = self._change_commands(
+        # The running event is not pushed: the record's field run:<when>
+        # (the worker's label) tells it (reads.unlogged_events) until the
+        # outcome or a change that ends the delivery pushes it.  One field
+        # per delivery: a delivery that takes over from one that died
+        # unnoted leaves the dead one's in place.
+        commands, _ = self._change_commands(
             storage, task.id,
             {'name': name, 'state': 'running',
-             'started': now, 'retries_left': task.retries},
-            {'state': 'running', 'worker': label},
+             'started': now, 'retries_left': task.retries,
+             RUN_PREFIX + repr(now): label},
+            None,
             drop=RUNNING_DROPS,
             incr={'attempt': 1}, index=False, trim=False, expire=False,
             pairs=pairs, reindex=(WAITING_GROUPS, 'running'))
-        # The history list may begin here (the producer stores no first
-        # event): it expires from its first event on, whatever follows.
-        commands.append(('EXPIRE', storage.keys.task_log(task.id),
-                         ttl_of(storage)))
+        stash.running = (task_id, now, label)
         # Where the reply of the attempt's HINCRBY will be: on_started
         # hands the attempt to the worker's log lines.
         attempt_at = next(i for i, c in enumerate(commands)
@@ -347,7 +372,7 @@ class Journal:
 
         def probe(pipe):
             stack = pipe.command_stack
-            stash.probe = (task_id, len(stack), now, running_event)
+            stash.probe = (task_id, len(stack), now)
             stack.append((command, {}))
         storage.stage(probe)
 
@@ -375,7 +400,7 @@ class Journal:
         if probe is None:
             return
         self._stash.probe = None
-        task_id, index, seen, running_event = probe
+        task_id, index, seen = probe
         if task_id != task.id or index >= len(replies):
             return
         if due_probe is not None and due_probe[0] == task_id:
@@ -384,7 +409,7 @@ class Journal:
         key, log_key = keys.task(task_id), keys.task_log(task_id)
         deliveries = hooks.delivery_count(replies)
         if deliveries is not None and deliveries > 1:
-            self._stage_unnoted_loss(storage, log_key, running_event, seen)
+            self._stage_unnoted_loss(storage, log_key, seen)
         if replies[index] != 1:
             return
         args_text, hidden = args_summary(task,
@@ -403,13 +428,13 @@ class Journal:
         storage.stage_commands(commands)
 
     @staticmethod
-    def _stage_unnoted_loss(storage, log_key, running_event, seen):
+    def _stage_unnoted_loss(storage, log_key, seen):
         script = script_for(storage, NOTE_UNNOTED_LOSS)
         lost = _event_json({'state': 'lost', 'at': seen,
                             'noted_by': 'redelivery'})
 
         def write(pipe):
-            script(keys=[log_key], args=[running_event, lost, LOG_LENGTH],
+            script(keys=[log_key], args=[lost, LOG_LENGTH, ttl_of(storage)],
                    client=pipe)
         storage.stage(write)
 
@@ -514,8 +539,31 @@ class Journal:
         self._stash.wait = None
         waited = wait[1] if wait is not None and wait[0] == task.id and \
             state != 'scheduled' else None
+        before = self._running_event(task.id)
+        if state in TERMINAL:
+            # The end of the attempt, like its running, is told by the
+            # record's fields (reads.unlogged_events): nothing pushed.
+            event, before = None, ()
+            fields['unlogged'] = 'o'
+        # Retrying or scheduled: the next delivery overwrites this one's
+        # fields, so its running goes into the history now, with the
+        # outcome.
         self._stage_change(storage, task.id, fields, event, extra=account,
-                           reindex=(('running',), state))
+                           reindex=(('running',), state), before=before)
+
+    def _running_event(self, task_id):
+        """For _change_commands' `before`: the running event of the
+        delivery of `task_id` under way in this thread, as the history
+        holds it, and the record's fields that told it until now
+        (((JSON text,), (field names...))), or () when this thread wrote
+        none (a task dequeued before its eta)."""
+        running = getattr(self._stash, 'running', None)
+        self._stash.running = None
+        if running is None or running[0] != task_id:
+            return ()
+        return ((_event_json({'state': 'running', 'worker': running[2],
+                              'at': running[1]}),),
+                (RUN_PREFIX + repr(running[1]), 'unlogged'))
 
     def _message_of(self, task):
         """`task` as the queue would hold it (Huey's message, behind the
@@ -565,7 +613,8 @@ class Journal:
                 # record changes with it.  History: what happened, then
                 # where the task is now.
                 self._stage_change(storage, task.id, {'state': reason},
-                                   {'state': reason})
+                                   {'state': reason},
+                                   before=self._running_event(task.id))
                 self._stage_change(storage, task.id, fields,
                                    {'state': 'pending'},
                                    incr={'requeues': 1},
