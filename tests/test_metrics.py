@@ -190,3 +190,15 @@ def test_queue_signals_over_http_from_two_hosts_in_process_mode(
     steps = (('queue', 'huey'), ('task', 'sample_tasks.progress_steps'))
     assert s[('huey_worker_task_wait_seconds_count', steps)] == 2
     assert os.path.exists(gate)
+
+
+def test_duration_sums_read_microseconds_and_the_earlier_float_field():
+    """Sums are kept in whole microseconds (HINCRBY); a hash written by an
+    earlier version holds a float `sum` too, and both add up."""
+    from huey_worker.journal import reads
+    raw = {b'app.add\t0.1': b'3', b'app.add\tsum_us': b'150000',
+           b'app.add\tsum': b'0.25', b'app.other\tsum_us': b'1'}
+    stats = reads.parse_duration_stats(raw)
+    assert stats['app.add']['count'] == 3
+    assert stats['app.add']['sum'] == pytest.approx(0.4)
+    assert stats['app.other']['sum'] == pytest.approx(1e-6)

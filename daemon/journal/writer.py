@@ -588,8 +588,8 @@ class Journal:
         bucket = next(b for b in DURATION_BUCKETS if duration <= b)
         add(('HINCRBY', keys.metrics_durations, '%s\t%r' % (name, bucket),
              1))
-        add(('HINCRBYFLOAT', keys.metrics_durations, '%s\tsum' % name,
-             round(duration, 6)))
+        add(('HINCRBY', keys.metrics_durations, '%s\tsum_us' % name,
+             int(round(duration * 1e6))))
 
     def on_requeued(self, storage, messages, reason):
         if not self._active(storage):
@@ -738,8 +738,8 @@ def _waited(reply, started):
 def _count_wait(add, keys, name, waited):
     bucket = next(b for b in DURATION_BUCKETS if waited <= b)
     add(('HINCRBY', keys.metrics_waits, '%s\t%r' % (name, bucket), 1))
-    add(('HINCRBYFLOAT', keys.metrics_waits, '%s\tsum' % name,
-         round(waited, 6)))
+    add(('HINCRBY', keys.metrics_waits, '%s\tsum_us' % name,
+         int(round(waited * 1e6))))
 
 
 def trim_commands(keys, name, state, now, ttl, result_ttl, index_max):
