@@ -55,10 +55,9 @@ def breakdown(client, count):
             if size / count >= 1}
 
 
-def run_once(client, make, warmup, enqueue, count, timeout=300):
-    """Bytes of used_memory per finished task, and the breakdown.  Both
-    readings are taken with no consumer connected (its client buffers
-    would be noise against a small batch)."""
+def started_warm(client, make, warmup):
+    """An emptied database and a contender started that has run one
+    warm-up task: (the contender, the warm-up result's key)."""
     wait_redis_idle(client)
     client.flushdb()   # our private server, started by this benchmark
     warm_key = warmup()
@@ -66,8 +65,18 @@ def run_once(client, make, warmup, enqueue, count, timeout=300):
     try:
         wait_until(lambda: client.exists(warm_key), 60, 'warm-up result',
                    interval=0.005)
-    finally:
+    except BaseException:
         contender.stop(graceful=True)
+        raise
+    return contender, warm_key
+
+
+def run_once(client, make, warmup, enqueue, count, timeout=300):
+    """Bytes of used_memory per finished task, and the breakdown.  Both
+    readings are taken with no consumer connected (its client buffers
+    would be noise against a small batch)."""
+    contender, _ = started_warm(client, make, warmup)
+    contender.stop(graceful=True)
     wait_redis_idle(client)
     before = used_memory(client)
     result_keys = enqueue(count)
@@ -99,13 +108,8 @@ def run_held(client, make, warmup, enqueue_one, rate, result_timeout,
     `result_timeout` seconds).  The same as a week of tasks held with
     records for a day, time compressed: what Redis holds, keys expired
     but not yet reclaimed by Redis included."""
-    wait_redis_idle(client)
-    client.flushdb()   # our private server, started by this benchmark
-    warm_key = warmup()
-    contender = make().start()
+    contender, warm_key = started_warm(client, make, warmup)
     try:
-        wait_until(lambda: client.exists(warm_key), 60, 'warm-up result',
-                   interval=0.005)
         time.sleep(0.3)
         client.delete(warm_key)
         before = used_memory(client)

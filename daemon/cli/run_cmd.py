@@ -12,7 +12,6 @@ import sys
 import time
 
 import click
-import requests
 
 from .. import config as config_module
 from .. import settings as registry
@@ -132,6 +131,9 @@ def base_url(host, port):
 
 def healthy(status_url):
     """Whether GET /health answers 200 within a second."""
+    # Imported here: every daemon loads this module with the CLI, and
+    # requests (with urllib3, ssl and email) costs each one some 6 MiB.
+    import requests
     try:
         return requests.get(status_url + 'health', timeout=1).status_code \
             == 200
