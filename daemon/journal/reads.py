@@ -195,25 +195,41 @@ def unlogged_events(record):
 
 
 def with_unlogged_events(record, history):
-    """`history` with unlogged_events(record) in their places: each after
-    the last event at or before its time (an operator's request while the
-    task ran comes after its running), as FOLD_LUA places them.  One the
-    history holds already (the same state and time: written by an earlier
-    layout) is not repeated."""
+    """`history` with unlogged_events(record) in their places, as FOLD_LUA
+    puts them when it folds them into the list: the last delivery's
+    running after every event but the requests made while it ran (a
+    revoke or cancel request stamped later than its start), an earlier
+    delivery's (one that died unnoted) by time, the end last; then the
+    last LOG_LENGTH.  Placing the last running by time alone would let
+    a host whose clock runs ahead put the requeue that came before it
+    after it.  One the history holds already (the same state and time:
+    written by an earlier layout) is not repeated."""
     extra = unlogged_events(record)
     if not extra:
         return history
     history = list(history)
+    runs = [e for e in extra if e['state'] == 'running']
     for event in extra:
         if any(e.get('state') == event['state'] and e.get('at') ==
                event['at'] for e in history):
             continue
         at = event['at']
         pos = len(history)
-        while pos > 0 and _time_of(history[pos - 1]) > at:
-            pos -= 1
+        if event['state'] != 'running':
+            pass   # the end: last
+        elif event is runs[-1]:
+            while pos > 0 and _time_of(history[pos - 1]) > at and \
+                    history[pos - 1].get('state') in REQUESTS:
+                pos -= 1
+        else:
+            while pos > 0 and _time_of(history[pos - 1]) > at:
+                pos -= 1
         history.insert(pos, event)
-    return history
+    return history[-LOG_LENGTH:]
+
+
+# Events an operator's request pushes while a delivery runs.
+REQUESTS = ('revoke-requested', 'cancel-requested')
 
 
 def _time_of(event):

@@ -18,13 +18,13 @@ messages' beginnings that finds it."""
 FOLD_LUA = """
 local function hw_fold(record, history, length)
   local all = redis.call('HGETALL', record)
-  local f, events, drop = {}, {}, {}
+  local f, runs, drop = {}, {}, {}
   for i = 1, #all, 2 do
     local name = all[i]
     if string.sub(name, 1, 4) == 'run:' then
       local at = string.sub(name, 5)
       if tonumber(at) then
-        events[#events + 1] = {tonumber(at), '{"state": "running", ' ..
+        runs[#runs + 1] = {tonumber(at), '{"state": "running", ' ..
           '"worker": ' .. cjson.encode(all[i + 1]) .. ', "at": ' .. at ..
           '}'}
       end
@@ -33,6 +33,7 @@ local function hw_fold(record, history, length)
       f[name] = all[i + 1]
     end
   end
+  local ending
   if f.unlogged then
     drop[#drop + 1] = 'unlogged'
     if string.find(f.unlogged, 'o', 1, true) and f.state and
@@ -44,37 +45,53 @@ local function hw_fold(record, history, length)
       if f.error_type then
         text = text .. ', "error": ' .. cjson.encode(f.error_type)
       end
-      events[#events + 1] = {tonumber(f.finished),
-                             text .. ', "at": ' .. f.finished .. '}'}
+      ending = text .. ', "at": ' .. f.finished .. '}'
     end
   end
   if #drop > 0 then redis.call('HDEL', record, unpack(drop)) end
-  if #events == 0 then return 0 end
-  table.sort(events, function(a, b) return a[1] < b[1] end)
+  if #runs == 0 and not ending then return 0 end
+  table.sort(runs, function(a, b) return a[1] < b[1] end)
   local items = redis.call('LRANGE', history, 0, -1)
-  local times = {}
+  local before = #items
+  local moved = false
+  local times, kinds = {}, {}
   for i, item in ipairs(items) do
     local ok, event = pcall(cjson.decode, item)
     times[i] = ok and type(event) == 'table' and tonumber(event.at) or 0
+    kinds[i] = ok and type(event) == 'table' and event.state or ''
   end
-  local at_end = true
-  for _, event in ipairs(events) do
+  -- As reads.with_unlogged_events places them (see there): the last
+  -- delivery's running after every event but requests made during it,
+  -- earlier ones by time, the end last.
+  for r, run in ipairs(runs) do
     local pos = #items + 1
-    while pos > 1 and times[pos - 1] > event[1] do pos = pos - 1 end
-    if pos <= #items then at_end = false end
-    table.insert(items, pos, event[2])
-    table.insert(times, pos, event[1])
-  end
-  if at_end then
-    for i = #items - #events + 1, #items do
-      redis.call('RPUSH', history, items[i])
+    if r == #runs then
+      while pos > 1 and times[pos - 1] > run[1] and
+          (kinds[pos - 1] == 'revoke-requested' or
+           kinds[pos - 1] == 'cancel-requested') do
+        pos = pos - 1
+      end
+    else
+      while pos > 1 and times[pos - 1] > run[1] do pos = pos - 1 end
     end
+    if pos <= #items then moved = true end
+    table.insert(items, pos, run[2])
+    table.insert(times, pos, run[1])
+    table.insert(kinds, pos, 'running')
+  end
+  if ending then items[#items + 1] = ending end
+  if not moved then
+    for i = before + 1, #items do redis.call('RPUSH', history, items[i]) end
   else
     redis.call('DEL', history)
     redis.call('RPUSH', history, unpack(items))
   end
   redis.call('LTRIM', history, -tonumber(length), -1)
-  return #events
+  -- The history lives as long as its record (a list made here, or
+  -- written anew, has no time to live of its own).
+  local ttl = redis.call('PTTL', record)
+  if ttl > 0 then redis.call('PEXPIRE', history, ttl) end
+  return #runs + (ending and 1 or 0)
 end
 """
 # KEYS: record, log, queue, recent index (the first layout's: unused),
@@ -230,24 +247,23 @@ if KEYS[5] then
 end
 return 1
 """
-# KEYS: log.  ARGV: the lost event, log length, ttl.  Run by a
-# redelivery (the message was delivered before without an outcome): when
-# the consumer that put the message back noted nothing (a worker had taken
-# it again first), the history does not end with that note's pending (only
-# what this suite writes between deliveries is passed over: a revoke or
-# cancel request), and the loss is noted here; this delivery's running
-# follows it (the record tells it, reads.unlogged_events).  Returns 1
-# when noted.
+# KEYS: log, record.  ARGV: the lost event, log length, ttl, the field
+# of this delivery's running (run:<started>).  Run by a redelivery (the
+# message was delivered before without an outcome): when the record
+# still holds another delivery's running field, the consumer that put
+# the message back did not fold it with a note (a worker had taken the
+# message again first, or it died), and the loss is noted here; the dead
+# delivery's running stays told by its field, before the loss by time,
+# this delivery's after it (reads.with_unlogged_events).  Returns 1 when
+# noted.
 NOTE_UNNOTED_LOSS = """
-local items = redis.call('LRANGE', KEYS[1], -tonumber(ARGV[2]), -1)
-for i = #items, 1, -1 do
-  local ok, event = pcall(cjson.decode, items[i])
-  if ok and type(event) == 'table' and event.state ~= 'revoke-requested'
-      and event.state ~= 'cancel-requested' then
-    if event.state == 'pending' then return 0 end
-    break
+local unnoted = false
+for _, name in ipairs(redis.call('HKEYS', KEYS[2])) do
+  if string.sub(name, 1, 4) == 'run:' and name ~= ARGV[4] then
+    unnoted = true
   end
 end
+if not unnoted then return 0 end
 redis.call('RPUSH', KEYS[1], ARGV[1])
 redis.call('LTRIM', KEYS[1], -tonumber(ARGV[2]), -1)
 redis.call('EXPIRE', KEYS[1], ARGV[3])
@@ -323,3 +339,8 @@ def script_for(storage, text):
     if script is None:
         script = _cache[key] = storage.conn.register_script(text)
     return script
+
+
+# One fold, for a change staged on the worker's own round trip (a retry,
+# its own requeue): KEYS record, history; ARGV history length.
+FOLD = FOLD_LUA + "return hw_fold(KEYS[1], KEYS[2], ARGV[1])"

@@ -20,8 +20,9 @@ from .layout import (DUE_FIELDS, DURATION_BUCKETS, ERROR_MAX_CHARS,
                      args_summary, encode,
                      epoch, error_fields, field_pairs, result_json,
                      result_ttl_of, text, ttl_of)
-from .scripts import (GUARDED_DEAD_LETTER, GUARDED_ENQUEUE, GUARDED_REQUEUE,
-                      NOTE_UNNOTED_LOSS, TRIM_HELD, script_for)
+from .scripts import (FOLD, GUARDED_DEAD_LETTER, GUARDED_ENQUEUE,
+                      GUARDED_REQUEUE, NOTE_UNNOTED_LOSS, TRIM_HELD,
+                      script_for)
 
 
 log = logging.getLogger('huey_worker.journal')
@@ -84,11 +85,10 @@ class Journal:
                          before=()):
         """The commands of one state change of `task_id`: a fixed set.
         `event`: what the history gets (a dict, its `at` set here), or
-        None for a change the record's own fields tell (UNLOGGED: the
-        running of the attempt under way, its end); `before`: events
-        (JSON text) pushed ahead of it, the record's unlogged ones it
-        folds in (the field is dropped with them).
-        (`before`: (events, the record's fields that told them) or ().)
+        None for a change the record's own fields tell (reads.
+        unlogged_events: a delivery's running, its end); `before`: true
+        when what the record tells goes into the history first (FOLD: a
+        change that ends the delivery otherwise, a retry or a requeue).
         `pairs`: more field/value arguments for the HSET, ready encoded;
         `index`: unused (the listing reads the state indexes); `trim`: cut the
         history to LOG_LENGTH (skipped where it cannot have grown much);
@@ -101,11 +101,6 @@ class Journal:
         key, log_key = keys.task(task_id), keys.task_log(task_id)
         now = time.time()
         commands = []
-        if before:
-            # The delivery whose running goes in now: its field (and any
-            # end the record told) are the history's from here.
-            drop = tuple(drop) + before[1]
-            before = before[0]
         if drop:
             commands.append(('HDEL', key) + tuple(drop))
         if setnx:
@@ -117,13 +112,15 @@ class Journal:
         commands.append(('HSET', key, 'updated', now, *pairs,
                          *field_pairs(fields)))
         encoded = None
-        pushed = list(before)
+        if before:
+            # The running (and any end) the record told goes into the
+            # history first, placed as reads place it: a script, as a
+            # request made while the task ran may be there already.
+            commands.append(('EVAL', FOLD, 2, key, log_key, LOG_LENGTH))
         if event is not None:
             event['at'] = now
             encoded = _event_json(event)
-            pushed.append(encoded)
-        if pushed:
-            commands.append(('RPUSH', log_key, *pushed))
+            commands.append(('RPUSH', log_key, encoded))
             if trim:
                 commands.append(('LTRIM', log_key, -LOG_LENGTH, -1))
         if expire:
@@ -409,7 +406,7 @@ class Journal:
         key, log_key = keys.task(task_id), keys.task_log(task_id)
         deliveries = hooks.delivery_count(replies)
         if deliveries is not None and deliveries > 1:
-            self._stage_unnoted_loss(storage, log_key, seen)
+            self._stage_unnoted_loss(storage, key, log_key, seen)
         if replies[index] != 1:
             return
         args_text, hidden = args_summary(task,
@@ -428,14 +425,15 @@ class Journal:
         storage.stage_commands(commands)
 
     @staticmethod
-    def _stage_unnoted_loss(storage, log_key, seen):
+    def _stage_unnoted_loss(storage, key, log_key, seen):
         script = script_for(storage, NOTE_UNNOTED_LOSS)
         lost = _event_json({'state': 'lost', 'at': seen,
                             'noted_by': 'redelivery'})
 
         def write(pipe):
-            script(keys=[log_key], args=[lost, LOG_LENGTH, ttl_of(storage)],
-                   client=pipe)
+            script(keys=[log_key, key],
+                   args=[lost, LOG_LENGTH, ttl_of(storage),
+                         RUN_PREFIX + repr(seen)], client=pipe)
         storage.stage(write)
 
     def _worker_fields(self, worker_info):
@@ -543,7 +541,7 @@ class Journal:
         if state in TERMINAL:
             # The end of the attempt, like its running, is told by the
             # record's fields (reads.unlogged_events): nothing pushed.
-            event, before = None, ()
+            event, before = None, False
             fields['unlogged'] = 'o'
         # Retrying or scheduled: the next delivery overwrites this one's
         # fields, so its running goes into the history now, with the
@@ -552,18 +550,12 @@ class Journal:
                            reindex=(('running',), state), before=before)
 
     def _running_event(self, task_id):
-        """For _change_commands' `before`: the running event of the
-        delivery of `task_id` under way in this thread, as the history
-        holds it, and the record's fields that told it until now
-        (((JSON text,), (field names...))), or () when this thread wrote
-        none (a task dequeued before its eta)."""
+        """For _change_commands' `before`: whether this thread wrote the
+        running of the delivery of `task_id` under way (not for a task
+        dequeued before its eta), which then goes into the history."""
         running = getattr(self._stash, 'running', None)
         self._stash.running = None
-        if running is None or running[0] != task_id:
-            return ()
-        return ((_event_json({'state': 'running', 'worker': running[2],
-                              'at': running[1]}),),
-                (RUN_PREFIX + repr(running[1]), 'unlogged'))
+        return running is not None and running[0] == task_id
 
     def _message_of(self, task):
         """`task` as the queue would hold it (Huey's message, behind the
@@ -684,8 +676,12 @@ class Journal:
                 # before an operator retries the task.
                 add(('SET', keys.message(task_id),
                      base64.b64decode(message), 'EX', ttl))
+        # A dead letter ends the delivery (the worker's, or a dead one's
+        # the consumer set aside): its running goes into the history
+        # first.
         self._stage_change(storage, task_id, fields, event, extra=account,
-                           reindex=(WAITING_GROUPS + ('running',), 'failed'))
+                           reindex=(WAITING_GROUPS + ('running',), 'failed'),
+                           before=True)
 
     def _stage_guarded_dead_letter(self, storage, task_id, name, fields,
                                    event):
