@@ -42,6 +42,7 @@ from . import context, delivery, hooks, logs, progress, redisconn, \
     transaction
 from .storage import message_data
 from .app import hostname
+from .journal import counters
 from .devredis import dies_with_this_process
 from .tasks.runtime import TaskRejected
 
@@ -436,6 +437,7 @@ class Worker:
             if not self.abandoned:
                 # The slot belongs to this worker's replacement otherwise.
                 self.slot.busy = 0
+            self._send_counts()
             self.storage.unpin_connection()
             self.shutdown()
 
@@ -496,6 +498,7 @@ class Worker:
                 self._put_back_untaken(raw, 'Redis failed over')
             return
         if raw is None:
+            self._send_counts()   # idle: what the last outcomes summed
             return
         if self.stop_flag.is_set() or (paused is not None and paused.value):
             # A read sent before stopping (or the pause) began (a prefetch
@@ -510,6 +513,24 @@ class Worker:
             raise _CanceledExit()
         if self.max_tasks and self.task_count >= self.max_tasks:
             raise WorkerRecycle()
+
+    def _send_counts(self):
+        """Send the /metrics counts this process summed (journal.counters)
+        on their own: when the worker goes idle or stops.  Kept for a
+        later try when Redis does not take them."""
+        storage = self.storage
+        if not counters.SHARED or storage.prefetch_pending() or \
+                storage.has_pending():
+            return   # nothing, or a round trip of the worker's comes
+        commands = counters.SHARED.take()
+        try:
+            storage.stage_commands(commands)
+            storage.flush()
+        except redis.exceptions.RedisError as exc:
+            storage.discard_pending()
+            counters.SHARED.put_back(commands)
+            log.debug('%s: /metrics counts kept for later: %s', self.name,
+                      exc)
 
     def _put_back_untaken(self, raw, why='stopping'):
         """Put `raw`, taken by a queue read that was answered after
@@ -1025,7 +1046,9 @@ class Worker:
             guarded = delivery.guarded_ack(self.inflight_key, raw, pending)
         if guarded is None:
             return False
-        pending[:] = [guarded]
+        # The /metrics counts this process summed, once a second: after
+        # the guarded script, so a fenced ack does not drop them.
+        pending[:] = [guarded] + counters.SHARED.take_due()
         return True
 
     def _ack(self, raw, prefetch):

@@ -247,7 +247,11 @@ def test_retention_follows_result_timeout(producer, base_env, start_daemon):
     # by the hour (no per-task entry that would outlive the record).
     assert storage.conn.zscore(keys.journal_state('complete'), result.id)
     from huey_worker.journal.reads import replies, results_held_command
-    assert replies(storage.pool, [results_held_command(storage)]) == [1]
+    # (Counted in the worker and sent within a second or two:
+    # journal.counters.)
+    wait_until(lambda: replies(storage.pool,
+                               [results_held_command(storage)]) == [1],
+               what='the result counted')
     # Records live [journal] retention (one day by default), within the
     # results' own time.
     journal_ttl = min(ttl, producer.config.journal.retention or ttl)

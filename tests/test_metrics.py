@@ -175,7 +175,12 @@ def test_queue_signals_over_http_from_two_hosts_in_process_mode(
     gate.touch()
     for task in held + [waiting]:
         wait_for_state(producer, task.id, 'complete')
-    s = scrape(client)
+    steps = (('queue', 'huey'), ('task', 'sample_tasks.progress_steps'))
+    # The counts are summed in each worker and sent within a second or
+    # two (journal.counters).
+    s = wait_until(lambda: (lambda s: s if s.get(
+        ('huey_worker_task_wait_seconds_count', steps)) == 2 else None)(
+        scrape(client)), what='the wait times counted')
     assert s[('huey_worker_queue_latency_seconds', (('queue', 'huey'),))] \
         == 0
     assert s[('huey_worker_tasks_total', (('queue', 'huey'),
@@ -187,8 +192,6 @@ def test_queue_signals_over_http_from_two_hosts_in_process_mode(
     add = (('queue', 'huey'), ('task', 'sample_tasks.add'))
     assert s[('huey_worker_task_wait_seconds_count', add)] == 1
     assert before <= s[('huey_worker_task_wait_seconds_sum', add)] < 120
-    steps = (('queue', 'huey'), ('task', 'sample_tasks.progress_steps'))
-    assert s[('huey_worker_task_wait_seconds_count', steps)] == 2
     assert os.path.exists(gate)
 
 
@@ -202,3 +205,44 @@ def test_duration_sums_read_microseconds_and_the_earlier_float_field():
     assert stats['app.add']['count'] == 3
     assert stats['app.add']['sum'] == pytest.approx(0.4)
     assert stats['app.other']['sum'] == pytest.approx(1e-6)
+
+
+def test_counts_are_summed_in_the_worker_and_sent_once_a_second():
+    """journal.counters: what outcomes add is summed per (key, field) and
+    sent as one HINCRBY each, at most once per FLUSH_EVERY; what Redis
+    did not take is summed again."""
+    from huey_worker.journal.counters import FLUSH_EVERY, Counters
+    counts = Counters()
+    assert counts.take_due(now=100.0) == [] and not counts
+    counts.add('k', 'a\tcomplete', 1)
+    counts.add('k', 'a\tcomplete', 1)
+    counts.add('k', 'a\tsum_us', 250)
+    counts.expire('held', 90)
+    sent = counts.take_due(now=100.0 + FLUSH_EVERY)
+    assert sent == [('HINCRBY', 'k', 'a\tcomplete', 2),
+                    ('HINCRBY', 'k', 'a\tsum_us', 250),
+                    ('EXPIRE', 'held', 90)]
+    counts.add('k', 'a\tcomplete', 1)
+    assert counts.take_due(now=100.0 + FLUSH_EVERY * 1.5) == []   # too soon
+    counts.put_back(sent)
+    assert counts.take(now=200.0) == [('HINCRBY', 'k', 'a\tcomplete', 3),
+                                      ('HINCRBY', 'k', 'a\tsum_us', 250),
+                                      ('EXPIRE', 'held', 90)]
+    assert counts.take() == []
+
+
+def test_a_burst_is_counted_exactly(producer, base_env, start_daemon):
+    """Tasks ending faster than once a second per worker: every outcome
+    is counted, the last ones when the workers go idle."""
+    consumer = start_daemon(['consumer', '--workers', '2',
+                             '--worker-type', 'process'], base_env)
+    consumer.wait_for_output('consumer ready')
+    results = [sample_tasks.add(i, 1) for i in range(40)]
+    for result in results:
+        wait_for_state(producer, result.id, 'complete')
+    conn, keys = producer.storage.conn, producer.keys
+    field = 'sample_tasks.add\tcomplete'
+    wait_until(lambda: int(conn.hget(keys.metrics_outcomes, field) or 0)
+               == 40, what='40 outcomes counted')
+    time.sleep(1.5)   # nothing more comes in
+    assert int(conn.hget(keys.metrics_outcomes, field)) == 40

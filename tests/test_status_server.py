@@ -98,7 +98,10 @@ def test_reads_seed_shape_and_metrics(producer, env, start_daemon, tmp_path):
     assert status == 200
     assert (q['pending'], q['scheduled'], q['running'], q['dead_letters']) \
         == (0, 1, 1, 0)
-    assert q['results_held'] == 2   # add's result and boom's error
+    # add's result and boom's error (counted in the worker, sent within a
+    # second or two: journal.counters)
+    wait_until(lambda: client.get('/queue')[1]['queues']['huey'][
+        'results_held'] == 2, what='the results counted')
 
     status, body = client.get('/tasks/%s' % later.id)
     assert status == 200 and body['state'] == 'scheduled'
@@ -123,7 +126,12 @@ def test_reads_seed_shape_and_metrics(producer, env, start_daemon, tmp_path):
     assert status == 405 and 'POST' not in body['allowed']
     assert client.json('POST', '/tasks/%s/revoke' % later.id)[0] == 404
 
-    samples = metrics(client)
+    # The outcomes' counts are summed in the worker and sent within a
+    # second or two (journal.counters).
+    samples = wait_until(lambda: (lambda s: s if sample(
+        s, 'huey_worker_task_duration_seconds_count', queue='huey',
+        task='sample_tasks.progress_steps') == 1 else None)(
+        metrics(client)), what='the outcomes counted')
     assert sample(samples, 'huey_worker_redis_up') == 1
     assert sample(samples, 'huey_worker_tasks_total', queue='huey',
                   task='sample_tasks.add', state='complete') == 1
@@ -158,6 +166,16 @@ def test_metrics_right_in_process_mode(producer, env, start_daemon):
         return pids if len(pids) == 2 and all(pids) else None
     pids = wait_until(worker_pids, what='two worker pids')
     assert consumer.pid not in pids
+
+    def counted():
+        samples = metrics(client)
+        return sample(samples, 'huey_worker_tasks_total', queue='huey',
+                      task='sample_tasks.boom', state='failed') == 1 and \
+            sample(samples, 'huey_worker_tasks_total', queue='huey',
+                   task='sample_tasks.add', state='complete') == 1
+    # Each worker sums its counts and sends them within a second or two
+    # (journal.counters); once sent they outlive the worker.
+    wait_until(counted, what='both outcomes counted')
     os.kill(pids[0], signal.SIGKILL)
     consumer.wait_for_output('restarting it')
 

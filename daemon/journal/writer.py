@@ -20,6 +20,7 @@ from .layout import (DUE_FIELDS, DURATION_BUCKETS, ERROR_MAX_CHARS,
                      args_summary, encode,
                      epoch, error_fields, field_pairs, result_json,
                      result_ttl_of, text, ttl_of)
+from .counters import SHARED
 from .scripts import (FOLD, GUARDED_DEAD_LETTER, GUARDED_ENQUEUE,
                       GUARDED_REQUEUE, NOTE_UNNOTED_LOSS, TRIM_HELD,
                       script_for)
@@ -456,6 +457,7 @@ class Journal:
         if not self._active(storage):
             progress.leave(task.id)
             return
+        in_worker = self._round_trip_follows()
         settings = self._settings()
         name = self.task_name(task)
         value, exception, ran = self._take_outcome(task.id)
@@ -512,16 +514,21 @@ class Journal:
         kept = self._message_of(task) if state in KEEPS_MESSAGE else None
 
         def account(add):
+            count = SHARED.add
+            if not in_worker:
+                # No worker sends the counts later from this thread (the
+                # consumer ending a cancelled task a put-back dropped):
+                # they go now, with what this process summed before.
+                count = _send_now(add)
             if result_stored:
                 # Counted by the hour of its end (reads.results_held_
                 # command): no per-task entry that outlives the record.
-                add(('HINCRBY', keys.journal_held, int(now // 3600), 1))
-                if not trim:
-                    # Its time to live goes with each count: a process
-                    # whose first outcome (the one that trims) came
-                    # before a FLUSHDB would leave it without one.
-                    add(('EXPIRE', keys.journal_held,
-                         result_ttl_of(storage) + 3600))
+                count(keys.journal_held, int(now // 3600), 1)
+                # Its time to live goes with the counts: a process whose
+                # first outcome (the one that trims) came before a
+                # FLUSHDB would leave it without one.
+                SHARED.expire(keys.journal_held,
+                              result_ttl_of(storage) + 3600)
             if kept is not None:
                 add(('SET', keys.message(task.id), kept, 'EX', ttl))
             if trim:
@@ -529,10 +536,10 @@ class Journal:
                                              result_ttl_of(storage),
                                              index_max):
                     add(command)
-            self._count(add, keys, name, state,
+            self._count(count, keys, name, state,
                         duration if 'duration' in fields else None)
             if waited is not None:
-                _count_wait(add, keys, name, waited)
+                _count_wait(count, keys, name, waited)
         wait = getattr(self._stash, 'wait', None)
         self._stash.wait = None
         waited = wait[1] if wait is not None and wait[0] == task.id and \
@@ -571,17 +578,18 @@ class Journal:
             return None
 
     @staticmethod
-    def _count(add, keys, name, state, duration):
+    def _count(count, keys, name, state, duration):
+        """The outcome's /metrics counts, through `count(key, field, n)`
+        (counters.SHARED.add: sent with a later round trip)."""
         if state == 'scheduled':
             return   # not due yet: no outcome to count
-        add(('HINCRBY', keys.metrics_outcomes, '%s\t%s' % (name, state), 1))
+        count(keys.metrics_outcomes, '%s\t%s' % (name, state), 1)
         if duration is None:
             return
         bucket = next(b for b in DURATION_BUCKETS if duration <= b)
-        add(('HINCRBY', keys.metrics_durations, '%s\t%r' % (name, bucket),
-             1))
-        add(('HINCRBY', keys.metrics_durations, '%s\tsum_us' % name,
-             int(round(duration * 1e6))))
+        count(keys.metrics_durations, '%s\t%r' % (name, bucket), 1)
+        count(keys.metrics_durations, '%s\tsum_us' % name,
+              int(round(duration * 1e6)))
 
     def on_requeued(self, storage, messages, reason):
         if not self._active(storage):
@@ -731,11 +739,21 @@ def _waited(reply, started):
     return max(0.0, started - max(times)) if times else None
 
 
-def _count_wait(add, keys, name, waited):
+def _send_now(add):
+    """A `count` for Journal._count that stages the counts with the
+    change (and whatever this process summed before) instead of summing
+    them for a later round trip."""
+    def count(key, field, amount):
+        SHARED.add(key, field, amount)
+        for command in SHARED.take():
+            add(command)
+    return count
+
+
+def _count_wait(count, keys, name, waited):
     bucket = next(b for b in DURATION_BUCKETS if waited <= b)
-    add(('HINCRBY', keys.metrics_waits, '%s\t%r' % (name, bucket), 1))
-    add(('HINCRBY', keys.metrics_waits, '%s\tsum_us' % name,
-         int(round(waited * 1e6))))
+    count(keys.metrics_waits, '%s\t%r' % (name, bucket), 1)
+    count(keys.metrics_waits, '%s\tsum_us' % name, int(round(waited * 1e6)))
 
 
 def trim_commands(keys, name, state, now, ttl, result_ttl, index_max):
