@@ -41,6 +41,15 @@ class Counters:
             entry = (key, field)
             self._sums[entry] = self._sums.get(entry, 0) + amount
 
+    def add_many(self, counts):
+        """add() for each (key, field, amount) of `counts`, under one
+        lock."""
+        with self._lock:
+            sums = self._sums
+            for key, field, amount in counts:
+                entry = (key, field)
+                sums[entry] = sums.get(entry, 0) + amount
+
     def expire(self, key, seconds):
         """Give hash `key` `seconds` to live when the counts are sent."""
         with self._lock:

@@ -514,16 +514,12 @@ class Journal:
         kept = self._message_of(task) if state in KEEPS_MESSAGE else None
 
         def account(add):
-            count = SHARED.add
-            if not in_worker:
-                # No worker sends the counts later from this thread (the
-                # consumer ending a cancelled task a put-back dropped):
-                # they go now, with what this process summed before.
-                count = _send_now(add)
+            counts = []
+            count = counts.append
             if result_stored:
                 # Counted by the hour of its end (reads.results_held_
                 # command): no per-task entry that outlives the record.
-                count(keys.journal_held, int(now // 3600), 1)
+                count((keys.journal_held, int(now // 3600), 1))
                 # Its time to live goes with the counts: a process whose
                 # first outcome (the one that trims) came before a
                 # FLUSHDB would leave it without one.
@@ -540,6 +536,13 @@ class Journal:
                         duration if 'duration' in fields else None)
             if waited is not None:
                 _count_wait(count, keys, name, waited)
+            SHARED.add_many(counts)
+            if not in_worker:
+                # No worker sends the counts later from this thread (the
+                # consumer ending a cancelled task a put-back dropped):
+                # they go now, with what this process summed before.
+                for command in SHARED.take():
+                    add(command)
         wait = getattr(self._stash, 'wait', None)
         self._stash.wait = None
         waited = wait[1] if wait is not None and wait[0] == task.id and \
@@ -579,17 +582,18 @@ class Journal:
 
     @staticmethod
     def _count(count, keys, name, state, duration):
-        """The outcome's /metrics counts, through `count(key, field, n)`
-        (counters.SHARED.add: sent with a later round trip)."""
+        """The outcome's /metrics counts, each given to `count` as (hash
+        key, field, amount) (for counters.SHARED: sent with a later round
+        trip)."""
         if state == 'scheduled':
             return   # not due yet: no outcome to count
-        count(keys.metrics_outcomes, '%s\t%s' % (name, state), 1)
+        count((keys.metrics_outcomes, '%s\t%s' % (name, state), 1))
         if duration is None:
             return
         bucket = next(b for b in DURATION_BUCKETS if duration <= b)
-        count(keys.metrics_durations, '%s\t%r' % (name, bucket), 1)
-        count(keys.metrics_durations, '%s\tsum_us' % name,
-              int(round(duration * 1e6)))
+        count((keys.metrics_durations, '%s\t%r' % (name, bucket), 1))
+        count((keys.metrics_durations, '%s\tsum_us' % name,
+               int(round(duration * 1e6))))
 
     def on_requeued(self, storage, messages, reason):
         if not self._active(storage):
@@ -739,21 +743,11 @@ def _waited(reply, started):
     return max(0.0, started - max(times)) if times else None
 
 
-def _send_now(add):
-    """A `count` for Journal._count that stages the counts with the
-    change (and whatever this process summed before) instead of summing
-    them for a later round trip."""
-    def count(key, field, amount):
-        SHARED.add(key, field, amount)
-        for command in SHARED.take():
-            add(command)
-    return count
-
-
 def _count_wait(count, keys, name, waited):
     bucket = next(b for b in DURATION_BUCKETS if waited <= b)
-    count(keys.metrics_waits, '%s\t%r' % (name, bucket), 1)
-    count(keys.metrics_waits, '%s\tsum_us' % name, int(round(waited * 1e6)))
+    count((keys.metrics_waits, '%s\t%r' % (name, bucket), 1))
+    count((keys.metrics_waits, '%s\tsum_us' % name,
+           int(round(waited * 1e6))))
 
 
 def trim_commands(keys, name, state, now, ttl, result_ttl, index_max):
