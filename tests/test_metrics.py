@@ -178,9 +178,14 @@ def test_queue_signals_over_http_from_two_hosts_in_process_mode(
     steps = (('queue', 'huey'), ('task', 'sample_tasks.progress_steps'))
     # The counts are summed in each worker and sent within a second or
     # two (journal.counters).
-    s = wait_until(lambda: (lambda s: s if s.get(
-        ('huey_worker_task_wait_seconds_count', steps)) == 2 else None)(
-        scrape(client)), what='the wait times counted')
+    add = (('queue', 'huey'), ('task', 'sample_tasks.add'))
+
+    def counted():
+        s = scrape(client)
+        return s if s.get(('huey_worker_task_wait_seconds_count', steps)) \
+            == 2 and s.get(('huey_worker_task_wait_seconds_count', add)) \
+            == 1 else None
+    s = wait_until(counted, what='the wait times counted')
     assert s[('huey_worker_queue_latency_seconds', (('queue', 'huey'),))] \
         == 0
     assert s[('huey_worker_tasks_total', (('queue', 'huey'),
@@ -189,7 +194,6 @@ def test_queue_signals_over_http_from_two_hosts_in_process_mode(
         == 1
     # The wait-time histogram: `waiting` waited at least as long as it was
     # seen pending above, at most the whole test.
-    add = (('queue', 'huey'), ('task', 'sample_tasks.add'))
     assert s[('huey_worker_task_wait_seconds_count', add)] == 1
     assert before <= s[('huey_worker_task_wait_seconds_sum', add)] < 120
     assert os.path.exists(gate)

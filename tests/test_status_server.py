@@ -128,10 +128,16 @@ def test_reads_seed_shape_and_metrics(producer, env, start_daemon, tmp_path):
 
     # The outcomes' counts are summed in the worker and sent within a
     # second or two (journal.counters).
-    samples = wait_until(lambda: (lambda s: s if sample(
-        s, 'huey_worker_task_duration_seconds_count', queue='huey',
-        task='sample_tasks.progress_steps') == 1 else None)(
-        metrics(client)), what='the outcomes counted')
+    def counted():
+        s = metrics(client)
+        return s if sample(s, 'huey_worker_task_duration_seconds_count',
+                           queue='huey', task='sample_tasks.progress_steps') \
+            == 1 and sample(s, 'huey_worker_tasks_total', queue='huey',
+                            task='sample_tasks.boom', state='failed') == 1 \
+            and sample(s, 'huey_worker_tasks_total', queue='huey',
+                       task='sample_tasks.add', state='complete') == 1 \
+            else None
+    samples = wait_until(counted, what='the outcomes counted')
     assert sample(samples, 'huey_worker_redis_up') == 1
     assert sample(samples, 'huey_worker_tasks_total', queue='huey',
                   task='sample_tasks.add', state='complete') == 1
