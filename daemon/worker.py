@@ -437,7 +437,10 @@ class Worker:
             if not self.abandoned:
                 # The slot belongs to this worker's replacement otherwise.
                 self.slot.busy = 0
-            self._send_counts()
+            # What this worker's outcomes summed for /metrics (its
+            # process's sender sends every second; a process worker ends
+            # right after this).
+            counters.SHARED.flush()
             self.storage.unpin_connection()
             self.shutdown()
 
@@ -498,7 +501,6 @@ class Worker:
                 self._put_back_untaken(raw, 'Redis failed over')
             return
         if raw is None:
-            self._send_counts()   # idle: what the last outcomes summed
             return
         if self.stop_flag.is_set() or (paused is not None and paused.value):
             # A read sent before stopping (or the pause) began (a prefetch
@@ -513,24 +515,6 @@ class Worker:
             raise _CanceledExit()
         if self.max_tasks and self.task_count >= self.max_tasks:
             raise WorkerRecycle()
-
-    def _send_counts(self):
-        """Send the /metrics counts this process summed (journal.counters)
-        on their own: when the worker goes idle or stops.  Kept for a
-        later try when Redis does not take them."""
-        storage = self.storage
-        if not counters.SHARED or storage.prefetch_pending() or \
-                storage.has_pending():
-            return   # nothing, or a round trip of the worker's comes
-        commands = counters.SHARED.take()
-        try:
-            storage.stage_commands(commands)
-            storage.flush()
-        except redis.exceptions.RedisError as exc:
-            storage.discard_pending()
-            counters.SHARED.put_back(commands)
-            log.debug('%s: /metrics counts kept for later: %s', self.name,
-                      exc)
 
     def _put_back_untaken(self, raw, why='stopping'):
         """Put `raw`, taken by a queue read that was answered after
@@ -1046,9 +1030,7 @@ class Worker:
             guarded = delivery.guarded_ack(self.inflight_key, raw, pending)
         if guarded is None:
             return False
-        # The /metrics counts this process summed, once a second: after
-        # the guarded script, so a fenced ack does not drop them.
-        pending[:] = [guarded] + counters.SHARED.take_due()
+        pending[:] = [guarded]
         return True
 
     def _ack(self, raw, prefetch):

@@ -211,28 +211,41 @@ def test_duration_sums_read_microseconds_and_the_earlier_float_field():
     assert stats['app.other']['sum'] == pytest.approx(1e-6)
 
 
-def test_counts_are_summed_in_the_worker_and_sent_once_a_second():
-    """journal.counters: what outcomes add is summed per (key, field) and
-    sent as one HINCRBY each, at most once per FLUSH_EVERY; what Redis
-    did not take is summed again."""
-    from huey_worker.journal.counters import FLUSH_EVERY, Counters
-    counts = Counters()
-    assert counts.take_due(now=100.0) == [] and not counts
-    counts.add('k', 'a\tcomplete', 1)
-    counts.add('k', 'a\tcomplete', 1)
-    counts.add('k', 'a\tsum_us', 250)
-    counts.expire('held', 90)
-    sent = counts.take_due(now=100.0 + FLUSH_EVERY)
-    assert sent == [('HINCRBY', 'k', 'a\tcomplete', 2),
-                    ('HINCRBY', 'k', 'a\tsum_us', 250),
-                    ('EXPIRE', 'held', 90)]
-    counts.add('k', 'a\tcomplete', 1)
-    assert counts.take_due(now=100.0 + FLUSH_EVERY * 1.5) == []   # too soon
-    counts.put_back(sent)
-    assert counts.take(now=200.0) == [('HINCRBY', 'k', 'a\tcomplete', 3),
-                                      ('HINCRBY', 'k', 'a\tsum_us', 250),
-                                      ('EXPIRE', 'held', 90)]
-    assert counts.take() == []
+def test_counts_are_summed_and_sent_by_a_thread_of_the_process(
+        redis_server):
+    """journal.counters: what outcomes add is summed per (client, key,
+    field) and sent as one HINCRBY each in one transaction, by a thread
+    of the process every FLUSH_EVERY seconds; what Redis did not take is
+    summed again, never sent twice."""
+    import redis
+    from huey_worker.journal import counters as module
+    client = redis_server.client()
+    client.delete('test:counts', 'test:held')
+    counts = module.Counters()
+    counts.add_many(client, [('test:counts', 'a\tcomplete', 1),
+                             ('test:counts', 'a\tcomplete', 1),
+                             ('test:counts', 'a\tsum_us', 250)],
+                    expire=('test:held', 90))
+    counts.add_many(client, [('test:held', '500000', 1)])
+    assert counts._sender is not None and counts._sender.daemon
+    wait_until(lambda: client.hget('test:counts', 'a\tcomplete') == b'2',
+               what='the sender thread to send', timeout=5)
+    assert client.hgetall('test:counts') == {b'a\tcomplete': b'2',
+                                             b'a\tsum_us': b'250'}
+    assert 0 < client.ttl('test:held') <= 90
+    assert not counts
+    # Redis refusing: summed again, sent once Redis takes it.
+    dead = redis.Redis(port=1, socket_connect_timeout=0.2)
+    counts.add_many(dead, [('test:counts', 'x', 5)])
+    assert counts.flush() == 0
+    assert counts._sums[dead] == {('test:counts', 'x'): 5}
+    counts._sums.pop(dead)
+    counts.add_many(client, [('test:counts', 'a\tcomplete', 3)])
+    assert counts.flush() == 1
+    assert client.hget('test:counts', 'a\tcomplete') == b'5'
+    assert counts.flush() == 0
+    counts._sender = None   # its thread ends at its next wake
+    client.delete('test:counts', 'test:held')
 
 
 def test_a_burst_is_counted_exactly(producer, base_env, start_daemon):

@@ -1,89 +1,122 @@
-"""The /metrics counters a worker process keeps before Redis has them.
+"""The /metrics counters a process keeps before Redis has them.
 
 Each outcome adds to a handful of hash counters (outcomes by task name,
 the run-time and wait-time histograms and their sums, the results held
-per hour).  Sent with every ack they were six or seven commands of the
-ack's script, each costing Redis some 3 microseconds through redis.pcall:
-a fifth of the Redis time of a no-op task.  Summed here instead, they go
-out at most once per FLUSH_EVERY seconds per process, riding an ack (after
-its guarded script, so a fenced ack does not take other tasks' counts
-with it), and whatever is left when the worker goes idle or stops.  At a
-rate under one task a second each outcome still sends its own counts at
-once.  The cost: counters may lag by FLUSH_EVERY plus the queue read's
-timeout, and a worker killed with SIGKILL loses at most its last second's
-counts (the journal's records are written with each outcome as before)."""
+per hour).  Sent with every ack they were seven commands of the ack's
+script, each costing Redis some 3 microseconds through redis.pcall: a
+fifth of the Redis time of a no-op task.  Summed here instead, a thread
+of the process sends them every FLUSH_EVERY seconds in one transaction of
+its own, whatever the workers do (a long task, a paused queue, an ack
+Redis refuses), and a worker sends what is left when it stops (flush()).
+The cost: counters lag the journal by up to FLUSH_EVERY (plus a Redis
+outage: what Redis did not take is summed again and sent later), and a
+process killed with SIGKILL takes at most its last FLUSH_EVERY of counts
+with it (the journal's records are written with each outcome)."""
+import atexit
+import logging
 import os
 import threading
 import time
+
+import redis
+
+log = logging.getLogger('huey_worker.journal')
 
 FLUSH_EVERY = 1.0
 
 
 class Counters:
-    """{(hash key, field): amount} summed in this process, thread-safe."""
+    """Sums per Redis client: {client: {(hash key, field): amount}}, and
+    the times to live their hashes get when sent; thread-safe."""
 
     def __init__(self):
         self._lock = threading.Lock()
         self._sums = {}
         self._expire = {}
-        self._flushed = 0.0
+        self._sender = None
+        self._exit_hook = False
         os.register_at_fork(after_in_child=self._forget)
 
     def _forget(self):
-        # A forked worker starts with nothing of its parent's to send.
+        # A forked worker starts with nothing of its parent's to send, and
+        # without its sender thread (threads do not survive a fork).
         self._lock = threading.Lock()
         self._sums, self._expire = {}, {}
-        self._flushed = 0.0
+        self._sender = None
 
-    def add(self, key, field, amount):
-        """Add `amount` (int) to `field` of hash `key`."""
+    def add_many(self, client, counts, expire=None):
+        """Add each (hash key, field, amount) of `counts` for Redis client
+        `client` (a redis-py client; amounts are integers); `expire`:
+        (hash key, seconds) it gets when sent.  Starts this process's
+        sender on first use."""
         with self._lock:
-            entry = (key, field)
-            self._sums[entry] = self._sums.get(entry, 0) + amount
-
-    def add_many(self, counts):
-        """add() for each (key, field, amount) of `counts`, under one
-        lock."""
-        with self._lock:
-            sums = self._sums
+            sums = self._sums.setdefault(client, {})
             for key, field, amount in counts:
                 entry = (key, field)
                 sums[entry] = sums.get(entry, 0) + amount
+            if expire is not None:
+                self._expire.setdefault(client, {})[expire[0]] = expire[1]
+            if self._sender is None:
+                self._start_sender()
 
-    def expire(self, key, seconds):
-        """Give hash `key` `seconds` to live when the counts are sent."""
-        with self._lock:
-            self._expire[key] = seconds
+    def _start_sender(self):
+        self._sender = threading.Thread(target=self._send_every,
+                                        name='huey-worker-counters',
+                                        daemon=True)
+        self._sender.start()
+        if not self._exit_hook:
+            # A process that ends normally sends what is left (a process
+            # worker's exit path calls flush() itself).
+            atexit.register(self.flush)
+            self._exit_hook = True
 
-    def take_due(self, now=None):
-        """The commands that send what is summed (HINCRBY, then EXPIRE),
-        emptying the sums, when FLUSH_EVERY seconds have passed since the
-        last send; else []."""
-        now = time.monotonic() if now is None else now
-        if now - self._flushed < FLUSH_EVERY:
-            return []
-        return self.take(now)
+    def _send_every(self):
+        me = threading.current_thread()
+        while self._sender is me:
+            time.sleep(FLUSH_EVERY)
+            if self._sender is me:
+                self.flush()
 
-    def take(self, now=None):
-        """The commands that send what is summed, emptying the sums: []
-        when nothing is."""
+    def take(self):
+        """{client: [commands]} that send what is summed (HINCRBY, then
+        EXPIRE), emptying the sums."""
         with self._lock:
             sums, self._sums = self._sums, {}
             expire, self._expire = self._expire, {}
-            self._flushed = time.monotonic() if now is None else now
-        commands = [('HINCRBY', key, field, amount)
-                    for (key, field), amount in sums.items() if amount]
-        commands += [('EXPIRE', key, seconds)
-                     for key, seconds in expire.items()]
-        return commands
+        out = {}
+        for client, entries in sums.items():
+            out[client] = [('HINCRBY', key, field, amount)
+                           for (key, field), amount in entries.items()
+                           if amount]
+        for client, keys in expire.items():
+            out.setdefault(client, []).extend(
+                ('EXPIRE', key, seconds) for key, seconds in keys.items())
+        return out
 
-    def put_back(self, commands):
+    def put_back(self, client, commands):
         """Sum again what take() gave that Redis did not take."""
-        for command in commands:
-            if command[0] == 'HINCRBY':
-                self.add(*command[1:])
-            elif command[0] == 'EXPIRE':
-                self.expire(*command[1:])
+        counts = [c[1:] for c in commands if c[0] == 'HINCRBY']
+        expire = [c[1:] for c in commands if c[0] == 'EXPIRE']
+        self.add_many(client, counts, expire[-1] if expire else None)
+
+    def flush(self):
+        """Send what is summed now, one MULTI/EXEC per client (all or
+        nothing: a send that fails is summed again and goes with the
+        next).  Returns how many commands went out."""
+        sent = 0
+        for client, commands in self.take().items():
+            if not commands:
+                continue
+            try:
+                pipe = client.pipeline(transaction=True)
+                for command in commands:
+                    pipe.execute_command(*command)
+                pipe.execute()
+                sent += len(commands)
+            except redis.exceptions.RedisError as exc:
+                self.put_back(client, commands)
+                log.debug('/metrics counts kept for later: %s', exc)
+        return sent
 
     def __bool__(self):
         return bool(self._sums)

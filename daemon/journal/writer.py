@@ -457,7 +457,6 @@ class Journal:
         if not self._active(storage):
             progress.leave(task.id)
             return
-        in_worker = self._round_trip_follows()
         settings = self._settings()
         name = self.task_name(task)
         value, exception, ran = self._take_outcome(task.id)
@@ -520,11 +519,6 @@ class Journal:
                 # Counted by the hour of its end (reads.results_held_
                 # command): no per-task entry that outlives the record.
                 count((keys.journal_held, int(now // 3600), 1))
-                # Its time to live goes with the counts: a process whose
-                # first outcome (the one that trims) came before a
-                # FLUSHDB would leave it without one.
-                SHARED.expire(keys.journal_held,
-                              result_ttl_of(storage) + 3600)
             if kept is not None:
                 add(('SET', keys.message(task.id), kept, 'EX', ttl))
             if trim:
@@ -536,13 +530,13 @@ class Journal:
                         duration if 'duration' in fields else None)
             if waited is not None:
                 _count_wait(count, keys, name, waited)
-            SHARED.add_many(counts)
-            if not in_worker:
-                # No worker sends the counts later from this thread (the
-                # consumer ending a cancelled task a put-back dropped):
-                # they go now, with what this process summed before.
-                for command in SHARED.take():
-                    add(command)
+            # Sent by this process's sender within a second (counters):
+            # the held results' hash gets its time to live with them (a
+            # process whose first outcome, the one that trims, came
+            # before a FLUSHDB would leave it without one).
+            SHARED.add_many(storage.conn, counts, expire=(
+                keys.journal_held, result_ttl_of(storage) + 3600)
+                if result_stored else None)
         wait = getattr(self._stash, 'wait', None)
         self._stash.wait = None
         waited = wait[1] if wait is not None and wait[0] == task.id and \
