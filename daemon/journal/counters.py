@@ -56,13 +56,18 @@ class Counters:
                 sums[entry] = sums.get(entry, 0) + amount
             if expire is not None:
                 self._expire.setdefault(client, {})[expire[0]] = expire[1]
-            if self._sender is None:
-                self._start_sender()
+            start = self._sender is None
+            if start:
+                self._sender = threading.Thread(
+                    target=self._send_every, name='huey-worker-counters',
+                    daemon=True)
+        if start:
+            # Outside the lock: under gevent starting a thread switches
+            # greenlets, and one that then waited on this (real) lock
+            # would block the whole process.
+            self._start_sender()
 
     def _start_sender(self):
-        self._sender = threading.Thread(target=self._send_every,
-                                        name='huey-worker-counters',
-                                        daemon=True)
         self._sender.start()
         if not self._exit_hook:
             # A process that ends normally sends what is left (a process
