@@ -738,6 +738,8 @@ class Consumer(MainLoop):
             self.clock.note(replies[0], sent, clock_module.boot_clock())
             self.clock.tell_skew(log, 'consumer')
             self._hold_recovery_on_jump()
+            if self.outage.down:
+                self._hold_recovery_after_outage()
             self._queue_depth = self.storage.queue_size_of(
                 replies[-len(sizing):])
             if replies[2] and not force:
@@ -758,6 +760,20 @@ class Consumer(MainLoop):
             self.outage.ok()
         except REDIS_ERRORS as exc:
             self.outage.failed(exc)
+
+    def _hold_recovery_after_outage(self):
+        """Redis answers again after this consumer missed it: no live
+        consumer could beat while Redis was out (a failover, a restart),
+        so their heartbeats may all have run out; taking them for dead
+        now would put back tasks they are running, and those would run
+        twice.  Recover nobody for one recovery_timeout, time for each
+        live consumer to beat again (a dead one is recovered that much
+        later)."""
+        timeout = self.cfg.delivery.recovery_timeout
+        self._recovery_held_until = max(self._recovery_held_until,
+                                        time.monotonic() + timeout)
+        log.info('Redis answers again: no consumer is taken for dead for '
+                 '%gs, so that live ones beat again first', timeout)
 
     def _hold_recovery_on_jump(self):
         """Redis's clock jumped ahead (a failover to a replica whose clock
