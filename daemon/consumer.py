@@ -737,9 +737,13 @@ class Consumer(MainLoop):
             replies = pipe.execute()
             self.clock.note(replies[0], sent, clock_module.boot_clock())
             self.clock.tell_skew(log, 'consumer')
-            self._hold_recovery_on_jump()
-            if self.outage.down:
-                self._hold_recovery_after_outage()
+            if self.clock.jump >= clock_module.SKEW_WARNING:
+                self._hold_recovery(
+                    log.warning, 'Redis\'s clock jumped %+.1fs (a failover '
+                    'to a server whose clock differs, or its clock stepped)'
+                    % self.clock.jump)
+            elif self.outage.down:
+                self._hold_recovery(log.info, 'Redis answers again')
             self._queue_depth = self.storage.queue_size_of(
                 replies[-len(sizing):])
             if replies[2] and not force:
@@ -761,35 +765,21 @@ class Consumer(MainLoop):
         except REDIS_ERRORS as exc:
             self.outage.failed(exc)
 
-    def _hold_recovery_after_outage(self):
-        """Redis answers again after this consumer missed it: no live
-        consumer could beat while Redis was out (a failover, a restart),
-        so their heartbeats may all have run out; taking them for dead
-        now would put back tasks they are running, and those would run
-        twice.  Recover nobody for one recovery_timeout, time for each
-        live consumer to beat again (a dead one is recovered that much
-        later)."""
+    def _hold_recovery(self, say, why):
+        """Recover nobody for one recovery_timeout, time for each live
+        consumer to beat again (a dead one is recovered that much later):
+        their heartbeats may all have run out at once though they live.
+        After an outage or a failover no consumer could beat while Redis
+        was out; after a jump of Redis's clock (a failover to a server
+        whose clock is ahead, a step of its clock) every heartbeat key,
+        whose expiry is an absolute time by that clock, may have run out.
+        Taking them for dead would put back the tasks they are running,
+        which would run twice.  `say`: the log method; `why`: the cause."""
         timeout = self.cfg.delivery.recovery_timeout
         self._recovery_held_until = max(self._recovery_held_until,
                                         time.monotonic() + timeout)
-        log.info('Redis answers again: no consumer is taken for dead for '
-                 '%gs, so that live ones beat again first', timeout)
-
-    def _hold_recovery_on_jump(self):
-        """Redis's clock jumped ahead (a failover to a replica whose clock
-        is ahead, or a step of its clock): every heartbeat key, whose
-        expiry is an absolute time by that clock, may have run out at
-        once, live consumers' too.  Recover nobody for one
-        recovery_timeout, time for each live consumer to beat again."""
-        timeout = self.cfg.delivery.recovery_timeout
-        if self.clock.jump < clock_module.SKEW_WARNING:
-            return
-        self._recovery_held_until = time.monotonic() + timeout
-        log.warning('Redis\'s clock jumped %+.1fs (a failover to a server '
-                    'whose clock differs, or its clock stepped): no '
-                    'consumer is taken for dead for %gs, so that live ones '
-                    'whose heartbeats ran out with the jump beat again',
-                    self.clock.jump, timeout)
+        say('%s: no consumer is taken for dead for %gs, so that live ones '
+            'beat again first', why, timeout)
 
     def _requeue_own(self, reason):
         try:
