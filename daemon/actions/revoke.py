@@ -69,9 +69,7 @@ if state ~= 'revoked' then
     return {2, 'not-revoked', state}
   end
   back = state
-  hw_fold(KEYS[1], KEYS[2], ARGV[4])
 else
-  hw_fold(KEYS[1], KEYS[2], ARGV[4])
   if redis.call('HEXISTS', KEYS[1], 'finished') == 1 then
     return {0, 'ended', state}
   end
@@ -88,6 +86,9 @@ else
   redis.call('HDEL', KEYS[1], 'revoked_from', 'revoked_reason',
              'revoke_requested')
 end
+-- The last delivery's running and end, told by the record's fields,
+-- before the record changes (a refused restore writes nothing).
+hw_fold(KEYS[1], KEYS[2], ARGV[4])
 redis.call('HSET', KEYS[1], 'state', back, 'updated', ARGV[3],
            'last_action', ARGV[7])
 hw_moved(KEYS[1], KEYS[2], ARGV[2], ARGV[4], KEYS[4], {KEYS[6]}, KEYS[5],
