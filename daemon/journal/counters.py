@@ -100,9 +100,10 @@ class Counters:
 
     def put_back(self, client, commands):
         """Sum again what take() gave that Redis did not take."""
-        counts = [c[1:] for c in commands if c[0] == 'HINCRBY']
-        expire = [c[1:] for c in commands if c[0] == 'EXPIRE']
-        self.add_many(client, counts, expire[-1] if expire else None)
+        self.add_many(client, [c[1:] for c in commands if c[0] == 'HINCRBY'])
+        for command in commands:
+            if command[0] == 'EXPIRE':
+                self.add_many(client, (), expire=command[1:])
 
     def flush(self):
         """Send what is summed now, one MULTI/EXEC per client (all or

@@ -83,7 +83,7 @@ class Journal:
     def _change_commands(self, storage, task_id, fields, event, drop=(),
                          setnx=None, incr=None, extra=None, index=True,
                          trim=True, expire=True, pairs=(), reindex=None,
-                         before=()):
+                         before=False):
         """The commands of one state change of `task_id`: a fixed set.
         `event`: what the history gets (a dict, its `at` set here), or
         None for a change the record's own fields tell (reads.
@@ -349,7 +349,7 @@ class Journal:
             drop=RUNNING_DROPS,
             incr={'attempt': 1}, index=False, trim=False, expire=False,
             pairs=pairs, reindex=(WAITING_GROUPS, 'running'))
-        stash.running = (task_id, now, label)
+        stash.running = task_id
         # Where the reply of the attempt's HINCRBY will be: on_started
         # hands the attempt to the worker's log lines.
         attempt_at = next(i for i, c in enumerate(commands)
@@ -541,25 +541,25 @@ class Journal:
         self._stash.wait = None
         waited = wait[1] if wait is not None and wait[0] == task.id and \
             state != 'scheduled' else None
-        before = self._running_event(task.id)
+        # Retrying or scheduled: the next delivery overwrites this one's
+        # fields, so its running goes into the history now, with the
+        # outcome.
+        before = self._wrote_running(task.id)
         if state in TERMINAL:
             # The end of the attempt, like its running, is told by the
             # record's fields (reads.unlogged_events): nothing pushed.
             event, before = None, False
             fields['unlogged'] = 'o'
-        # Retrying or scheduled: the next delivery overwrites this one's
-        # fields, so its running goes into the history now, with the
-        # outcome.
         self._stage_change(storage, task.id, fields, event, extra=account,
                            reindex=(('running',), state), before=before)
 
-    def _running_event(self, task_id):
+    def _wrote_running(self, task_id):
         """For _change_commands' `before`: whether this thread wrote the
         running of the delivery of `task_id` under way (not for a task
         dequeued before its eta), which then goes into the history."""
         running = getattr(self._stash, 'running', None)
         self._stash.running = None
-        return running is not None and running[0] == task_id
+        return running == task_id
 
     def _message_of(self, task):
         """`task` as the queue would hold it (Huey's message, behind the
@@ -612,7 +612,7 @@ class Journal:
                 # where the task is now.
                 self._stage_change(storage, task.id, {'state': reason},
                                    {'state': reason},
-                                   before=self._running_event(task.id))
+                                   before=self._wrote_running(task.id))
                 self._stage_change(storage, task.id, fields,
                                    {'state': 'pending'},
                                    incr={'requeues': 1},
