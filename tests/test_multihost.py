@@ -301,6 +301,12 @@ import multihost
 with multihost.cluster(sys.argv[1]) as cluster:
     host = cluster.host('x')
     host.start('sleep', ['sleep', '600'], {})
+    # Told only once `ip netns exec` has put the sleeper in the namespace
+    # (under load that takes a moment after Popen returns).
+    deadline = time.monotonic() + 30
+    while not multihost._ip('netns', 'pids', host.ns).stdout.split() \
+            and time.monotonic() < deadline:
+        time.sleep(0.02)
     print(cluster.run_id, flush=True)
     time.sleep(600)
 '''
