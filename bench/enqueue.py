@@ -1,6 +1,6 @@
 """Enqueue rate from one producer: `task()` calls in a loop, each one
-round trip (for the suite: the journal record and the LPUSH in one MULTI,
-the way a web application enqueues)."""
+round trip (for the suite: the journal record and the LPUSH in one script,
+journal ENQUEUE_RECORDED, the way a web application enqueues)."""
 import time
 
 

@@ -3,9 +3,10 @@ moment the task body starts, one task at a time into an idle queue.
 
 The probe task pushes its start time (time.time()) to a list the
 benchmark blocks on, so nothing polls.  The enqueue time is taken just
-before the enqueue's round trip is sent: for the suite that is the one
-MULTI carrying the journal record and the LPUSH (staged, then flushed);
-for huey, its LPUSH.  Both sides run on this host, so one clock serves.
+before the enqueue's round trip is sent: for the suite the journal record
+and the LPUSH, staged and then flushed in one MULTI (a producer's own
+enqueue sends them as one script: the same writes, taken apart here so
+the clock starts after the producer's Python); for huey, its LPUSH.  Both sides run on this host, so one clock serves.
 """
 import random
 import time

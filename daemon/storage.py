@@ -464,6 +464,42 @@ class SuiteStorage(RedisExpireStorage):
         worker's delivery round trip) so Huey's next read of them is free."""
         self._local.primed = values
 
+    def _alone(self, command, script=None):
+        """Send `command` (an argument tuple) as the only command of a
+        round trip, on a connection of the pool; its raw reply (no
+        redis-py response callback).  `script`: the Lua text of an
+        EVALSHA `command`, sent again as EVAL when Redis does not know
+        it (NoScriptError: nothing ran).  Straight on the connection, for
+        a producer's enqueue: redis-py's command methods cost more Python
+        than the LPUSH costs Redis.  Under [redis] durable_writes a WAIT
+        follows, as for flush.  Redis errors are raised."""
+        pool = self.pool
+        conn = pool.get_connection()
+        try:
+            try:
+                reply = transaction.command(conn, *command)
+            except redis.exceptions.NoScriptError:
+                if script is None:
+                    raise
+                reply = transaction.command(conn, 'EVAL', script,
+                                            *command[2:])
+            durable = self._durable_ms()
+            if durable:
+                self._wait_replica(conn, durable, acknowledged=True)
+        finally:
+            pool.release(conn)
+        return reply
+
+    def _lpush_carrier(self):
+        """The staged write that offers to carry a plain LPUSH (its
+        with_lpush(queue_key, message) gives the combined write), when it
+        is all this thread has staged and nothing is held back; else None."""
+        pending = getattr(self._local, 'pending', None)
+        if not pending or len(pending) != 1 or self.deferring:
+            return None
+        staged = pending[0]
+        return staged if hasattr(staged, 'with_lpush') else None
+
     def discard_pending(self):
         self._pending().clear()
 
@@ -664,7 +700,22 @@ class SuiteStorage(RedisExpireStorage):
 
     def enqueue(self, data, priority=None):
         if not priority:
-            self._write('LPUSH', self.queue_key, data)
+            carrier = self._lpush_carrier()
+            if carrier is None:
+                if self.deferring or self.has_pending():
+                    self._write('LPUSH', self.queue_key, data)
+                else:
+                    redisconn.retry_readonly(lambda: self._alone(
+                        ('LPUSH', self.queue_key, data)))
+                return
+            # The producer's record staged by the enqueue signal and this
+            # LPUSH go as one script (journal ENQUEUE_RECORDED).  Taken
+            # off the staged list: on a failure the enqueue raises and
+            # there is no record, as with the MULTI.
+            self._pending().remove(carrier)
+            text, sha, *args = carrier.with_lpush(self.queue_key, data)
+            redisconn.retry_readonly(lambda: self._alone(
+                ('EVALSHA', sha, *args), text))
             return
         # While the worker defers its writes, this is Huey re-enqueueing
         # the task it runs (a retry without delay): accepted already.

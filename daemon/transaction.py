@@ -320,7 +320,10 @@ def command(conn, *args):
 
 def send(conn, *args):
     try:
-        conn.send_command(*args)
+        # Packed here: redis-py's send_command packs each argument
+        # through a Python generator first, microseconds a producer's
+        # every enqueue would wait on.
+        conn.send_packed_command(pack(conn, [args]))
     except BaseException:
         conn.disconnect()
         raise

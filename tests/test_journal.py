@@ -55,12 +55,10 @@ def test_producer_records_pending_scheduled_and_args(producer):
     assert task_record(producer, 'no-such-task') is None
 
 
-def test_enqueue_record_rides_the_lpush_in_one_transaction(producer,
-                                                           redis_server):
-    """MONITOR shows the journal's writes inside the MULTI/EXEC that
-    pushes the message: one round trip, and no reader can see the task
-    before its record."""
-    commands = []
+def _monitored(redis_server, action):
+    """The MONITOR entries (redis-py's dicts) seen while `action()` runs,
+    up to the first LPUSH onto the queue, and what action returned."""
+    entries = []
     monitor_ready = threading.Event()
 
     def watch():
@@ -68,24 +66,82 @@ def test_enqueue_record_rides_the_lpush_in_one_transaction(producer,
         with client.monitor() as m:
             monitor_ready.set()
             for entry in m.listen():
-                commands.append(entry['command'])
-                if 'LPUSH huey.redis.huey' in entry['command']:
+                entries.append(entry)
+                if entry['command'].startswith('LPUSH huey.redis.huey'):
                     break
         client.close()
     thread = threading.Thread(target=watch, daemon=True)
     thread.start()
     monitor_ready.wait(5)
     time.sleep(0.2)   # MONITOR is active once its reply arrived
-    result = sample_tasks.add(5, 6)
+    returned = action()
     thread.join(10)
-    ours = [c for c in commands if result.id in c or c in ('MULTI', 'EXEC')
-            or c.startswith('LPUSH')]
+    return entries, returned
+
+
+def test_enqueue_record_rides_the_lpush_in_one_script(producer,
+                                                      redis_server):
+    """MONITOR shows the journal's record and the message's LPUSH as one
+    script a producer sends (one round trip, one command), the record
+    written before the LPUSH: no reader can see the task first."""
+    sample_tasks.add(1, 2)   # Redis knows the script: sent by SHA alone
+    entries, result = _monitored(redis_server,
+                                 lambda: sample_tasks.add(5, 6))
+    sent = [e['command'] for e in entries
+            if e.get('client_type') != 'lua' and result.id in e['command']]
+    assert len(sent) == 1 and sent[0].split()[0] == 'EVALSHA', sent
+    ran = [e['command'] for e in entries if e.get('client_type') == 'lua']
+    record = [i for i, c in enumerate(ran)
+              if c.startswith('HSET hw:huey:task:%s' % result.id)]
+    assert record and ran[-1].startswith('LPUSH huey.redis.huey'), ran
+    assert record[0] < len(ran) - 1
+    assert not any(e['command'].split()[0] in ('KEYS', 'MULTI')
+                   for e in entries)
+    assert task_record(producer, result.id)['state'] == 'pending'
+
+
+def test_enqueue_sends_the_script_again_as_text_after_script_flush(
+        producer, redis_server):
+    """A Redis that forgot its scripts (a restart, SCRIPT FLUSH) answers
+    the producer's EVALSHA with NOSCRIPT, which ran nothing: the enqueue
+    sends it again as EVAL and succeeds, record and message both there,
+    the message once."""
+    client = redis_server.client()
+    sample_tasks.add(1, 2)             # the script is known to Redis
+    client.script_flush()
+    before = client.llen('huey.redis.huey')
+    result = sample_tasks.add(3, 4)
+    assert client.llen('huey.redis.huey') == before + 1
+    assert task_record(producer, result.id)['state'] == 'pending'
+    again = sample_tasks.add(5, 6)     # loaded by the EVAL: by SHA again
+    assert task_record(producer, again.id)['state'] == 'pending'
+
+
+def test_enqueue_with_other_writes_staged_goes_in_one_transaction(
+        producer, redis_server):
+    """An enqueue from inside Huey's own enqueue of another task (a
+    pipeline's or an enqueue signal's handler) finds writes staged: the
+    record rides the MULTI with them, still before the LPUSH."""
+    storage = producer.storage
+    storage.stage_command('SET', 'hw:test:staged', '1')
+
+    def enqueue():
+        try:
+            return sample_tasks.add(7, 8)
+        finally:
+            storage.discard_pending()
+    entries, result = _monitored(redis_server, enqueue)
+    ours = [e['command'] for e in entries
+            if result.id in e['command'] or e['command'] in ('MULTI', 'EXEC')
+            or e['command'].startswith(('LPUSH', 'SET hw:test:staged'))]
     start = max(i for i, c in enumerate(ours) if c == 'MULTI')
     block = ours[start:]
+    assert block[1] == 'SET hw:test:staged 1', block
     assert block[-1].startswith('LPUSH huey.redis.huey'), block
     assert any(c.startswith('HSET hw:huey:task:%s' % result.id)
                for c in block), block
-    assert not any(c.split()[0] == 'KEYS' for c in commands)
+    assert redis_server.client().get('hw:test:staged') == b'1'
+    assert task_record(producer, result.id)['state'] == 'pending'
 
 
 def test_every_state_in_thread_mode(producer, base_env, start_daemon,
@@ -347,26 +403,37 @@ def test_worker_writes_ride_its_own_round_trips(producer, base_env,
                                                 start_daemon, redis_server):
     """MONITOR: a task's journal writes travel in two transactions of the
     worker (the delivery count before the task, the ack after it) plus the
-    producer's one; none goes alone, and nothing uses KEYS."""
+    producer's one script (record and LPUSH); none goes alone, and
+    nothing uses KEYS."""
     consumer = start_daemon(['consumer', '--workers', '1'], base_env)
     consumer.wait_for_output('consumer ready')
+    # Redis knows the producer's script from then on: sent by SHA alone.
+    wait_for_state(producer, sample_tasks.add(0, 0).id, 'complete')
     with monitored(redis_server, producer.storage.conn) as entries:
         result = sample_tasks.add(2, 3)
         wait_for_state(producer, result.id, 'complete')
 
     record_key = producer.keys.task(result.id)
     in_multi, blocks, alone = {}, set(), []
-    block_number = 0
+    block_number = script = 0
     for entry in entries:
-        client = (entry.get('client_address'), entry.get('client_port'))
         command = entry['command']
         name = command.split(' ', 1)[0]
         assert name != 'KEYS', command
+        if entry.get('client_type') == 'lua':
+            # Run by the script sent last (Redis runs one at a time).
+            if record_key in command and script:
+                blocks.add(script)
+            continue
+        client = (entry.get('client_address'), entry.get('client_port'))
         if name == 'MULTI':
             block_number += 1
             in_multi[client] = block_number
         elif name in ('EXEC', 'DISCARD'):
             in_multi.pop(client, None)
+        elif name in ('EVAL', 'EVALSHA') and client not in in_multi:
+            block_number += 1   # a script sent alone: a block of its own
+            script = block_number
         elif record_key in command and name not in ('HGETALL', 'HGET'):
             if client in in_multi:
                 blocks.add(in_multi[client])

@@ -317,9 +317,13 @@ def test_suite_tasks_pay_nothing_more(producer, base_env, start_daemon,
 
 
 def _transactions_touching(entries, key):
-    """The MULTI blocks (lists of commands) that wrote `key`."""
+    """The MULTI blocks (lists of commands) that wrote `key`; a script
+    sent alone (the producer's enqueue) is a block of its one command,
+    the commands it runs (MONITOR's `lua` entries) are left out."""
     open_blocks, out = {}, []
     for entry in entries:
+        if entry.get('client_type') == 'lua':
+            continue
         client = (entry.get('client_address'), entry.get('client_port'))
         command = entry['command']
         name = command.split(' ', 1)[0]

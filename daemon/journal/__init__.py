@@ -31,7 +31,8 @@ Writers:
             staged, so it rides the LPUSH of the enqueue itself, and only
             that: an enqueue that raises (pickling, Redis) leaves none.
             Five commands (record, its TTL, two index entries, the name
-            index's TTL): a web request waits on them.
+            index's TTL), sent with the LPUSH as one script
+            (scripts.ENQUEUE_RECORDED): a web request waits on them.
   worker    huey_worker.hooks: on_dequeued -> running (and on_started, for
             a task no producer recorded, the rest of its record: a plain
             Huey producer's); on_outcome -> complete,

@@ -4,6 +4,8 @@ worker may have taken it before the note arrives, the end of a task
 known only from the claim of a message that failed its checks, and a task
 found waiting in the queue with no record; and the read of the queued
 messages' beginnings that finds it."""
+import hashlib
+
 
 # A Lua function, put before the text of scripts that end a delivery or
 # overwrite the fields of a task's last one (the requeue of a dead
@@ -177,6 +179,23 @@ redis.call('EXPIRE', KEYS[1], ARGV[2])
 redis.call('EXPIRE', KEYS[2], ARGV[2])
 return moved and 1 or 0
 """
+# A producer's enqueue of a task without an eta (storage.enqueue's LPUSH
+# carrying the record the enqueue signal staged), in one command: a web
+# request waits on this round trip, and one script costs Redis and the
+# client less than MULTI, five commands, LPUSH and EXEC (bench/run.py's
+# enqueue section).  The record is written before the LPUSH, so no worker
+# can see the task first.  KEYS: record, state index, name index, queue.
+# ARGV: now, ttl, task id, message, then the record's fields as
+# name/value pairs.  Returns the queue's length, as LPUSH does.
+ENQUEUE_RECORDED = """
+redis.call('HSET', KEYS[1], 'updated', ARGV[1], unpack(ARGV, 5))
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+redis.call('ZADD', KEYS[2], ARGV[1], ARGV[3])
+redis.call('ZADD', KEYS[3], ARGV[1], ARGV[3])
+redis.call('EXPIRE', KEYS[3], ARGV[2])
+return redis.call('LPUSH', KEYS[4], ARGV[4])
+"""
+ENQUEUE_RECORDED_SHA = hashlib.sha1(ENQUEUE_RECORDED.encode()).hexdigest()
 # KEYS: record, log, recent index (unused), outcomes hash, and (optional) the
 # waiting, running and failed state indexes.  ARGV: now, ttl, log
 # length, task id, event, outcomes field ('' for none), then the record's

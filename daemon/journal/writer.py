@@ -3,7 +3,6 @@ the delivery hooks (daemon/hooks.py).  Every change is staged on the
 storage, so it rides the round trip its writer makes anyway."""
 import base64
 import collections
-import contextlib
 import json
 import logging
 import sys
@@ -21,8 +20,8 @@ from .layout import (DUE_FIELDS, DURATION_BUCKETS, ERROR_MAX_CHARS,
                      epoch, error_fields, field_pairs, result_json,
                      result_ttl_of, text, ttl_of)
 from .counters import SHARED
-from .scripts import (FOLD, GUARDED_DEAD_LETTER, GUARDED_ENQUEUE,
-                      GUARDED_REQUEUE, NOTE_UNNOTED_LOSS, TRIM_HELD,
+from .scripts import (ENQUEUE_RECORDED, ENQUEUE_RECORDED_SHA, FOLD, GUARDED_DEAD_LETTER,
+                      GUARDED_ENQUEUE, GUARDED_REQUEUE, NOTE_UNNOTED_LOSS, TRIM_HELD,
                       script_for)
 
 
@@ -198,23 +197,14 @@ class Journal:
         if not storage.deferring:
             storage.flush()
 
-    @contextlib.contextmanager
     def enqueueing(self, task):
-        """Around Huey's enqueue of `task` (SuiteApp.enqueue): the record
-        staged by the enqueue signal is sent with the enqueue's own write,
-        or dropped when the enqueue raises."""
+        """Context manager around Huey's enqueue of `task` (SuiteApp.enqueue):
+        the record staged by the enqueue signal is sent with the enqueue's
+        own write, or dropped when the enqueue raises."""
         stack = getattr(self._stash, 'enqueues', None)
         if stack is None:
             stack = self._stash.enqueues = []
-        entry = {'task': task, 'storage': None, 'staged': None}
-        stack.append(entry)
-        try:
-            yield
-        except BaseException:
-            self._drop_staged(entry)
-            raise
-        finally:
-            stack.remove(entry)
+        return _Enqueueing(stack, task)
 
     def _enqueue_entry(self, task):
         stack = getattr(self._stash, 'enqueues', None)
@@ -226,8 +216,9 @@ class Journal:
                               now, eta, pairs):
         """Stage the producer's record of `task_id` (`now`: the enqueue
         time as text, `pairs`: the record's fields) to ride the enqueue's
-        LPUSH, in the same MULTI: the fewest commands, as a web request
-        waits on them.  Its first event (pending at `enqueued`) is not
+        LPUSH: as one script with it (storage.enqueue takes with_lpush)
+        or, with other writes staged, in the same MULTI; a web request
+        waits on this round trip.  Its first event (pending at `enqueued`) is not
         pushed: reads put it first (reads.with_enqueue_event), so a task
         without an eta has no history list until a worker takes it.  With
         `entry` (SuiteApp.enqueue's), only while that enqueue is under
@@ -235,20 +226,23 @@ class Journal:
         Redis down) there is no record, and nothing left staged."""
         keys = storage.keys
         key, name_index = keys.task(task_id), keys.journal_name(name)
+        state_index = keys.journal_state(INDEX_OF[state])
         ttl = str(ttl_of(storage))
-        commands = [('HSET', key, 'updated', now, *pairs),
-                    ('EXPIRE', key, ttl),
-                    ('ZADD', keys.journal_state(INDEX_OF[state]), now,
-                     task_id),
-                    ('ZADD', name_index, now, task_id),
-                    ('EXPIRE', name_index, ttl)]
-        if eta is not None:
-            log_key = keys.task_log(task_id)
-            commands += [('RPUSH', log_key, _event_json(
-                {'state': state, 'eta': eta, 'at': float(now)})),
-                ('EXPIRE', log_key, ttl)]
+
+        def commands():
+            listed = [('HSET', key, 'updated', now, *pairs),
+                      ('EXPIRE', key, ttl),
+                      ('ZADD', state_index, now, task_id),
+                      ('ZADD', name_index, now, task_id),
+                      ('EXPIRE', name_index, ttl)]
+            if eta is not None:
+                log_key = keys.task_log(task_id)
+                listed += [('RPUSH', log_key, _event_json(
+                    {'state': state, 'eta': eta, 'at': float(now)})),
+                    ('EXPIRE', log_key, ttl)]
+            return listed
         if entry is None:
-            storage.stage_commands(commands)
+            storage.stage_commands(commands())
             return
         stack = self._stash.enqueues
 
@@ -256,7 +250,16 @@ class Journal:
             # Recorded into the transaction of a later write of this thread
             # (the enqueue failed after staging): nothing of it goes out.
             if any(e is entry for e in stack):
-                pipe.command_stack.extend((c, {}) for c in commands)
+                pipe.command_stack.extend((c, {}) for c in commands())
+        if eta is None:
+            def with_lpush(queue_key, message):
+                # storage.enqueue's LPUSH and this record as one script
+                # (scripts.ENQUEUE_RECORDED), when nothing else is staged:
+                # (text, SHA1, then EVALSHA's numkeys, keys and arguments).
+                return (ENQUEUE_RECORDED, ENQUEUE_RECORDED_SHA, 4, key,
+                        state_index, name_index, queue_key, now, ttl,
+                        task_id, message, *pairs)
+            write.with_lpush = with_lpush
         entry['storage'], entry['staged'] = storage, write
         storage.stage(write)
 
@@ -779,6 +782,25 @@ RUNNING_DROPS = progress.PROGRESS_FIELDS + (
 WAITING_GROUPS = ('waiting',)
 
 _HUEY_ENQUEUE = Huey.enqueue.__code__
+
+
+class _Enqueueing:
+    """Journal.enqueueing's context manager: a class rather than a
+    generator, as a producer's every enqueue pays for it."""
+    __slots__ = ('stack', 'entry')
+
+    def __init__(self, stack, task):
+        self.stack = stack
+        self.entry = {'task': task, 'storage': None, 'staged': None}
+
+    def __enter__(self):
+        self.stack.append(self.entry)
+
+    def __exit__(self, kind, value, traceback):
+        if kind is not None:
+            Journal._drop_staged(self.entry)
+        self.stack.remove(self.entry)
+        return False
 
 
 def _inside_huey_enqueue():
