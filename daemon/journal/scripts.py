@@ -185,10 +185,14 @@ return moved and 1 or 0
 # client less than MULTI, five commands, LPUSH and EXEC (bench/run.py's
 # enqueue section).  The record is written before the LPUSH, so no worker
 # can see the task first.  KEYS: record, state index, name index, queue.
-# ARGV: now, ttl, task id, message, then the record's fields as
-# name/value pairs.  Returns the queue's length, as LPUSH does.
+# ARGV: now, ttl, task id, message, task name, retries, then the record's
+# other fields as name/value pairs (the fields every record has are
+# spelled here: each argument costs the producer and Redis a little).
+# Returns the queue's length, as LPUSH does.
 ENQUEUE_RECORDED = """
-redis.call('HSET', KEYS[1], 'updated', ARGV[1], unpack(ARGV, 5))
+redis.call('HSET', KEYS[1], 'updated', ARGV[1], 'enqueued', ARGV[1],
+  'state', 'pending', 'name', ARGV[5], 'retries_total', ARGV[6],
+  'retries_left', ARGV[6], unpack(ARGV, 7))
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 redis.call('ZADD', KEYS[2], ARGV[1], ARGV[3])
 redis.call('ZADD', KEYS[3], ARGV[1], ARGV[3])

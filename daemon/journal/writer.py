@@ -166,22 +166,22 @@ class Journal:
         entry = self._enqueue_entry(task)
         if entry is not None or _inside_huey_enqueue():
             # The LPUSH follows in this thread: the record rides with it,
-            # in the same MULTI, so no worker can see the task first.
+            # in the same round trip and before it (one script, or the
+            # MULTI of what is staged), so no worker can see the task first.
             # As text: hiredis packs a float several times slower, and
             # a web request waits on this.
-            at, retries = repr(now), str(task.retries)
-            pairs = ['name', name, 'state', state, 'enqueued', at,
-                     'retries_total', retries, 'retries_left', retries]
+            extra = []
             if eta is not None:
-                pairs += ('eta', repr(eta))
+                extra += ('eta', repr(eta))
             if expires is not None:
-                pairs += ('expires', repr(expires))
+                extra += ('expires', repr(expires))
             if args_text is not None:
-                pairs += ('args', args_text)
+                extra += ('args', args_text)
             if hidden:
-                pairs += ('args_sensitive', '1')
+                extra += ('args_sensitive', '1')
             self._stage_enqueue_record(storage, entry, task.id, name, state,
-                                       at, eta, pairs)
+                                       repr(now), str(task.retries), eta,
+                                       extra)
             return
         # Emitted for a message already in the queue (the scheduler moving
         # due or periodic tasks): a worker may have taken it already, so
@@ -213,9 +213,10 @@ class Journal:
         return None
 
     def _stage_enqueue_record(self, storage, entry, task_id, name, state,
-                              now, eta, pairs):
+                              now, retries, eta, extra):
         """Stage the producer's record of `task_id` (`now`: the enqueue
-        time as text, `pairs`: the record's fields) to ride the enqueue's
+        time and `retries` as text, `extra`: its optional fields as
+        name/value pairs) to ride the enqueue's
         LPUSH: as one script with it (storage.enqueue takes with_lpush)
         or, with other writes staged, in the same MULTI; a web request
         waits on this round trip.  Its first event (pending at `enqueued`) is not
@@ -230,7 +231,10 @@ class Journal:
         ttl = str(ttl_of(storage))
 
         def commands():
-            listed = [('HSET', key, 'updated', now, *pairs),
+            listed = [('HSET', key, 'updated', now, 'name', name,
+                       'state', state, 'enqueued', now,
+                       'retries_total', retries, 'retries_left', retries,
+                       *extra),
                       ('EXPIRE', key, ttl),
                       ('ZADD', state_index, now, task_id),
                       ('ZADD', name_index, now, task_id),
@@ -258,7 +262,7 @@ class Journal:
                 # (text, SHA1, then EVALSHA's numkeys, keys and arguments).
                 return (ENQUEUE_RECORDED, ENQUEUE_RECORDED_SHA, 4, key,
                         state_index, name_index, queue_key, now, ttl,
-                        task_id, message, *pairs)
+                        task_id, message, name, retries, *extra)
             write.with_lpush = with_lpush
         entry['storage'], entry['staged'] = storage, write
         storage.stage(write)
