@@ -9,6 +9,7 @@ import time
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
+from redis._parsers.base import BaseParser
 from redis.connection import Connection
 from redis.sentinel import Sentinel, SentinelManagedConnection
 
@@ -187,6 +188,12 @@ UNAVAILABLE_CODES = frozenset((
 # redis-py's pipelines prefix the error of the command that failed.
 _ANNOTATED = re.compile(r'^Command # \d+ \(.*\) of pipeline caused error: ',
                         re.S)
+# Redis before 7 wraps the error a script's redis.call met in one of its
+# own: "ERR Error running script (call to f_<sha1>): @user_script:2:
+# @user_script: 2: -READONLY You can't write against a read only replica."
+# The code that says Redis cannot serve now is the inner one.
+_SCRIPT_WRAPPED = re.compile(
+    r'Error running script \(call to [^)]*\):.*?-([A-Z][A-Z_]*\b.*)$', re.S)
 
 
 class NotReplicated(redis.exceptions.ResponseError):
@@ -211,8 +218,26 @@ def error_code(exc):
     if not isinstance(exc, redis.exceptions.ResponseError) or not exc.args:
         return None
     text = _ANNOTATED.sub('', str(exc.args[0]), count=1)
+    wrapped = _SCRIPT_WRAPPED.search(text)
+    if wrapped is not None:
+        text = wrapped.group(1)
     word = text.split(' ', 1)[0]
     return word if word.isupper() else None
+
+
+def unwrap_script_error(exc):
+    """`exc`, a script's error reply, as redis-py raises the error the
+    script's own command met when that command is sent alone: on Redis
+    before 7 a READONLY or OOM inside a script comes back wrapped in a
+    plain ResponseError (_SCRIPT_WRAPPED), which neither retry_readonly
+    nor a caller catching ReadOnlyError or OutOfMemoryError would know.
+    Anything else is returned as it is."""
+    if type(exc) is not redis.exceptions.ResponseError or not exc.args:
+        return exc
+    wrapped = _SCRIPT_WRAPPED.search(str(exc.args[0]))
+    if wrapped is None:
+        return exc
+    return BaseParser.parse_error(wrapped.group(1).rstrip())
 
 
 # redis-py's MasterNotFoundError names each sentinel by its client's repr

@@ -363,6 +363,10 @@ class SuiteStorage(RedisExpireStorage):
     def deferring(self, value):
         self._local.deferring = value
 
+    def is_staged(self, command):
+        """Whether `command` (as given to stage) waits to be sent."""
+        return any(c is command for c in self._pending())
+
     def has_pending(self):
         return bool(getattr(self._local, 'pending', None))
 
@@ -477,12 +481,20 @@ class SuiteStorage(RedisExpireStorage):
         conn = pool.get_connection()
         try:
             try:
-                reply = transaction.command(conn, *command)
-            except redis.exceptions.NoScriptError:
-                if script is None:
+                try:
+                    reply = transaction.command(conn, *command)
+                except redis.exceptions.NoScriptError:
+                    if script is None:
+                        raise
+                    reply = transaction.command(conn, 'EVAL', script,
+                                                *command[2:])
+            except redis.exceptions.ResponseError as exc:
+                # Redis before 7: a READONLY or OOM the script met, told
+                # as such (retry_readonly, redisconn.unavailable).
+                typed = redisconn.unwrap_script_error(exc)
+                if typed is exc:
                     raise
-                reply = transaction.command(conn, 'EVAL', script,
-                                            *command[2:])
+                raise typed from None
             durable = self._durable_ms()
             if durable:
                 self._wait_replica(conn, durable, acknowledged=True)

@@ -300,6 +300,8 @@ def test_suite_tasks_pay_nothing_more(producer, base_env, start_daemon,
     import sample_tasks
     consumer = start_daemon(['consumer', '--workers', '1'], base_env)
     consumer.wait_for_output('consumer ready')
+    # Redis knows the producer's script from then on: sent by SHA alone.
+    wait_for_state(producer, sample_tasks.add(0, 0).id, 'complete')
     with monitored(redis_server, producer.storage.conn) as entries:
         result = sample_tasks.add(2, 3)
         record = wait_for_state(producer, result.id, 'complete')

@@ -251,10 +251,16 @@ class Journal:
         stack = self._stash.enqueues
 
         def write(pipe):
-            # Recorded into the transaction of a later write of this thread
-            # (the enqueue failed after staging): nothing of it goes out.
-            if any(e is entry for e in stack):
+            if stack and stack[-1] is entry:
                 pipe.command_stack.extend((c, {}) for c in commands())
+            elif any(e is entry for e in stack):
+                # An enqueue nested in this one (from a handler of the
+                # enqueue signal) writes first: this record waits for its
+                # own LPUSH, staged again when the nested one ends, so an
+                # enqueue that then fails (its pickling) leaves none.
+                entry['skipped'] = True
+            # Else recorded into the transaction of a later write of this
+            # thread (the enqueue failed after staging): nothing goes out.
         if eta is None:
             def with_lpush(queue_key, message):
                 # storage.enqueue's LPUSH and this record as one script
@@ -795,7 +801,8 @@ class _Enqueueing:
 
     def __init__(self, stack, task):
         self.stack = stack
-        self.entry = {'task': task, 'storage': None, 'staged': None}
+        self.entry = {'task': task, 'storage': None, 'staged': None,
+                      'skipped': False}
 
     def __enter__(self):
         self.stack.append(self.entry)
@@ -804,6 +811,12 @@ class _Enqueueing:
         if kind is not None:
             Journal._drop_staged(self.entry)
         self.stack.remove(self.entry)
+        outer = self.stack[-1] if self.stack else None
+        if outer is not None and outer['skipped']:
+            outer['skipped'] = False
+            storage, write = outer['storage'], outer['staged']
+            if write is not None and not storage.is_staged(write):
+                storage.stage(write)
         return False
 
 
