@@ -211,7 +211,8 @@ class NotReplicated(redis.exceptions.ResponseError):
 
 def error_code(exc):
     """The code a Redis error reply starts with ('READONLY', 'ERR', ...),
-    or None for errors that are not replies."""
+    the inner one for a script's error wrapped by Redis before 7, or None
+    for errors that are not replies."""
     code = getattr(exc, 'status_code', None)
     if code:
         return code
@@ -231,11 +232,12 @@ def unwrap_script_error(exc):
     before 7 a READONLY or OOM inside a script comes back wrapped in a
     plain ResponseError (_SCRIPT_WRAPPED), which neither retry_readonly
     nor a caller catching ReadOnlyError or OutOfMemoryError would know.
-    Anything else is returned as it is."""
+    Only for UNAVAILABLE_CODES; anything else is returned as it is."""
     if type(exc) is not redis.exceptions.ResponseError or not exc.args:
         return exc
     wrapped = _SCRIPT_WRAPPED.search(str(exc.args[0]))
-    if wrapped is None:
+    if wrapped is None or \
+            wrapped.group(1).split(' ', 1)[0] not in UNAVAILABLE_CODES:
         return exc
     return BaseParser.parse_error(wrapped.group(1).rstrip())
 

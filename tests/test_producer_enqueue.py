@@ -735,3 +735,38 @@ def test_redis_restart_during_a_thread_storm(own_redis, tmp_path):
     print('returned %d, raised %d, raised-but-queued %d' % (
         len(done), len(failed), len(set(failed) & set(queued))))
 
+
+
+# --- script errors of Redis before 7, as read off their replies -------------
+
+WRAPPED = ("Error running script (call to f_5c6b1c5e7b0a): @user_script:2: "
+           "@user_script: 2: -%s ")
+
+
+@pytest.mark.parametrize('inner, kind, code', [
+    ("READONLY You can't write against a read only replica.",
+     redis.exceptions.ReadOnlyError, 'READONLY'),
+    ("OOM command not allowed when used memory > 'maxmemory'.",
+     redis.exceptions.OutOfMemoryError, 'OOM'),
+    ('MISCONF Redis is configured to save RDB snapshots',
+     redis.exceptions.ResponseError, 'MISCONF'),
+])
+def test_wrapped_unavailable_codes_are_unwrapped(inner, kind, code):
+    wrapped = redis.exceptions.ResponseError(WRAPPED % inner)
+    assert redisconn.error_code(wrapped) == code
+    assert redisconn.unavailable(wrapped)
+    typed = redisconn.unwrap_script_error(wrapped)
+    assert type(typed) is kind and typed is not wrapped
+    assert redisconn.unavailable(typed)
+
+
+@pytest.mark.parametrize('text', [
+    WRAPPED % 'ERR wrong number of arguments for \'hset\' command',
+    "Error running script (call to f_5c6b): @user_script:3: user_script:3: "
+    "Script attempted to access nonexistent global variable 'x'",
+    'HWFENCED the message left the in-flight list',
+])
+def test_other_script_errors_are_left_as_they_are(text):
+    error = redis.exceptions.ResponseError(text)
+    assert redisconn.unwrap_script_error(error) is error
+    assert not redisconn.unavailable(error)

@@ -20,9 +20,9 @@ from .layout import (DUE_FIELDS, DURATION_BUCKETS, ERROR_MAX_CHARS,
                      epoch, error_fields, field_pairs, result_json,
                      result_ttl_of, text, ttl_of)
 from .counters import SHARED
-from .scripts import (ENQUEUE_RECORDED, ENQUEUE_RECORDED_SHA, FOLD, GUARDED_DEAD_LETTER,
-                      GUARDED_ENQUEUE, GUARDED_REQUEUE, NOTE_UNNOTED_LOSS, TRIM_HELD,
-                      script_for)
+from .scripts import (ENQUEUE_RECORDED, ENQUEUE_RECORDED_SHA, FOLD,
+                      GUARDED_DEAD_LETTER, GUARDED_ENQUEUE, GUARDED_REQUEUE,
+                      NOTE_UNNOTED_LOSS, TRIM_HELD, script_for)
 
 
 log = logging.getLogger('huey_worker.journal')
@@ -216,11 +216,10 @@ class Journal:
                               now, retries, eta, extra):
         """Stage the producer's record of `task_id` (`now`: the enqueue
         time and `retries` as text, `extra`: its optional fields as
-        name/value pairs) to ride the enqueue's
-        LPUSH: as one script with it (storage.enqueue takes with_lpush)
-        or, with other writes staged, in the same MULTI; a web request
-        waits on this round trip.  Its first event (pending at `enqueued`) is not
-        pushed: reads put it first (reads.with_enqueue_event), so a task
+        name/value pairs) to ride the enqueue's LPUSH: as one script with
+        it (storage.enqueue takes with_lpush) or, with other writes
+        staged, in the same MULTI; a web request waits on this round
+        trip.  Its first event (pending at `enqueued`) is not pushed: reads put it first (reads.with_enqueue_event), so a task
         without an eta has no history list until a worker takes it.  With
         `entry` (SuiteApp.enqueue's), only while that enqueue is under
         way: when it fails instead (an argument that cannot be pickled,
