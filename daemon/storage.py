@@ -44,6 +44,7 @@ out.
 import calendar
 import logging
 import math
+import os
 import struct
 import threading
 import time
@@ -476,31 +477,39 @@ class SuiteStorage(RedisExpireStorage):
         it (NoScriptError: nothing ran).  Straight on the connection, for
         a producer's enqueue: redis-py's command methods cost more Python
         than the LPUSH costs Redis.  Under [redis] durable_writes a WAIT
-        follows, as for flush.  Redis errors are raised."""
-        pool = self.pool
-        conn = pool.get_connection()
+        follows, as for flush.  Redis errors are raised.  On this
+        thread's kept connection (_kept_connection)."""
+        conn = self._own_connection() or self._kept_connection()
         try:
             try:
-                try:
-                    reply = transaction.command(conn, *command)
-                except redis.exceptions.NoScriptError:
-                    if script is None:
-                        raise
-                    reply = transaction.command(conn, 'EVAL', script,
-                                                *command[2:])
-            except redis.exceptions.ResponseError as exc:
-                # Redis before 7: a READONLY or OOM the script met, told
-                # as such (retry_readonly, redisconn.unavailable).
-                typed = redisconn.unwrap_script_error(exc)
-                if typed is exc:
+                reply = transaction.command(conn, *command)
+            except redis.exceptions.NoScriptError:
+                if script is None:
                     raise
-                raise typed from None
-            durable = self._durable_ms()
-            if durable:
-                self._wait_replica(conn, durable, acknowledged=True)
-        finally:
-            pool.release(conn)
+                reply = transaction.command(conn, 'EVAL', script,
+                                            *command[2:])
+        except redis.exceptions.ResponseError as exc:
+            # Redis before 7: a READONLY or OOM the script met, told
+            # as such (retry_readonly, redisconn.unavailable).
+            typed = redisconn.unwrap_script_error(exc)
+            if typed is exc:
+                raise
+            raise typed from None
+        durable = self._durable_ms()
+        if durable:
+            self._wait_replica(conn, durable, acknowledged=True)
         return reply
+
+    def _kept_connection(self):
+        """This thread's connection for writes sent alone, kept between
+        them (redisconn.KeptConnection): a producer's enqueue pays no pool
+        checkout.  A web server's threads each keep one while they live,
+        as each would take one from the pool while enqueueing."""
+        local = self._local
+        kept = getattr(local, 'kept', None)
+        if kept is None or kept.pid != os.getpid():
+            kept = local.kept = redisconn.KeptConnection(self.pool)
+        return kept.ready()
 
     def _lpush_carrier(self):
         """The staged write that offers to carry a plain LPUSH (its
