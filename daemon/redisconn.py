@@ -1,6 +1,5 @@
 """Redis connections built from [redis] settings: plain, TLS, unix socket or
 through Sentinel."""
-import collections
 import logging
 import os
 import random
@@ -144,62 +143,20 @@ class MasterFollowingConnection(SentinelManagedConnection):
             raise
 
 
-class KeptConnection:
-    """One connection a thread keeps out of `pool` for its writes sent
-    alone (a producer's enqueue), instead of a checkout per write: redis-py
-    8's checkout and release (a lock each, a readiness poll, connection
-    counters) cost a producer some 10 us of an 80 us enqueue.
-
-    Taken from the pool, so the pool's max_connections counts it, and
-    given back when the holder goes: the thread that held it ended (its
-    threading.local with it) or the storage was replaced.  `pid`: the
-    process that took it; after a fork the child's pool starts over and
-    the holder is dropped without touching the parent's socket."""
-
-    __slots__ = ('pool', 'conn', 'pid')
-
-    def __init__(self, pool):
-        _give_back_released()
-        self.pool = pool
-        self.pid = os.getpid()
-        self.conn = pool.get_connection()
-
-    def ready(self):
-        """The connection, ready for a command: one that Redis closed
-        while it sat idle (a restart, its `timeout`) or that holds an
-        unread reply is dropped and reconnected first, as the pool's
-        checkout does.  Raises redis-py's ConnectionError or TimeoutError
-        when Redis cannot be reached."""
-        conn = self.conn
-        try:
-            if conn.can_read():   # connects a dropped connection first
-                raise redis.exceptions.ConnectionError('connection has data')
-        except (redis.exceptions.ConnectionError,
-                redis.exceptions.TimeoutError, OSError):
-            conn.disconnect()
-            conn.connect()
-        return conn
-
-    def __del__(self):
-        # Not pool.release here: a holder can go in a garbage collection
-        # run inside that very pool's locked checkout (its storage
-        # replaced, unreachable), and the pool's lock does not nest.  The
-        # next thread taking a connection gives it back.
-        if self.pid == os.getpid():
-            _released.append((self.pool, self.conn))
-
-
-# Connections whose holders went, for the pool that lent them.
-_released = collections.deque()
-
-
-def _give_back_released():
-    while _released:
-        try:
-            pool, conn = _released.popleft()
-        except IndexError:
-            return   # another thread took the last one
-        pool.release(conn)
+def ready(conn):
+    """`conn` (a connection of a pool, kept out of it between commands)
+    ready for a command: one that Redis closed while it sat idle (a
+    restart, its `timeout`) or that holds an unread reply is dropped and
+    reconnected first, as the pool's checkout does.  Raises redis-py's
+    ConnectionError or TimeoutError when Redis cannot be reached."""
+    try:
+        if conn.can_read():   # connects a dropped connection first
+            raise redis.exceptions.ConnectionError('connection has data')
+    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
+            OSError):
+        conn.disconnect()
+        conn.connect()
+    return conn
 
 
 # The Sentinel master this process last connected to, and how many times
@@ -391,14 +348,18 @@ def retry_readonly(write):
     nothing, and through Sentinel the next try finds the new primary
     (MasterFollowingConnection).  The last ReadOnlyError, and any other
     error at once, is raised."""
+    try:
+        return write()   # a producer's every enqueue: nothing more to set up
+    except redis.exceptions.ReadOnlyError:
+        pass
     backoff = Backoff(0.2, 1.6)
-    for tries_left in range(READONLY_TRIES - 1, -1, -1):
+    for tries_left in range(READONLY_TRIES - 2, -1, -1):
+        time.sleep(backoff.next())
         try:
             return write()
         except redis.exceptions.ReadOnlyError:
             if not tries_left:
                 raise
-            time.sleep(backoff.next())
 
 
 class RedisOutage:

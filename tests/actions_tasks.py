@@ -39,3 +39,12 @@ def note(log, token):
 def quick(n):
     time.sleep(0.002)
     return n
+
+
+@huey.task()
+def paced(n):
+    """600 of these keep 3 workers busy some 4 s: long enough for a CLI
+    started after the first finished to find most of them still queued,
+    even on a loaded machine."""
+    time.sleep(0.02)
+    return n

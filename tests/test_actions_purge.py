@@ -81,7 +81,7 @@ def test_purge_while_workers_read(workers, producer, env, start_daemon,
     """Every task either ran or was purged, never both, and the count
     printed is the number purged."""
     import actions_tasks as t
-    ids = [t.quick(i).id for i in range(600)]
+    ids = [t.paced(i).id for i in range(600)]
     consumer = start_daemon(['consumer', '--workers', '3', '--set',
                              'consumer.worker_type=%s' % workers], env,
                             'consumer')

@@ -1,9 +1,12 @@
-"""A producer thread keeps one connection for its enqueues
-(redisconn.KeptConnection, SuiteStorage._kept_connection) instead of a
-pool checkout per enqueue: how many connections that holds, that a thread
-ending gives its connection back, and that a kept connection Redis closed
-or left dirty is replaced before the next enqueue, silently, as the pool's
-checkout would.  Real redis-server; no mocks."""
+"""A producer's enqueue goes on a connection parked between enqueues
+(SuiteStorage._check_out / _check_in), a few shared by the process's
+threads, instead of a pool checkout per enqueue: how many connections
+that holds, that the rest of the pool stays the app's, that a parked
+connection Redis closed or left dirty is replaced before the next
+enqueue, silently, as the pool's checkout would, and that a signal
+handler enqueueing in the middle of an enqueue takes its own.  Real
+redis-server; no mocks."""
+import signal
 import threading
 import time
 
@@ -21,71 +24,100 @@ def producer_clients(admin):
     return [c for c in admin.client_list() if int(c['id']) != own]
 
 
-def in_flight_ids(admin, app):
-    return {app.deserialize_task(m).id for m in admin.lrange(QUEUE, 0, -1)}
+def queued_ids(admin, app):
+    return [app.deserialize_task(m).id for m in admin.lrange(QUEUE, 0, -1)]
 
 
-def test_a_thread_enqueues_on_one_kept_connection(producer, redis_server):
+def assert_recorded(admin, app, task_id):
+    assert admin.hget(app.storage.keys.task(task_id), 'state') == b'pending'
+
+
+def test_one_producer_enqueues_on_one_parked_connection(producer,
+                                                        redis_server):
     admin = redis_server.client()
+    storage = producer.storage
     sample_tasks.add(0, 0)
     before = producer_clients(admin)
     ids = [sample_tasks.add(i, 1).id for i in range(200)]
-    after = producer_clients(admin)
-    assert len(after) == len(before)
-    assert set(ids) <= in_flight_ids(admin, producer)
-    # Each enqueue went on the same connection: the one the first used,
-    # which Redis saw run the last command (the producer's script).
-    kept = producer.storage._local.kept.conn
-    assert kept._sock is not None
-    assert producer.storage.pool._in_use_connections >= {kept}
+    assert len(producer_clients(admin)) == len(before)
+    assert len(storage._parked) == 1
+    assert set(storage._parked) <= storage.pool._in_use_connections
+    assert set(ids) <= set(queued_ids(admin, producer))
+    assert_recorded(admin, producer, ids[-1])
 
 
-def test_threads_that_end_give_their_connections_back(producer,
-                                                       redis_server):
+def test_many_threads_hold_no_more_than_they_use_at_once(producer,
+                                                         redis_server):
+    """150 long-lived threads (a web server's), more than the pool's 100,
+    enqueueing in turn: one connection does, and the pool stays free
+    for the app's other calls.  Then 12 at once: they take 12, and give
+    back all but PARKED_MAX when they are done."""
     admin = redis_server.client()
-    pool = producer.storage.pool
-    sample_tasks.add(0, 0)
-    in_use = len(pool._in_use_connections)
+    storage = producer.storage
+    pool = storage.pool
+    turn = threading.Lock()
+    ids, errors = [], []
+    go = threading.Barrier(150)
 
-    def enqueue_some(out):
-        out.extend(sample_tasks.add(i, 2).id for i in range(20))
+    def in_turn():
+        go.wait()
+        for i in range(5):
+            try:
+                with turn:
+                    ids.append(sample_tasks.add(i, 3).id)
+            except Exception as exc:   # reported below
+                errors.append(exc)
 
-    def one_more_thread_in_use():
-        """Connections lent while one more producer thread lives: the
-        threads that ended before it gave theirs back when it took its."""
-        taken, done = threading.Event(), threading.Event()
-
-        def enqueue_and_wait():
-            sample_tasks.add(9, 9)
-            taken.set()
-            done.wait(10)
-        thread = threading.Thread(target=enqueue_and_wait)
+    threads = [threading.Thread(target=in_turn) for _ in range(150)]
+    for thread in threads:
         thread.start()
-        taken.wait(10)
-        lent = len(pool._in_use_connections)
-        done.set()
+    for thread in threads:
         thread.join()
-        return lent
+    assert not errors
+    assert len(ids) == 750
+    assert len(storage._parked) == 1
+    assert len(pool._in_use_connections) == 1
+    assert producer.pending_count() >= 750   # the app's own pool calls
 
-    ids, connections = [], []
-    for _ in range(3):
-        threads = [threading.Thread(target=enqueue_some, args=(ids,))
-                   for _ in range(6)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        assert one_more_thread_in_use() == in_use + 1
-        connections.append(len(producer_clients(admin)))
-    # The next round's threads took the connections back from the pool:
-    # no new ones opened.
-    assert connections[0] == connections[1] == connections[2]
-    assert len(ids) == 3 * 6 * 20
-    assert set(ids) <= in_flight_ids(admin, producer)
+    at_once = threading.Barrier(12)
+
+    def together():
+        at_once.wait()
+        ids.append(sample_tasks.add(0, 4).id)
+        at_once.wait()   # all 12 in flight at some point before this
+
+    threads = [threading.Thread(target=together) for _ in range(12)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(storage._parked) <= storage.PARKED_MAX
+    assert len(pool._in_use_connections) == len(storage._parked)
+    assert set(ids) <= set(queued_ids(admin, producer))
+
+
+def test_a_small_pool_keeps_its_connections_for_the_app(tmp_path,
+                                                        redis_url):
+    from huey_worker import config, huey
+    ini = tmp_path / 'small.ini'
+    ini.touch()
+    huey.configure(config.load(str(ini), environ={
+        'HUEY_REDIS_URL': redis_url + '?max_connections=3'}))
+    try:
+        assert huey.storage._parked_max == 0
+        task_id = sample_tasks.add(1, 2).id
+        assert not huey.storage._parked
+        assert huey.storage.pool._in_use_connections == set()
+        assert huey.pending_count() == 1
+        assert huey.storage.conn.hget(huey.storage.keys.task(task_id),
+                                      'state') == b'pending'
+    finally:
+        huey.configure(config.load(str(ini), environ={
+            'HUEY_REDIS_URL': redis_url}))
 
 
 @pytest.mark.parametrize('how', ['client kill', 'idle timeout'])
-def test_a_kept_connection_redis_closed_is_replaced_silently(
+def test_a_parked_connection_redis_closed_is_replaced_silently(
         producer, redis_server, how):
     admin = redis_server.client()
     first = sample_tasks.add(1, 1).id
@@ -104,30 +136,56 @@ def test_a_kept_connection_redis_closed_is_replaced_silently(
     # and reconnects: no error reaches the producer, the task is queued
     # once, with its record.
     second = sample_tasks.add(2, 2).id
-    ids = [producer.deserialize_task(m).id
-           for m in admin.lrange(QUEUE, 0, -1)]
+    ids = queued_ids(admin, producer)
     assert ids.count(first) == 1 and ids.count(second) == 1
-    assert admin.hget(producer.storage.keys.task(second), 'state') == \
-        b'pending'
+    assert_recorded(admin, producer, second)
 
 
 def test_a_reply_left_unread_is_not_taken_for_the_enqueues(producer,
                                                            redis_server):
     admin = redis_server.client()
     sample_tasks.add(0, 0)
-    kept = producer.storage._local.kept.conn
+    [parked] = producer.storage._parked
     # A command whose reply nobody read (a caller interrupted between
     # sending and reading): the next enqueue must not take that reply
     # for its own, which would leave its own unread, every reply after
     # it one behind.
-    kept.send_command('PING')
+    parked.send_command('PING')
     deadline = time.monotonic() + 5
-    while not kept.can_read() and time.monotonic() < deadline:
+    while not parked.can_read() and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert kept.can_read()
+    assert parked.can_read()
     task_id = sample_tasks.add(3, 3).id
-    assert not kept.can_read(timeout=0.5), \
+    assert not parked.can_read(timeout=0.5), \
         'a reply is left unread on the connection'
-    assert task_id in in_flight_ids(admin, producer)
-    assert admin.hget(producer.storage.keys.task(task_id), 'state') == \
-        b'pending'
+    assert task_id in queued_ids(admin, producer)
+    assert_recorded(admin, producer, task_id)
+
+
+def test_an_enqueue_in_a_signal_handler_during_an_enqueue(producer,
+                                                          redis_server):
+    """Redis slow to answer (CLIENT PAUSE); a SIGALRM handler enqueues
+    while the main thread waits on its own enqueue's reply, on the same
+    thread: each gets its own reply, at once."""
+    admin = redis_server.client()
+    sample_tasks.add(0, 0)
+    inner = []
+    previous = signal.signal(signal.SIGALRM, lambda *_: inner.append(
+        sample_tasks.add(5, 5).id))
+    try:
+        for _ in range(3):
+            admin.execute_command('CLIENT', 'PAUSE', 300, 'WRITE')
+            signal.setitimer(signal.ITIMER_REAL, 0.1)
+            started = time.monotonic()
+            outer = sample_tasks.add(6, 6).id
+            # Well under [redis] socket_timeout (30 s): the outer enqueue
+            # did not wait on a reply the handler read.
+            assert time.monotonic() - started < 5
+            ids = queued_ids(admin, producer)
+            assert ids.count(outer) == 1 and ids.count(inner[-1]) == 1
+            assert_recorded(admin, producer, outer)
+            assert_recorded(admin, producer, inner[-1])
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert len(inner) == 3

@@ -167,3 +167,43 @@ def test_backoff_draws_never_exceed_the_maximum():
     assert 0.35 < sum(w < 1.0 for w in tail) / len(tail) < 0.65
     backoff.reset()
     assert backoff.next() <= 0.1
+
+
+def test_a_refused_write_is_tried_five_times_in_all(monkeypatch):
+    """retry_readonly: READONLY_TRIES tries, the waits between them drawn
+    under 0.2, 0.4, 0.8 and 1.6 s; any other error at once; a write that
+    goes through on a later try returns what it returns."""
+    waits = []
+    monkeypatch.setattr(redisconn.time, 'sleep', waits.append)
+    refused = redis.exceptions.ReadOnlyError('READONLY replica')
+    tries = []
+
+    def always_refused():
+        tries.append(1)
+        raise refused
+    with pytest.raises(redis.exceptions.ReadOnlyError):
+        redisconn.retry_readonly(always_refused)
+    assert len(tries) == redisconn.READONLY_TRIES == 5
+    assert len(waits) == 4
+    assert all(0 <= w <= c for w, c in zip(waits, (0.2, 0.4, 0.8, 1.6)))
+
+    tries.clear()
+    waits.clear()
+
+    def third_time_lucky():
+        tries.append(1)
+        if len(tries) < 3:
+            raise refused
+        return 'OK'
+    assert redisconn.retry_readonly(third_time_lucky) == 'OK'
+    assert len(tries) == 3 and len(waits) == 2
+
+    tries.clear()
+
+    def lost():
+        tries.append(1)
+        raise redis.exceptions.ConnectionError('gone')
+    with pytest.raises(redis.exceptions.ConnectionError):
+        redisconn.retry_readonly(lost)
+    assert len(tries) == 1
+    assert redisconn.retry_readonly(lambda: 7) == 7
