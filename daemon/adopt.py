@@ -461,6 +461,7 @@ def _apply(app, cfg):
     if old is not None and old is not app.storage and \
             isinstance(old, SuiteStorage):
         old.pool.disconnect()
+        old.close_parked()
 
 
 def _take_over(app, spec):

@@ -332,10 +332,12 @@ class SuiteStorage(RedisExpireStorage):
         self.priority_key = self.keys.priority
         self._local = threading.local()
         self._take = self.conn.register_script(TAKE)
-        self._parked, self._parked_pid = [], os.getpid()
-        # At most a quarter of the pool: the rest is the app's.
-        self._parked_max = min(self.PARKED_MAX, getattr(
-            self.pool, 'max_connections', 0) // 4)
+        # A producer's connections (_check_out): parked ones, every one
+        # made for parking, the process they belong to.
+        self._parked, self._parking = [], set()
+        self._parked_pid = os.getpid()
+        self._parking_lock = threading.Lock()
+        self._parking_closed = False
 
     # -- piggybacking -------------------------------------------------------
 
@@ -511,43 +513,63 @@ class SuiteStorage(RedisExpireStorage):
     #
     # redis-py 8's checkout and release (two lock rounds, a readiness
     # poll, four updates of the pool's connection counters) cost a
-    # producer some 10 us of an 80 us enqueue.  A few connections taken
-    # from the pool stay parked here between enqueues instead, shared by
-    # the process's threads: list.pop and append need no lock, and a
-    # signal handler that enqueues in the middle of an enqueue takes
-    # another one.  Kept to PARKED_MAX, so the rest of the app (result
-    # reads, Huey's other calls) still finds the pool's max_connections
-    # (100 by default) free for itself.
+    # producer some 10 us of an 80 us enqueue.  Up to PARKED_MAX
+    # connections of the storage's own stay parked here between enqueues
+    # instead, shared by the process's threads: list.pop and append need
+    # no lock, and a signal handler that enqueues in the middle of an
+    # enqueue takes another one.  Made beside the pool, with its settings,
+    # not taken from it: the pool's max_connections stays whole for the
+    # app's other calls (result reads, Huey's own).  More enqueues at once
+    # than that take the pool's, as before.
 
     PARKED_MAX = 4
 
     def _check_out(self):
         """A connection for a command sent alone, ready for it
-        (redisconn.ready): a parked one, else the pool's."""
-        parked = self._parked
+        (redisconn.ready): a parked one, a new one to park while fewer
+        than PARKED_MAX exist, else the pool's."""
         if self._parked_pid != os.getpid():
-            # A forked child: the pool starts over, and the parent's
-            # sockets are the parent's.
-            parked = self._parked = []
+            # A forked child: the parent's sockets are the parent's.
+            self._parked, self._parking = [], set()
             self._parked_pid = os.getpid()
         try:
-            conn = parked.pop()
+            conn = self._parked.pop()
         except IndexError:
-            return self.pool.get_connection()
+            conn = self._new_parked_connection()
+            if conn is None:
+                return self.pool.get_connection()
         try:
             return redisconn.ready(conn)
         except BaseException:
-            self.pool.release(conn)
+            self._check_in(conn)   # dropped: it reconnects when next taken
             raise
 
+    def _new_parked_connection(self):
+        with self._parking_lock:
+            if len(self._parking) >= self.PARKED_MAX or self._parking_closed:
+                return None
+            pool = self.pool
+            conn = pool.connection_class(**pool.connection_kwargs)
+            self._parking.add(conn)
+            return conn
+
     def _check_in(self, conn):
-        """Park `conn` for the next command sent alone, or give it back to
-        the pool when enough are parked (or it came from before a fork)."""
-        if len(self._parked) < self._parked_max and \
-                self._parked_pid == os.getpid():
-            self._parked.append(conn)
-        else:
+        """Park `conn` again, or give it back to the pool it came from."""
+        if conn not in self._parking:
             self.pool.release(conn)
+        elif self._parking_closed:
+            self._parking.discard(conn)
+            conn.disconnect()
+        else:
+            self._parked.append(conn)
+
+    def close_parked(self):
+        """Disconnect the parked connections for good (the app is
+        configured anew, as the pool's disconnect() does for its own):
+        those in use are closed as they come back."""
+        self._parking_closed = True
+        for conn in list(self._parking):
+            conn.disconnect()
 
     def _lpush_carrier(self):
         """The staged write that offers to carry a plain LPUSH (its

@@ -1,7 +1,8 @@
 """A producer's enqueue goes on a connection parked between enqueues
 (SuiteStorage._check_out / _check_in), a few shared by the process's
-threads, instead of a pool checkout per enqueue: how many connections
-that holds, that the rest of the pool stays the app's, that a parked
+threads and made beside the pool, instead of a pool checkout per
+enqueue: how many connections that holds, that the pool stays whole for
+the app, that reconfiguring closes them, that a parked
 connection Redis closed or left dirty is replaced before the next
 enqueue, silently, as the pool's checkout would, and that a signal
 handler enqueueing in the middle of an enqueue takes its own.  Real
@@ -40,8 +41,9 @@ def test_one_producer_enqueues_on_one_parked_connection(producer,
     before = producer_clients(admin)
     ids = [sample_tasks.add(i, 1).id for i in range(200)]
     assert len(producer_clients(admin)) == len(before)
-    assert len(storage._parked) == 1
-    assert set(storage._parked) <= storage.pool._in_use_connections
+    assert len(storage._parked) == 1 and storage._parking == \
+        set(storage._parked)
+    assert not storage.pool._in_use_connections
     assert set(ids) <= set(queued_ids(admin, producer))
     assert_recorded(admin, producer, ids[-1])
 
@@ -76,44 +78,78 @@ def test_many_threads_hold_no_more_than_they_use_at_once(producer,
     assert not errors
     assert len(ids) == 750
     assert len(storage._parked) == 1
-    assert len(pool._in_use_connections) == 1
+    assert not pool._in_use_connections
     assert producer.pending_count() >= 750   # the app's own pool calls
 
-    at_once = threading.Barrier(12)
-
     def together():
-        at_once.wait()
         ids.append(sample_tasks.add(0, 4).id)
-        at_once.wait()   # all 12 in flight at some point before this
 
+    # Redis holds every write for 0.5 s: the 12 enqueues are all in
+    # flight at once.
+    admin.execute_command('CLIENT', 'PAUSE', 500, 'WRITE')
     threads = [threading.Thread(target=together) for _ in range(12)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    assert len(storage._parked) <= storage.PARKED_MAX
-    assert len(pool._in_use_connections) == len(storage._parked)
+    # PARKED_MAX parked; the other 8 came from the pool and went back.
+    assert len(storage._parked) == len(storage._parking) == \
+        storage.PARKED_MAX
+    assert not pool._in_use_connections
+    assert len(pool._available_connections) >= 8
     assert set(ids) <= set(queued_ids(admin, producer))
 
 
-def test_a_small_pool_keeps_its_connections_for_the_app(tmp_path,
-                                                        redis_url):
+def test_a_small_pool_stays_whole_for_the_app(tmp_path, redis_url):
+    """A pool of 3 (`?max_connections=3`): after enqueues, the app can
+    still take all 3 at once; the parked connection is not one of them."""
     from huey_worker import config, huey
     ini = tmp_path / 'small.ini'
     ini.touch()
     huey.configure(config.load(str(ini), environ={
         'HUEY_REDIS_URL': redis_url + '?max_connections=3'}))
     try:
-        assert huey.storage._parked_max == 0
-        task_id = sample_tasks.add(1, 2).id
-        assert not huey.storage._parked
-        assert huey.storage.pool._in_use_connections == set()
-        assert huey.pending_count() == 1
-        assert huey.storage.conn.hget(huey.storage.keys.task(task_id),
+        pool = huey.storage.pool
+        ids = [sample_tasks.add(i, 2).id for i in range(20)]
+        assert len(huey.storage._parked) == 1
+        taken = [pool.get_connection() for _ in range(3)]
+        for conn in taken:
+            pool.release(conn)
+        assert huey.pending_count() == 20
+        assert huey.storage.conn.hget(huey.storage.keys.task(ids[-1]),
                                       'state') == b'pending'
     finally:
         huey.configure(config.load(str(ini), environ={
             'HUEY_REDIS_URL': redis_url}))
+
+
+def test_reconfiguring_closes_the_parked_connections(tmp_path, redis_url,
+                                                     redis_server):
+    from huey_worker import config, huey
+    admin = redis_server.client()
+    ini = tmp_path / 'again.ini'
+    ini.touch()
+    cfg = config.load(str(ini), environ={'HUEY_REDIS_URL': redis_url})
+    huey.configure(cfg)
+    taken = threading.Barrier(4)
+
+    def enqueue_together():
+        taken.wait()
+        sample_tasks.add(0, 7)
+    threads = [threading.Thread(target=enqueue_together) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    old = huey.storage
+    assert len(old._parked) >= 1
+    huey.configure(cfg)
+    assert all(conn._sock is None for conn in old._parking)
+    assert not producer_clients(admin)
+    task_id = sample_tasks.add(1, 7).id   # the new storage's own
+    assert huey.storage is not old and len(huey.storage._parked) == 1
+    assert admin.hget(huey.storage.keys.task(task_id), 'state') == \
+        b'pending'
 
 
 @pytest.mark.parametrize('how', ['client kill', 'idle timeout'])
