@@ -59,7 +59,9 @@ def test_an_enqueue_redis_refused_leaves_no_record(producer):
     refused = sample_tasks.add.s(3, 4)
     # Redis unreachable for this one enqueue: its connection goes where
     # nothing listens (connections keep the address they were made with,
-    # so the pool is emptied on either side).
+    # so the pool is emptied on either side; the producer's parked
+    # connections, made with the pool's settings, are closed for good).
+    producer.storage.close_parked()
     pool.disconnect()
     pool.reset()
     pool.connection_kwargs['port'] = dead

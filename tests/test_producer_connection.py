@@ -143,9 +143,16 @@ def test_reconfiguring_closes_the_parked_connections(tmp_path, redis_url,
         thread.join()
     old = huey.storage
     assert len(old._parked) >= 1
+    ports = {'127.0.0.1:%d' % conn._sock.getsockname()[1]
+             for conn in old._parking}
+    assert ports <= {c['addr'] for c in producer_clients(admin)}
     huey.configure(cfg)
     assert all(conn._sock is None for conn in old._parking)
-    assert not producer_clients(admin)
+    deadline = time.monotonic() + 5
+    while ports & {c['addr'] for c in producer_clients(admin)} and \
+            time.monotonic() < deadline:
+        time.sleep(0.05)   # Redis notices a closed socket on its next turn
+    assert not ports & {c['addr'] for c in producer_clients(admin)}
     task_id = sample_tasks.add(1, 7).id   # the new storage's own
     assert huey.storage is not old and len(huey.storage._parked) == 1
     assert admin.hget(huey.storage.keys.task(task_id), 'state') == \
