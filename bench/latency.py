@@ -6,7 +6,8 @@ benchmark blocks on, so nothing polls.  The enqueue time is taken just
 before the enqueue's round trip is sent: for the suite the journal record
 and the LPUSH, staged and then flushed in one MULTI (a producer's own
 enqueue sends them as one script: the same writes, taken apart here so
-the clock starts after the producer's Python); for huey, its LPUSH.  Both sides run on this host, so one clock serves.
+the clock starts after the producer's Python); for huey, its LPUSH.
+Both sides run on this host, so one clock serves.
 """
 import random
 import time

@@ -460,8 +460,7 @@ def _apply(app, cfg):
         app.storage.utc = bool(app.utc)
     if old is not None and old is not app.storage and \
             isinstance(old, SuiteStorage):
-        old.pool.disconnect()
-        old.close_parked()
+        old.disconnect()
 
 
 def _take_over(app, spec):

@@ -200,10 +200,10 @@ class SuiteHuey(SuiteApp, Huey):
                 self.serializer = Serializer(compression=cfg.huey.compression,
                                              use_zlib=True)
             self._immediate = cfg.huey.immediate
-            if self._storage is not None and hasattr(self._storage, 'pool'):
+            if isinstance(self._storage, SuiteStorage):
+                self._storage.disconnect()
+            elif hasattr(self._storage, 'pool'):
                 self._storage.pool.disconnect()
-                if isinstance(self._storage, SuiteStorage):
-                    self._storage.close_parked()
             self._storage = self.create_storage()
         return self
 

@@ -1,7 +1,6 @@
 """Redis connections built from [redis] settings: plain, TLS, unix socket or
 through Sentinel."""
 import logging
-import os
 import random
 import re
 import threading

@@ -374,6 +374,14 @@ class SuiteStorage(RedisExpireStorage):
         """Whether `command` (as given to stage) waits to be sent."""
         return any(c is command for c in self._pending())
 
+    def unstage(self, command):
+        """Take `command` (as given to stage) back, if it still waits."""
+        pending = self._pending()
+        for i, staged in enumerate(pending):
+            if staged is command:
+                del pending[i]
+                return
+
     def has_pending(self):
         return bool(getattr(self._local, 'pending', None))
 
@@ -477,14 +485,13 @@ class SuiteStorage(RedisExpireStorage):
 
     def _alone(self, command, script=None):
         """Send `command` (an argument tuple) as the only command of a
-        round trip, on a connection of the pool; its raw reply (no
-        redis-py response callback).  `script`: the Lua text of an
+        round trip; its raw reply (no redis-py response callback).  `script`: the Lua text of an
         EVALSHA `command`, sent again as EVAL when Redis does not know
         it (NoScriptError: nothing ran).  Straight on the connection, for
         a producer's enqueue: redis-py's command methods cost more Python
         than the LPUSH costs Redis.  Under [redis] durable_writes a WAIT
         follows, as for flush.  Redis errors are raised.  On a parked
-        connection (_check_out)."""
+        connection, or the pool's (_check_out)."""
         conn = self._check_out()
         try:
             try:
@@ -529,8 +536,10 @@ class SuiteStorage(RedisExpireStorage):
         (redisconn.ready): a parked one, a new one to park while fewer
         than PARKED_MAX exist, else the pool's."""
         if self._parked_pid != os.getpid():
-            # A forked child: the parent's sockets are the parent's.
+            # A forked child: the parent's sockets are the parent's (and
+            # its lock may have been held by a thread the fork left out).
             self._parked, self._parking = [], set()
+            self._parking_lock = threading.Lock()
             self._parked_pid = os.getpid()
         try:
             conn = self._parked.pop()
@@ -563,10 +572,12 @@ class SuiteStorage(RedisExpireStorage):
         else:
             self._parked.append(conn)
 
-    def close_parked(self):
-        """Disconnect the parked connections for good (the app is
-        configured anew, as the pool's disconnect() does for its own):
-        those in use are closed as they come back."""
+    def disconnect(self):
+        """Close every connection of this storage for good, the app having
+        a new one: the pool's (those in use too, as redis-py's
+        disconnect() does) and the parked ones (those in use as they come
+        back; none is parked again)."""
+        self.pool.disconnect()
         self._parking_closed = True
         for conn in list(self._parking):
             conn.disconnect()
@@ -793,7 +804,7 @@ class SuiteStorage(RedisExpireStorage):
             # LPUSH go as one script (journal ENQUEUE_RECORDED).  Taken
             # off the staged list: on a failure the enqueue raises and
             # there is no record, as with the MULTI.
-            self._pending().remove(carrier)
+            self.unstage(carrier)
             text, sha, *args = carrier.with_lpush(self.queue_key, data)
             redisconn.retry_readonly(lambda: self._alone(
                 ('EVALSHA', sha, *args), text))

@@ -61,8 +61,7 @@ def test_an_enqueue_redis_refused_leaves_no_record(producer):
     # nothing listens (connections keep the address they were made with,
     # so the pool is emptied on either side; the producer's parked
     # connections, made with the pool's settings, are closed for good).
-    producer.storage.close_parked()
-    pool.disconnect()
+    producer.storage.disconnect()
     pool.reset()
     pool.connection_kwargs['port'] = dead
     try:

@@ -219,8 +219,9 @@ class Journal:
         name/value pairs) to ride the enqueue's LPUSH: as one script with
         it (storage.enqueue takes with_lpush) or, with other writes
         staged, in the same MULTI; a web request waits on this round
-        trip.  Its first event (pending at `enqueued`) is not pushed: reads put it first (reads.with_enqueue_event), so a task
-        without an eta has no history list until a worker takes it.  With
+        trip.  Its first event (pending at `enqueued`) is not pushed:
+        reads put it first (reads.with_enqueue_event), so a task without
+        an eta has no history list until a worker takes it.  With
         `entry` (SuiteApp.enqueue's), only while that enqueue is under
         way: when it fails instead (an argument that cannot be pickled,
         Redis down) there is no record, and nothing left staged."""
@@ -280,12 +281,7 @@ class Journal:
             return
         # Still staged when the failure came before the write (pickling)
         # or Redis refused it (flush keeps what is staged for a retry).
-        pending = getattr(getattr(storage, '_local', None), 'pending', None)
-        if pending:
-            try:
-                pending.remove(write)
-            except ValueError:
-                pass
+        storage.unstage(write)
 
     def _stage_guarded_enqueue(self, storage, task_id, fields, now):
         keys = storage.keys
