@@ -187,10 +187,21 @@ def read(path):
 
 def build_wheelhouse(dest):
     """Every wheel `make install WHEELHOUSE=` needs: the project's, built
-    now, and its dependencies, kept in CACHE/wheels between runs."""
+    now, and its dependencies, kept in CACHE/wheels between runs.  One
+    build at a time: pip builds the project in its source tree (setuptools'
+    build/ and egg-info there) and writes into the shared cache, so two
+    xdist workers building at once (this file's tests and the systemd
+    e2e) made a wheel without the huey_worker package."""
+    import fcntl
     deps = os.path.join(CACHE, 'wheels')
     os.makedirs(deps, exist_ok=True)
     os.makedirs(dest, exist_ok=True)
+    with open(os.path.join(CACHE, 'wheels.lock'), 'w') as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _build_wheelhouse(deps, dest)
+
+
+def _build_wheelhouse(deps, dest):
     pip = [sys.executable, '-m', 'pip', 'wheel', '-q',
            '--disable-pip-version-check', '--find-links', deps]
     # Offline first (cached wheels, setuptools and wheel included); online
