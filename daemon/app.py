@@ -106,6 +106,25 @@ def _exception_text(exc):
     return type(exc).__name__
 
 
+_ENQUEUE_FOLLOWS = {}
+
+
+def _huey_enqueue_follows(cls):
+    """Whether Huey's own enqueue is what SuiteApp.enqueue's super() calls
+    on `cls` (journal.enqueue_recorded does its work then); an adopted
+    app's class with an enqueue of its own keeps it."""
+    follows = _ENQUEUE_FOLLOWS.get(cls)
+    if follows is None:
+        mro = cls.__mro__
+        follows = False
+        for klass in mro[mro.index(SuiteApp) + 1:]:
+            if 'enqueue' in vars(klass):
+                follows = vars(klass)['enqueue'] is Huey.enqueue
+                break
+        _ENQUEUE_FOLLOWS[cls] = follows
+    return follows
+
+
 class SuiteApp:
     """What the suite adds to a Huey instance, the shared one and an
     adopted one alike (mixed in before Huey's class):
@@ -132,6 +151,10 @@ class SuiteApp:
         return deleted
 
     def enqueue(self, task):
+        if _huey_enqueue_follows(type(self)):
+            done = journal.enqueue_recorded(self, task)
+            if done is not journal.NOT_TAKEN:
+                return done
         with journal.enqueueing(self, task):
             return super().enqueue(task)
 

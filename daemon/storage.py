@@ -516,6 +516,25 @@ class SuiteStorage(RedisExpireStorage):
             self._check_in(conn)
         return reply
 
+    # Whether enqueue() of a message without priority is an LPUSH on
+    # queue_key, and nothing else: a producer's record may then ride it
+    # as one script (journal.Journal.enqueue_recorded).
+    enqueue_is_lpush = True
+
+    def send_enqueue(self, command, script=None):
+        """A producer's enqueue made as one command (an argument tuple; an
+        EVALSHA of `script` carrying the journal's record), sent alone
+        (_alone), a refusal by a replica being promoted retried
+        (redisconn.retry_readonly).  With writes staged on this thread
+        (a handler of the enqueue signal made them), in their MULTI
+        instead, as EVAL of `script` (a MULTI cannot fall back on a
+        NOSCRIPT).  Redis errors are raised; nothing is written then."""
+        if self.has_pending() or self.deferring:
+            if script is not None:
+                command = ('EVAL', script) + tuple(command[2:])
+            return self._write(*command)
+        return redisconn.retry_readonly(lambda: self._alone(command, script))
+
     # -- a producer's parked connections ------------------------------------
     #
     # redis-py 8's checkout and release (two lock rounds, a readiness
@@ -794,11 +813,7 @@ class SuiteStorage(RedisExpireStorage):
         if not priority:
             carrier = self._lpush_carrier()
             if carrier is None:
-                if self.deferring or self.has_pending():
-                    self._write('LPUSH', self.queue_key, data)
-                else:
-                    redisconn.retry_readonly(lambda: self._alone(
-                        ('LPUSH', self.queue_key, data)))
+                self.send_enqueue(('LPUSH', self.queue_key, data))
                 return
             # The producer's record staged by the enqueue signal and this
             # LPUSH go as one script (journal ENQUEUE_RECORDED).  Taken
@@ -806,8 +821,7 @@ class SuiteStorage(RedisExpireStorage):
             # there is no record, as with the MULTI.
             self.unstage(carrier)
             text, sha, *args = carrier.with_lpush(self.queue_key, data)
-            redisconn.retry_readonly(lambda: self._alone(
-                ('EVALSHA', sha, *args), text))
+            self.send_enqueue(('EVALSHA', sha, *args), text)
             return
         # While the worker defers its writes, this is Huey re-enqueueing
         # the task it runs (a retry without delay): accepted already.
@@ -1030,6 +1044,7 @@ class NativePriorityQueue:
     usual list and set."""
 
     WAKE_POLL = 1   # seconds; an integer, as Redis 5's BLPOP takes it
+    enqueue_is_lpush = False   # Huey's sorted set, and the wake-up
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

@@ -361,6 +361,47 @@ def test_a_priority_app_runs_in_priority_order_and_survives_kill_9(
     server.signal(signal.SIGTERM)
 
 
+SUITE_PRODUCER = '''
+import json
+
+from huey_worker import huey
+huey.storage   # [huey] app: the web app's PriorityRedisHuey is adopted here
+
+import webapp_tasks
+
+print(json.dumps([webapp_tasks.record('suite-plain').id,
+                  webapp_tasks.record('suite-p4', priority=4).id]))
+'''
+
+
+def test_a_suite_producer_of_a_priority_app_fills_hueys_sorted_set(
+        webapp, start_daemon, tmp_path):
+    """Through huey_worker with the app adopted, a task without a priority
+    goes into Huey's sorted set too (never the suite's list by the
+    one-script enqueue), recorded pending; the consumer runs the
+    priority one first."""
+    env, produce = webapp
+    conn = redis.Redis.from_url(env['HUEY_REDIS_URL'])
+    code = env['PYTHONPATH'].split(os.pathsep)[0]
+    script = os.path.join(code, 'suite_producer.py')
+    with open(script, 'w') as f:
+        f.write(SUITE_PRODUCER)
+    run = subprocess.run([sys.executable, script], env=env, cwd=code,
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    ids = json.loads(run.stdout)
+    assert conn.type('huey.redis.prio') == b'zset'
+    assert conn.zcard('huey.redis.prio') == 2
+    assert conn.llen('hw:prio:queue') == 0
+    for task_id in ids:
+        assert conn.hget('hw:prio:task:%s' % task_id, 'state') == b'pending'
+    consumer = start_daemon(['consumer', '--workers', '1'], env, 'consumer')
+    wait_until(lambda: len(order(conn)) == 2, timeout=30, what='two runs')
+    assert order(conn) == ['suite-p4', 'suite-plain']
+    consumer.signal(signal.SIGTERM)
+    assert consumer.wait() == 0
+
+
 def test_the_suites_own_app_on_a_priority_apps_queue_is_a_config_error(
         base_env, start_daemon, plain):
     """WRONGTYPE on every read is no outage: the consumer, the scheduler

@@ -118,6 +118,80 @@ def test_fields_of_a_plain_enqueue(producer):
         producer.keys.journal_state('waiting'), result.id) is not None
 
 
+def record_fields(app, task_id):
+    raw = {k.decode(): v.decode() for k, v in
+           app.storage.conn.hgetall(app.keys.task(task_id)).items()}
+    for field in ('updated', 'enqueued'):
+        assert float(raw.pop(field)) == pytest.approx(time.time(), abs=30)
+    return raw
+
+
+def test_the_one_step_enqueue_writes_what_the_general_path_writes(producer):
+    """A plain enqueue goes in one step (journal.enqueue_recorded); one
+    made while a write is staged on the thread takes the general path
+    (the signal stages the record, the MULTI carries it): the same record
+    and index entries either way, for a plain, an expiring and a
+    sensitive task."""
+    conn, keys = producer.storage.conn, producer.keys
+    made = [lambda: sample_tasks.add.s(1, 2),
+            lambda: sample_tasks.add.s(1, 2, expires=120, retries=2),
+            lambda: sample_tasks.login.s('alice', 'hunter2')]
+    for make in made:
+        one_step, general = make(), make()
+        producer.enqueue(one_step)
+        producer.storage.stage_command('SET', 'test:staged', general.id)
+        producer.enqueue(general)
+        assert conn.get('test:staged') == general.id.encode()
+        assert not producer.storage.has_pending()
+        fields = record_fields(producer, one_step.id)
+        if 'expires' in fields:
+            assert float(fields.pop('expires')) == pytest.approx(
+                float(record_fields(producer, general.id)['expires']), abs=5)
+        expected = record_fields(producer, general.id)
+        expected.pop('expires', None)
+        assert fields == expected
+        name = fields['name']
+        for task in (one_step, general):
+            assert conn.zscore(keys.journal_name(name), task.id)
+            assert conn.zscore(keys.journal_state('waiting'), task.id)
+            assert 0 < conn.ttl(keys.task(task.id))
+        assert queued_ids(conn)[:2] == [general.id, one_step.id]
+
+
+def test_a_write_staged_by_an_enqueue_signal_handler_rides_the_enqueue(
+        producer):
+    """A handler of the enqueue signal that stages a write on the storage:
+    it goes out with the one-step enqueue's record and message, in one
+    MULTI, and nothing stays staged."""
+    def stage(signal_, task):
+        if task.args == (77, 77):
+            producer.storage.stage_command('SET', 'test:by-handler', task.id)
+    producer.signal(S.SIGNAL_ENQUEUED)(stage)
+    try:
+        result = sample_tasks.add(77, 77)
+    finally:
+        producer.disconnect_signal(stage)
+    conn = producer.storage.conn
+    assert conn.get('test:by-handler') == result.id.encode()
+    assert_recorded(producer, result.id, 'sample_tasks.add')
+    assert queued_ids(conn) == [result.id]
+    assert not producer.storage.has_pending()
+
+
+def test_an_app_class_with_its_own_enqueue_keeps_it():
+    """The one-step enqueue stands in for Huey's own enqueue only: an
+    adopted app whose class has an enqueue of its own is left to it."""
+    from huey import RedisHuey
+    from huey_worker.app import SuiteApp, SuiteHuey, _huey_enqueue_follows
+
+    class OwnEnqueue(RedisHuey):
+        def enqueue(self, task):
+            return super().enqueue(task)
+    assert _huey_enqueue_follows(SuiteHuey)
+    assert _huey_enqueue_follows(type('Plain', (SuiteApp, RedisHuey), {}))
+    assert not _huey_enqueue_follows(type('Own', (SuiteApp, OwnEnqueue), {}))
+
+
 def test_expires_sensitive_and_retries_override(producer):
     task = sample_tasks.add.s(1, 2, expires=120, retries=2)
     producer.enqueue(task)

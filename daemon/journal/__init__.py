@@ -64,7 +64,7 @@ from .layout import (
     DURATION_BUCKETS, STATES, TERMINAL, args_summary, result_json)
 from .reads import decode_record, is_terminal, list_tasks, read_task, shape
 from .seen import find_queued, seen_queued
-from .writer import Journal
+from .writer import NOT_TAKEN, Journal
 
 _journals = {}
 
@@ -78,6 +78,17 @@ def enqueueing(app, task):
     if journal is None:
         return contextlib.nullcontext()
     return journal.enqueueing(task)
+
+
+def enqueue_recorded(app, task):
+    """Huey's enqueue of `task` by `app` with its record, in one step, when
+    the task is a plain one (huey_worker.app.SuiteApp.enqueue): the
+    result handle Huey's enqueue returns, or NOT_TAKEN for the general
+    path (enqueueing around Huey's own enqueue)."""
+    journal = _journals.get(id(app))
+    if journal is None:
+        return NOT_TAKEN
+    return journal.enqueue_recorded(task)
 
 
 def install(app):
@@ -99,7 +110,7 @@ def install(app):
 
 __all__ = [
     'report_progress', 'current_delivery', 'current_task_id', 'sensitive',
-    'install', 'enqueueing', 'Journal', 'STATES', 'TERMINAL',
+    'install', 'enqueueing', 'enqueue_recorded', 'NOT_TAKEN', 'Journal', 'STATES', 'TERMINAL',
     'DURATION_BUCKETS',
     'args_summary', 'result_json', 'read_task', 'list_tasks', 'shape',
     'decode_record', 'is_terminal', 'seen_queued', 'find_queued']
