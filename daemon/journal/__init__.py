@@ -33,6 +33,9 @@ Writers:
             Five commands (record, its TTL, two index entries, the name
             index's TTL), sent with the LPUSH as one script
             (scripts.ENQUEUE_RECORDED): a web request waits on them.
+            A task without eta or priority skips the staging:
+            Journal.enqueue_recorded does Huey's enqueue and this in
+            one step.
   worker    huey_worker.hooks: on_dequeued -> running (and on_started, for
             a task no producer recorded, the rest of its record: a plain
             Huey producer's); on_outcome -> complete,
@@ -110,7 +113,8 @@ def install(app):
 
 __all__ = [
     'report_progress', 'current_delivery', 'current_task_id', 'sensitive',
-    'install', 'enqueueing', 'enqueue_recorded', 'NOT_TAKEN', 'Journal', 'STATES', 'TERMINAL',
+    'install', 'enqueueing', 'enqueue_recorded', 'NOT_TAKEN', 'Journal',
+    'STATES', 'TERMINAL',
     'DURATION_BUCKETS',
     'args_summary', 'result_json', 'read_task', 'list_tasks', 'shape',
     'decode_record', 'is_terminal', 'seen_queued', 'find_queued']

@@ -158,7 +158,7 @@ class Journal:
         the signal, the message, then the record and the LPUSH as one
         script (scripts.ENQUEUE_RECORDED) sent straight on the storage's
         connection.  The general path (the signal staging the record, the
-        storage's enqueue finding it) writes the same, with some 10 us
+        storage's enqueue finding it) writes the same, with 5 to 10 us
         more of Python a web request waits on (docs/benchmarks.md).
         Returns what Huey's enqueue returns (a Result, or None without
         results), or NOT_TAKEN when the call is not the common one.
