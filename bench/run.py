@@ -361,37 +361,32 @@ def enqueue(bench, table, results):
     no_journal = config.load(os.path.join(bench.workdir, 'empty.ini'),
                              environ={'HUEY_REDIS_URL': bench.url,
                                       'HUEY_WORKER_JOURNAL_ENABLED': 'false'})
-    figures = {'suite': Figure(), 'suite-nojournal': Figure(),
-               'plain': Figure()}
-    for run in range(args.runs):
-        app.configure(bench.cfg)
-        figures['suite'].add(enq.rate(client, bench.tasks.noop,
-                                      args.enqueue_tasks))
-        figures['plain'].add(enq.rate(client, bench.plain_tasks.noop,
-                                      args.enqueue_tasks))
-        app.configure(no_journal)
-        figures['suite-nojournal'].add(enq.rate(client, bench.tasks.noop,
-                                                args.enqueue_tasks))
-        app.configure(bench.cfg)
-        progress('enqueue run %d: suite %.0f/s, plain %.0f/s' % (
-            run + 1, figures['suite'].values[-1],
-            figures['plain'].values[-1]))
+
+    def measure(label):
+        """suite, plain and journal-off rates, run by run, alternating."""
+        figures = {'suite': Figure(), 'suite-nojournal': Figure(),
+                   'plain': Figure()}
+        for run in range(args.runs):
+            app.configure(bench.cfg)
+            figures['suite'].add(enq.rate(client, bench.tasks.noop,
+                                          args.enqueue_tasks))
+            figures['plain'].add(enq.rate(client, bench.plain_tasks.noop,
+                                          args.enqueue_tasks))
+            app.configure(no_journal)
+            figures['suite-nojournal'].add(enq.rate(
+                client, bench.tasks.noop, args.enqueue_tasks))
+            app.configure(bench.cfg)
+            progress('enqueue%s run %d: suite %.0f/s, plain %.0f/s' % (
+                label, run + 1, figures['suite'].values[-1],
+                figures['plain'].values[-1]))
+        return figures
+
+    figures = measure('')
     # The same loops with the producer and Redis sharing one CPU: each
     # enqueue's time is then the CPU both spend on it (no idle core
     # waking up between request and reply), a steadier ratio of cost.
-    pinned = {'suite': Figure(), 'suite-nojournal': Figure(),
-              'plain': Figure()}
     with enq.one_cpu(bench.server.process.pid):
-        for run in range(args.runs):
-            app.configure(bench.cfg)
-            pinned['suite'].add(enq.rate(client, bench.tasks.noop,
-                                         args.enqueue_tasks))
-            pinned['plain'].add(enq.rate(client, bench.plain_tasks.noop,
-                                         args.enqueue_tasks))
-            app.configure(no_journal)
-            pinned['suite-nojournal'].add(enq.rate(
-                client, bench.tasks.noop, args.enqueue_tasks))
-            app.configure(bench.cfg)
+        pinned = measure(' (one CPU)')
     results['enqueue'] = figures
     results['enqueue-one-cpu'] = pinned
     table.section('Enqueue rate, tasks/s from one producer (task() in a '
