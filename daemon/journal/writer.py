@@ -186,6 +186,13 @@ class Journal:
             app._emit(S.SIGNAL_ENQUEUED, task)
         finally:
             self._stash.recording = outer
+        if task.priority or task.eta is not None:
+            # A handler of the signal gave the task a priority or an eta:
+            # Huey's enqueue from here, the record staged as it would be.
+            with self.enqueueing(task):
+                self.on_enqueued(S.SIGNAL_ENQUEUED, task)
+                storage.enqueue(app.serialize_task(task), task.priority)
+            return _result_of(app, task)
         message = app.serialize_task(task)
         settings = self._settings()
         args_text, hidden = args_summary(task, settings.args_max_bytes)
@@ -205,10 +212,7 @@ class Journal:
              self._ttl_text(storage, settings), task_id, message, name,
              str(task.retries), *extra),
             ENQUEUE_RECORDED)
-        if not app.results:
-            return None
-        results = app._pipeline_results(task)
-        return ResultGroup(results) if len(results) > 1 else results[0]
+        return _result_of(app, task)
 
     @staticmethod
     def _waiting_index(keys, _group=INDEX_OF['pending']):
@@ -865,6 +869,15 @@ WAITING_GROUPS = ('waiting',)
 _HUEY_ENQUEUE = Huey.enqueue.__code__
 # enqueue_recorded's answer for a call it leaves to the general path.
 NOT_TAKEN = object()
+
+
+def _result_of(app, task):
+    """What Huey's enqueue returns for `task`: its Result (a ResultGroup
+    with a pipeline), None when the app keeps no results."""
+    if not app.results:
+        return None
+    results = app._pipeline_results(task)
+    return ResultGroup(results) if len(results) > 1 else results[0]
 
 
 class _Enqueueing:
