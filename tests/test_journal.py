@@ -55,9 +55,10 @@ def test_producer_records_pending_scheduled_and_args(producer):
     assert task_record(producer, 'no-such-task') is None
 
 
-def _monitored(redis_server, action):
+def _monitored(redis_server, action, until='LPUSH huey.redis.huey'):
     """The MONITOR entries (redis-py's dicts) seen while `action()` runs,
-    up to the first LPUSH onto the queue, and what action returned."""
+    up to the first command that starts with `until`, and what action
+    returned."""
     entries = []
     monitor_ready = threading.Event()
 
@@ -67,7 +68,7 @@ def _monitored(redis_server, action):
             monitor_ready.set()
             for entry in m.listen():
                 entries.append(entry)
-                if entry['command'].startswith('LPUSH huey.redis.huey'):
+                if entry['command'].startswith(until):
                     break
         client.close()
     thread = threading.Thread(target=watch, daemon=True)
@@ -82,19 +83,20 @@ def _monitored(redis_server, action):
 def test_enqueue_record_rides_the_lpush_in_one_script(producer,
                                                       redis_server):
     """MONITOR shows the journal's record and the message's LPUSH as one
-    script a producer sends (one round trip, one command), the record
-    written before the LPUSH: no reader can see the task first."""
+    script a producer sends (one round trip, one command: no reader can
+    see one without the other), the LPUSH first (a queue key Redis
+    refuses it on leaves no record)."""
     sample_tasks.add(1, 2)   # Redis knows the script: sent by SHA alone
-    entries, result = _monitored(redis_server,
-                                 lambda: sample_tasks.add(5, 6))
+    entries, result = _monitored(
+        redis_server, lambda: sample_tasks.add(5, 6),
+        until='EXPIRE hw:huey:journal:name:sample_tasks.add')
     sent = [e['command'] for e in entries
             if e.get('client_type') != 'lua' and result.id in e['command']]
     assert len(sent) == 1 and sent[0].split()[0] == 'EVALSHA', sent
     ran = [e['command'] for e in entries if e.get('client_type') == 'lua']
     record = [i for i, c in enumerate(ran)
               if c.startswith('HSET hw:huey:task:%s' % result.id)]
-    assert record and ran[-1].startswith('LPUSH huey.redis.huey'), ran
-    assert record[0] < len(ran) - 1
+    assert ran[0].startswith('LPUSH huey.redis.huey') and record, ran
     assert not any(e['command'].split()[0] in ('KEYS', 'MULTI')
                    for e in entries)
     assert task_record(producer, result.id)['state'] == 'pending'

@@ -180,18 +180,21 @@ def test_queue_signals_over_http_from_two_hosts_in_process_mode(
     # two (journal.counters).
     add = (('queue', 'huey'), ('task', 'sample_tasks.add'))
 
+    completed = ('huey_worker_tasks_total', (('queue', 'huey'),
+                                             ('state', 'complete'),
+                                             ('task', 'sample_tasks.add')))
+
     def counted():
+        # One scrape reads the outcome counts and the wait histograms in
+        # two round trips: a flush of the counters may fall between.
         s = scrape(client)
         return s if s.get(('huey_worker_task_wait_seconds_count', steps)) \
             == 2 and s.get(('huey_worker_task_wait_seconds_count', add)) \
-            == 1 else None
-    s = wait_until(counted, what='the wait times counted')
+            == 1 and completed in s else None
+    s = wait_until(counted, what='the wait times and outcomes counted')
     assert s[('huey_worker_queue_latency_seconds', (('queue', 'huey'),))] \
         == 0
-    assert s[('huey_worker_tasks_total', (('queue', 'huey'),
-                                           ('state', 'complete'),
-                                           ('task', 'sample_tasks.add')))] \
-        == 1
+    assert s[completed] == 1
     # The wait-time histogram: `waiting` waited at least as long as it was
     # seen pending above, at most the whole test.
     assert s[('huey_worker_task_wait_seconds_count', add)] == 1
