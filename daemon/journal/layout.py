@@ -173,8 +173,8 @@ def args_summary(task, limit):
         summary = {'args': _clip(args, limit),
                    'kwargs': _clip(kwargs, limit)}
     except Exception as exc:
-        # An argument that fails even to be walked (a container whose
-        # own iteration raises): the record says so, the enqueue goes on.
+        # An argument that fails even to be walked (a long list whose
+        # own len() raises): the record says so, the enqueue goes on.
         summary = {'args': ['<not shown: %s>' % type(exc).__name__],
                    'kwargs': {}}
     text = _summary_json(summary)
