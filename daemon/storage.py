@@ -485,9 +485,9 @@ class SuiteStorage(RedisExpireStorage):
 
     def _alone(self, command, script=None):
         """Send `command` (an argument tuple) as the only command of a
-        round trip; its raw reply (no redis-py response callback).  `script`: the Lua text of an
-        EVALSHA `command`, sent again as EVAL when Redis does not know
-        it (NoScriptError: nothing ran).  Straight on the connection, for
+        round trip; its raw reply (no redis-py response callback).
+        `script`: the Lua text of an EVALSHA `command`, sent again as EVAL
+        when Redis does not know it (NoScriptError: nothing ran).  Straight on the connection, for
         a producer's enqueue: redis-py's command methods cost more Python
         than the LPUSH costs Redis.  Under [redis] durable_writes a WAIT
         follows, as for flush.  Redis errors are raised.  On a parked
@@ -603,7 +603,8 @@ class SuiteStorage(RedisExpireStorage):
 
     def _lpush_carrier(self):
         """The staged write that offers to carry a plain LPUSH (its
-        with_lpush(queue_key, message) gives the combined write), when it
+        with_lpush(queue_key, message) gives the combined write, as
+        send_enqueue's (command, script)), when it
         is all this thread has staged and nothing is held back; else None."""
         pending = getattr(self._local, 'pending', None)
         if not pending or len(pending) != 1 or self.deferring:
@@ -820,8 +821,7 @@ class SuiteStorage(RedisExpireStorage):
             # off the staged list: on a failure the enqueue raises and
             # there is no record, as with the MULTI.
             self.unstage(carrier)
-            text, sha, *args = carrier.with_lpush(self.queue_key, data)
-            self.send_enqueue(('EVALSHA', sha, *args), text)
+            self.send_enqueue(*carrier.with_lpush(self.queue_key, data))
             return
         # While the worker defers its writes, this is Huey re-enqueueing
         # the task it runs (a retry without delay): accepted already.

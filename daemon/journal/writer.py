@@ -196,27 +196,14 @@ class Journal:
         message = app.serialize_task(task)
         settings = self._settings()
         args_text, hidden = args_summary(task, settings.args_max_bytes)
-        extra = []
-        expires = task.expires_resolved
-        if expires is not None:
-            extra += ('expires', repr(epoch(expires)))
-        if args_text is not None:
-            extra += ('args', args_text)
-        if hidden:
-            extra += ('args_sensitive', '1')
         keys, task_id, name = storage.keys, task.id, self.task_name(task)
-        storage.send_enqueue(
-            ('EVALSHA', ENQUEUE_RECORDED_SHA, 4, keys.task(task_id),
-             self._waiting_index(keys), keys.journal_name(name),
-             storage.queue_key, repr(time.time()),
-             self._ttl_text(storage, settings), task_id, message, name,
-             str(task.retries), *extra),
-            ENQUEUE_RECORDED)
+        storage.send_enqueue(*_enqueue_recorded(
+            keys, task_id, name, keys.journal_state(INDEX_OF['pending']),
+            storage.queue_key, message, repr(time.time()),
+            self._ttl_text(storage, settings), str(task.retries),
+            _record_extra(None, epoch(task.expires_resolved), args_text,
+                          hidden)))
         return _result_of(app, task)
-
-    @staticmethod
-    def _waiting_index(keys, _group=INDEX_OF['pending']):
-        return keys.journal_state(_group)
 
     def _ttl_text(self, storage, settings):
         """ttl_of(storage) as text, worked out again only when the storage
@@ -246,22 +233,12 @@ class Journal:
         entry = self._enqueue_entry(task)
         if entry is not None or _inside_huey_enqueue():
             # The LPUSH follows in this thread: the record rides with it,
-            # in the same round trip and before it (one script, or the
-            # MULTI of what is staged), so no worker can see the task first.
-            # As text: hiredis packs a float several times slower, and
-            # a web request waits on this.
-            extra = []
-            if eta is not None:
-                extra += ('eta', repr(eta))
-            if expires is not None:
-                extra += ('expires', repr(expires))
-            if args_text is not None:
-                extra += ('args', args_text)
-            if hidden:
-                extra += ('args_sensitive', '1')
-            self._stage_enqueue_record(storage, entry, task.id, name, state,
-                                       repr(now), str(task.retries), eta,
-                                       extra)
+            # in the same round trip (one script, or the MULTI of what is
+            # staged), so no worker can see the task first.
+            self._stage_enqueue_record(
+                storage, entry, task.id, name, state, repr(now),
+                str(task.retries), eta,
+                _record_extra(eta, expires, args_text, hidden))
             return
         # Emitted for a message already in the queue (the scheduler moving
         # due or periodic tasks): a worker may have taken it already, so
@@ -343,12 +320,11 @@ class Journal:
             # thread (the enqueue failed after staging): nothing goes out.
         if eta is None:
             def with_lpush(queue_key, message):
-                # storage.enqueue's LPUSH and this record as one script
-                # (scripts.ENQUEUE_RECORDED), when nothing else is staged:
-                # (text, SHA1, then EVALSHA's numkeys, keys and arguments).
-                return (ENQUEUE_RECORDED, ENQUEUE_RECORDED_SHA, 4, key,
-                        state_index, name_index, queue_key, now, ttl,
-                        task_id, message, name, retries, *extra)
+                # storage.enqueue's LPUSH and this record as one script,
+                # when nothing else is staged.
+                return _enqueue_recorded(keys, task_id, name, state_index,
+                                         queue_key, message, now, ttl,
+                                         retries, extra)
             write.with_lpush = with_lpush
         entry['storage'], entry['staged'] = storage, write
         storage.stage(write)
@@ -869,6 +845,33 @@ WAITING_GROUPS = ('waiting',)
 _HUEY_ENQUEUE = Huey.enqueue.__code__
 # enqueue_recorded's answer for a call it leaves to the general path.
 NOT_TAKEN = object()
+
+
+def _record_extra(eta, expires, args_text, hidden):
+    """A producer's record's optional fields (`eta`, `expires`: epoch
+    seconds or None) as name/value pairs, as text: hiredis packs a float
+    several times slower, and a web request waits on this."""
+    extra = []
+    if eta is not None:
+        extra += ('eta', repr(eta))
+    if expires is not None:
+        extra += ('expires', repr(expires))
+    if args_text is not None:
+        extra += ('args', args_text)
+    if hidden:
+        extra += ('args_sensitive', '1')
+    return extra
+
+
+def _enqueue_recorded(keys, task_id, name, state_index, queue_key, message,
+                      now, ttl, retries, extra):
+    """(command, script) for SuiteStorage.send_enqueue: the LPUSH of
+    `message` and the producer's record of `task_id` as one script
+    (scripts.ENQUEUE_RECORDED, by its SHA1); `now`, `ttl` and `retries`
+    as text, `extra` from _record_extra."""
+    return (('EVALSHA', ENQUEUE_RECORDED_SHA, 4, keys.task(task_id),
+             state_index, keys.journal_name(name), queue_key, now, ttl,
+             task_id, message, name, retries, *extra), ENQUEUE_RECORDED)
 
 
 def _result_of(app, task):
