@@ -187,9 +187,16 @@ class Contender:
         self.notify = None
         self.started = None
         self.log_path = None
+        # bench/pickup_trace.py's marks file: the consumer is run through
+        # that launcher, with clock marks on its delivery path.
+        self.trace = None
 
     def command(self):
         raise NotImplementedError
+
+    def traced(self, marks_path):
+        self.trace = marks_path
+        return self
 
     def environment(self):
         env = {k: v for k, v in os.environ.items()
@@ -208,8 +215,12 @@ class Contender:
             prefix='%s-' % self.label.replace(' ', '_'), suffix='.log',
             dir=self.workdir)
         self.started = time.monotonic()
+        command = self.command()
+        if self.trace is not None:
+            command = [PYTHON, os.path.join(BENCH, 'pickup_trace.py'),
+                       self.trace] + command[1:]
         self.proc = subprocess.Popen(
-            self.command(), env=env, cwd=BENCH, stdin=subprocess.DEVNULL,
+            command, env=env, cwd=BENCH, stdin=subprocess.DEVNULL,
             stdout=fd, stderr=fd, start_new_session=True)
         os.close(fd)
         return self

@@ -41,7 +41,7 @@ def plain_sender(app, task):
 
 
 def sample(client, send, count, rng):
-    """Latencies in milliseconds of `count` probes."""
+    """(sent, body started) of `count` probes, epoch seconds."""
     client.delete(STAMPS)
     out = []
     for _ in range(count):
@@ -50,11 +50,13 @@ def sample(client, send, count, rng):
         reply = client.blpop(STAMPS, timeout=30)
         if reply is None:
             raise RuntimeError('a probe task did not run within 30s')
-        out.append((float(reply[1]) - sent) * 1000.0)
+        out.append((sent, float(reply[1])))
     return out
 
 
-def run_once(client, contender, send, count, seed):
+def probes(client, contender, send, count, seed):
+    """Start `contender`, run `count` probes after a warm-up task, stop
+    it; the probes as sample() gives them."""
     wait_redis_idle(client)
     client.flushdb()   # our private server, started by this benchmark
     contender.start()
@@ -64,7 +66,25 @@ def run_once(client, contender, send, count, seed):
             raise RuntimeError('%s ran no task within 60s; log: %s' % (
                 contender.label, contender.log_path))
         time.sleep(0.3)
-        samples = sample(client, send, count, random.Random(seed))
+        return sample(client, send, count, random.Random(seed))
     finally:
         contender.stop()
-    return {'p50': percentile(samples, 0.5), 'p99': percentile(samples, 0.99)}
+
+
+def run_once(client, contender, send, count, seed):
+    """{'p50': ms, 'p99': ms} of one run of `count` probes."""
+    latencies = [(body - sent) * 1000.0 for sent, body in
+                 probes(client, contender, send, count, seed)]
+    return {'p50': percentile(latencies, 0.5),
+            'p99': percentile(latencies, 0.99)}
+
+
+def run_traced(client, contender, send, count, seed, marks_path):
+    """One run with `contender` under bench/pickup_trace.py: {part name:
+    median microseconds} (pickup_trace.PARTS; a part the consumer has no
+    marks for is left out)."""
+    import pickup_trace
+    done = probes(client, contender.traced(marks_path), send, count, seed)
+    parts = pickup_trace.split(done, pickup_trace.read_marks(marks_path))
+    return {name: percentile(values, 0.5)
+            for name, values in parts.items() if values}

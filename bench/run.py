@@ -5,7 +5,7 @@ private Redis, printed as one table.
         [--only SECTION,...] [--markdown PATH]
 
 Sections: throughput (with start-up time, memory and CPU per task on the
-way), latency, enqueue, footprint, durable ([redis] durable_writes against
+way), latency (with the pickup split into its parts), enqueue, footprint, durable ([redis] durable_writes against
 a replica), status, scrape, pdf, recovery.  Each figure is the median
 of --runs runs with their min and max; runs of the two consumers alternate
 so a busy machine slows both alike, and the ratios (taken run by run) are
@@ -350,6 +350,44 @@ def latency(bench, table, results):
               cell(figures[('plain', 'p99')], '%.2f'),
               ratio_cell(figures[('suite', 'p99')],
                          figures[('plain', 'p99')]), '<= 2 ms')
+    pickup_parts(bench, table, senders)
+
+
+def pickup_parts(bench, table, senders):
+    """The pickup split into its parts (bench/pickup_trace.py), with the
+    journal off too: runs of their own, so the marks cost the figures
+    above nothing."""
+    from harness import Figure
+    from table import cell
+    import latency as lat
+    import pickup_trace
+    args, client = bench.args, bench.client
+    contenders = {
+        'suite': senders['suite'],
+        'suite, journal off': (lambda: bench.suite(4, 'thread', extra_env={
+            'HUEY_WORKER_JOURNAL_ENABLED': 'false'}), senders['suite'][1]),
+        'plain': senders['plain'],
+    }
+    parts = {}
+    for run in range(args.runs):
+        for who, (make, send) in contenders.items():
+            marks = os.path.join(bench.workdir, 'pickup-marks-%d' % run)
+            out = lat.run_traced(client, make(), send,
+                                 args.latency_samples, run, marks)
+            for name, value in out.items():
+                parts.setdefault((who, name), Figure()).add(value)
+            for leftover in os.listdir(bench.workdir):
+                if leftover.startswith('pickup-marks-'):
+                    os.remove(os.path.join(bench.workdir, leftover))
+        progress('pickup parts run %d' % (run + 1))
+    table.section('Where the pickup time goes, us: the probes above split '
+                  'by clock marks in the consumers (bench/pickup_trace.py),'
+                  ' median of each run\'s probes; thread x4, runs of '
+                  'their own', ['', 'suite', 'suite, journal off',
+                                'huey_consumer'])
+    for name, _, _ in pickup_trace.PARTS:
+        table.row(name, *(cell(parts.get((who, name))) for who in
+                          ('suite', 'suite, journal off', 'plain')))
 
 
 def enqueue(bench, table, results):

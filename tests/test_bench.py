@@ -2,6 +2,7 @@
 against its own private Redis and prints the one table (its figures mean
 nothing at this size; docs/benchmarks.md has real ones)."""
 import os
+import re
 import subprocess
 import sys
 
@@ -13,6 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SECTIONS = ('Throughput, no-op tasks/s', 'CPU per no-op task', 'Memory, MiB',
             'Start-up, seconds from spawn', 'Pickup latency',
+            'Where the pickup time goes',
             'Enqueue rate', 'Status endpoint', 'PDF text extraction',
             'Crash recovery')
 
@@ -38,6 +40,15 @@ def test_quick_bench_fills_every_section_of_the_table(tmp_path):
         assert any(c.replace('.', '').isdigit() for c in cells[2:4]), \
             rows[mode]
     assert rows['p99'].split()[1][0].isdigit()
+    # The pickup's parts come from the consumers' own clock marks: the
+    # suite's three of them, huey's two (its first transaction is none).
+    for part in ('queue read returns -> task body starts',
+                 'of which: -> first transaction sent',
+                 'the first transaction (round trip)'):
+        cells = re.split(r'\s{2,}', rows[part].strip())[1:]
+        assert cells[0][0].isdigit() and cells[1][0].isdigit(), rows[part]
+    assert rows['queue read returns -> task body starts'].split()[-1][0] \
+        .isdigit()
     assert rows['/tasks/<id>'].split()[1][0].isdigit()
     # Plain huey's consumer loses a task killed with it; the suite's
     # comes back.
