@@ -85,6 +85,6 @@ def run_traced(client, contender, send, count, seed, marks_path):
     marks for is left out)."""
     import pickup_trace
     done = probes(client, contender.traced(marks_path), send, count, seed)
-    parts = pickup_trace.split(done, pickup_trace.read_marks(marks_path))
+    parts = pickup_trace.split(done, pickup_trace.take_marks(marks_path))
     return {name: percentile(values, 0.5)
             for name, values in parts.items() if values}

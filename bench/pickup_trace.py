@@ -9,13 +9,12 @@ bench/latency.py into its parts.
 Marks (time.time(), as the probe's body stamps its start): `dequeued`
 when a queue read hands a worker a message, not yet unpickled (the
 suite's SuiteStorage.dequeue_into, huey's RedisStorage.dequeue); for the
-suite also
-`txn_sent` and `txn_back` around its worker's first transaction of the
-delivery (SuiteStorage.flush_all: the fence, the delivery count, the
-revocation reads and the journal's running change).  They are kept in
-memory (a list append: well under a microsecond, against the hundreds
-the parts take) and appended to MARKS_FILE.PID as a worker goes back to
-its queue read.
+suite also `txn_sent` and `txn_back` around its worker's first
+transaction of the delivery (SuiteStorage.flush_all: the fence, the
+delivery count, the revocation reads and the journal's running change).
+They are kept in memory (a list append: well under a microsecond,
+against the hundreds the parts take) and appended to MARKS_FILE.PID as
+a worker goes back to its queue read.
 
 The hot-loop profile (bench/profile_worker.py) runs the same code warm;
 an idle consumer woken by one task pays for cold caches on each part, and
@@ -44,7 +43,6 @@ class Recorder:
         self.path = '%s.%d' % (path, os.getpid())
         self.marks = []
         self.lock = threading.Lock()
-        self.first_txn = threading.local()
         atexit.register(self.write)
 
     def mark(self, name):
@@ -82,7 +80,9 @@ def install(recorder):
 
     dequeue_into = storage.SuiteStorage.dequeue_into
     flush_all = storage.SuiteStorage.flush_all
-    first = recorder.first_txn
+    # Set by a queue read that took a message: the thread's next
+    # transaction is the delivery's first.
+    first = threading.local()
 
     def traced_dequeue_into(self, *args, **kwargs):
         recorder.write()
@@ -105,17 +105,20 @@ def install(recorder):
     storage.SuiteStorage.flush_all = traced_flush_all
 
 
-def read_marks(path):
-    """{mark name: sorted times} from every MARKS_FILE.PID of a run."""
+def take_marks(path):
+    """{mark name: sorted times} from every MARKS_FILE.PID of a run; the
+    files are removed, so `path` serves the next run."""
     directory, prefix = os.path.split(path)
     out = {name: [] for name in MARKS}
     for name in os.listdir(directory or '.'):
         if not name.startswith(prefix + '.'):
             continue
-        with open(os.path.join(directory, name)) as fh:
+        name = os.path.join(directory, name)
+        with open(name) as fh:
             for line in fh:
                 mark, when = line.split()
                 out[mark].append(float(when))
+        os.remove(name)
     for times in out.values():
         times.sort()
     return out
@@ -127,7 +130,7 @@ def split(probes, marks):
     marks are the first of each kind at or after its send."""
     parts = {name: [] for name, _, _ in PARTS}
     for sent, body in probes:
-        at = {None: None}
+        at = {}
         for name in MARKS:
             times = marks[name]
             i = bisect.bisect_left(times, sent)

@@ -5,8 +5,9 @@ private Redis, printed as one table.
         [--only SECTION,...] [--markdown PATH]
 
 Sections: throughput (with start-up time, memory and CPU per task on the
-way), latency (with the pickup split into its parts), enqueue, footprint, durable ([redis] durable_writes against
-a replica), status, scrape, pdf, recovery.  Each figure is the median
+way), latency (with the pickup split into its parts), enqueue, footprint,
+durable ([redis] durable_writes against a replica), status, scrape, pdf,
+recovery.  Each figure is the median
 of --runs runs with their min and max; runs of the two consumers alternate
 so a busy machine slows both alike, and the ratios (taken run by run) are
 the figures to read first.  Targets (issue 8) are shown beside the rows
@@ -368,17 +369,14 @@ def pickup_parts(bench, table, senders):
             'HUEY_WORKER_JOURNAL_ENABLED': 'false'}), senders['suite'][1]),
         'plain': senders['plain'],
     }
+    marks = os.path.join(bench.workdir, 'pickup-marks')
     parts = {}
     for run in range(args.runs):
         for who, (make, send) in contenders.items():
-            marks = os.path.join(bench.workdir, 'pickup-marks-%d' % run)
             out = lat.run_traced(client, make(), send,
                                  args.latency_samples, run, marks)
             for name, value in out.items():
                 parts.setdefault((who, name), Figure()).add(value)
-            for leftover in os.listdir(bench.workdir):
-                if leftover.startswith('pickup-marks-'):
-                    os.remove(os.path.join(bench.workdir, leftover))
         progress('pickup parts run %d' % (run + 1))
     table.section('Where the pickup time goes, us: the probes above split '
                   'by clock marks in the consumers (bench/pickup_trace.py),'
@@ -386,8 +384,8 @@ def pickup_parts(bench, table, senders):
                   'their own', ['', 'suite', 'suite, journal off',
                                 'huey_consumer'])
     for name, _, _ in pickup_trace.PARTS:
-        table.row(name, *(cell(parts.get((who, name))) for who in
-                          ('suite', 'suite, journal off', 'plain')))
+        table.row(name, *(cell(parts.get((who, name)))
+                          for who in contenders))
 
 
 def enqueue(bench, table, results):

@@ -119,7 +119,7 @@ def _own_enqueue(function):
 
 # Huey's enqueue as this module found it; None when something had put a
 # wrapper in its place already.
-_HUEY_ENQUEUE = _own_enqueue(vars(Huey)['enqueue'])
+_HUEY_OWN_ENQUEUE = _own_enqueue(vars(Huey)['enqueue'])
 
 
 def _huey_enqueue_follows(cls):
@@ -138,8 +138,8 @@ def _huey_enqueue_follows(cls):
                 follows = klass is Huey
                 break
         _ENQUEUE_FOLLOWS[cls] = follows
-    return follows and _HUEY_ENQUEUE is not None and \
-        vars(Huey)['enqueue'] is _HUEY_ENQUEUE
+    return follows and _HUEY_OWN_ENQUEUE is not None and \
+        vars(Huey)['enqueue'] is _HUEY_OWN_ENQUEUE
 
 
 class SuiteApp:

@@ -487,11 +487,12 @@ class SuiteStorage(RedisExpireStorage):
         """Send `command` (an argument tuple) as the only command of a
         round trip; its raw reply (no redis-py response callback).
         `script`: the Lua text of an EVALSHA `command`, sent again as EVAL
-        when Redis does not know it (NoScriptError: nothing ran).  Straight on the connection, for
-        a producer's enqueue: redis-py's command methods cost more Python
-        than the LPUSH costs Redis.  Under [redis] durable_writes a WAIT
-        follows, as for flush.  Redis errors are raised.  On a parked
-        connection, or the pool's (_check_out)."""
+        when Redis does not know it (NoScriptError: nothing ran).
+        Straight on the connection, for a producer's enqueue: redis-py's
+        command methods cost more Python than the LPUSH costs Redis.
+        Under [redis] durable_writes a WAIT follows, as for flush.  Redis
+        errors are raised.  On a parked connection, or the pool's
+        (_check_out)."""
         conn = self._check_out()
         try:
             try:
@@ -604,8 +605,8 @@ class SuiteStorage(RedisExpireStorage):
     def _lpush_carrier(self):
         """The staged write that offers to carry a plain LPUSH (its
         with_lpush(queue_key, message) gives the combined write, as
-        send_enqueue's (command, script)), when it
-        is all this thread has staged and nothing is held back; else None."""
+        send_enqueue's (command, script)), when it is all this thread has
+        staged and nothing is held back; else None."""
         pending = getattr(self._local, 'pending', None)
         if not pending or len(pending) != 1 or self.deferring:
             return None

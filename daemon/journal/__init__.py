@@ -114,7 +114,6 @@ def install(app):
 __all__ = [
     'report_progress', 'current_delivery', 'current_task_id', 'sensitive',
     'install', 'enqueueing', 'enqueue_recorded', 'NOT_TAKEN', 'Journal',
-    'STATES', 'TERMINAL',
-    'DURATION_BUCKETS',
+    'STATES', 'TERMINAL', 'DURATION_BUCKETS',
     'args_summary', 'result_json', 'read_task', 'list_tasks', 'shape',
     'decode_record', 'is_terminal', 'seen_queued', 'find_queued']

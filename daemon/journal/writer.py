@@ -11,7 +11,7 @@ import time
 
 from huey import Huey
 from huey import signals as S
-from huey.api import ResultGroup, chord, group
+from huey.api import ResultGroup, chord as TaskChord, group as TaskGroup
 
 from .. import deadletters, hooks, progress
 from ..storage import tag_message
@@ -164,7 +164,7 @@ class Journal:
         results), or NOT_TAKEN when the call is not the common one.
         Raises as Huey's enqueue does; nothing is written then."""
         app = self.app
-        if isinstance(task, (group, chord)) or app._immediate or \
+        if isinstance(task, (TaskGroup, TaskChord)) or app._immediate or \
                 task.eta is not None or task.priority or \
                 getattr(self._stash, 'enqueues', None):
             # An enqueue from a handler of another's signal: that one's
